@@ -1,0 +1,136 @@
+"""Where models keep the parts HIVE needs: a table of attribute paths, not tests on model names.
+
+A new architecture is one more row. A model the table cannot place gets an error that names the
+paths tried and the `HiveConfig` field (`layers_path`, `vision_tower_path`) that places it by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig
+
+# Decoder layer lists, tried in order. The first match wins, so wrappers come before what they wrap.
+LAYER_PATHS: tuple[str, ...] = (
+    "model.language_model.layers",  # llava-hf and other *ForConditionalGeneration, transformers >= 4.52
+    "language_model.model.layers",  # llava-hf, transformers < 4.52; HiveForConditionalGeneration
+    "model.layers",  # *ForCausalLM: Llama, Qwen2/3, Mistral, Gemma/Gemma-2, the LLaVA repo's LlavaLlama
+    "layers",  # bare decoder stacks (LlamaModel, Qwen2Model, ...)
+    "language_model.layers",  # composite models holding a bare stack
+    "transformer.h",  # GPT-2, Falcon, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+)
+
+# Vision encoders inside a vision-language base model.
+VISION_TOWER_PATHS: tuple[str, ...] = (
+    "model.vision_tower",  # llava-hf, transformers >= 4.52
+    "vision_tower",  # llava-hf, transformers < 4.52
+    "vision_model",  # HiveForConditionalGeneration, Idefics-style
+    "model.vision_model",
+)
+
+# Config attributes that name the image placeholder token.
+IMAGE_TOKEN_ATTRIBUTES: tuple[str, ...] = ("image_token_id", "image_token_index")
+
+
+def get_path(root: nn.Module, path: str):
+    """`root.a.b.c` for `path="a.b.c"`, or None where any step is missing."""
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list of a (vision-)language model and the path it was found at."""
+    candidates = (layers_path,) if layers_path else LAYER_PATHS
+    for path in candidates:
+        layers = get_path(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    if layers_path:
+        raise ValueError(
+            f"layers_path={layers_path!r}: {type(model).__name__} has no non-empty nn.ModuleList there"
+        )
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(LAYER_PATHS)}. "
+        "Pass HiveConfig(layers_path='dotted.path.to.layers')."
+    )
+
+
+def find_vision_tower(model: nn.Module, vision_tower_path: str | None = None) -> nn.Module:
+    candidates = (vision_tower_path,) if vision_tower_path else VISION_TOWER_PATHS
+    for path in candidates:
+        tower = get_path(model, path)
+        if isinstance(tower, nn.Module):
+            return tower
+    if vision_tower_path:
+        raise ValueError(f"vision_tower_path={vision_tower_path!r}: {type(model).__name__} has no module there")
+    raise ValueError(
+        f"cannot find a vision encoder in {type(model).__name__}: tried {', '.join(VISION_TOWER_PATHS)}. "
+        "Pass HiveConfig(vision_tower_path=...), or compose a model with "
+        "HiveForConditionalGeneration.from_vision_text(vision_model, language_model, config)."
+    )
+
+
+def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's config inside a composite config (or the config itself)."""
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return getattr(config, "text_config", None) or config
+
+
+def image_token_id_of(config: PretrainedConfig) -> int | None:
+    for name in IMAGE_TOKEN_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """Widths the HIVE blocks take from the language model."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+
+
+def text_shape_of(text_config: PretrainedConfig, num_layers: int) -> TextShape:
+    hidden = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    eps = getattr(text_config, "rms_norm_eps", None) or getattr(text_config, "layer_norm_eps", None) or 1e-5
+    return TextShape(num_layers, hidden, heads, kv_heads, head_dim, eps)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    num_layers: int
+    hidden_size: int
+    patch_size: int
+    image_size: int
+
+
+def vision_shape_of(vision_config: PretrainedConfig) -> VisionShape:
+    for name in ("num_hidden_layers", "hidden_size", "patch_size"):
+        if not isinstance(getattr(vision_config, name, None), int):
+            raise ValueError(
+                f"{type(vision_config).__name__} has no integer `{name}`; HIVE needs a ViT-style encoder "
+                "(CLIP, SigLIP, SigLIP2, DINOv2, ...) that reports its depth, width and patch size"
+            )
+    image_size = getattr(vision_config, "image_size", 224)
+    if isinstance(image_size, (tuple, list)):
+        image_size = image_size[0]
+    return VisionShape(
+        vision_config.num_hidden_layers, vision_config.hidden_size, vision_config.patch_size, int(image_size)
+    )

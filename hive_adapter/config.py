@@ -1,0 +1,327 @@
+"""`HiveConfig`: every knob of a HIVE adapter, validated where the value is known.
+
+HIVE (Hierarchical Pre-Training of Vision Encoders with LLMs, supplementary §6–§8) feeds a subset of
+vision-encoder layers, each through its own light projector, to a matching subset of LLM decoder
+layers through zero-gated cross-attention. This config says which layers, how they pair, and what the
+cross-attention looks like. It is one class for both uses:
+
+* the PEFT-style adapter (`get_hive_model(base, HiveConfig(...))`): `vision_config` / `text_config`
+  stay `None` and layer counts are checked when the base model is wrapped;
+* the full model (`HiveForConditionalGeneration`, `model_type="hive"`): the two sub-configs describe
+  the vision encoder and the language model and everything is checked at construction.
+
+Layer indices follow one convention everywhere: `vision_layers=[i]` is the *output* of encoder layer
+`i` (0-based, negative counts from the end, so `-1` is the last layer) and `llm_layers=[j]` is decoder
+layer `j` of the language model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+CONNECTORS = ("hive", "cascaded", "concat")
+LEVEL_MAPPINGS = ("paired", "all")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+PLACEMENTS = ("before", "after")
+MEDIA_ATTENTION = ("previous", "all_previous")
+FEATURE_SELECT = ("patch", "full")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+# Share of vision layers HIVE selects when the user leaves `vision_layers` out (paper §8: 25%).
+DEFAULT_LEVEL_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class ResolvedLayers:
+    """Absolute, validated layer indices for one (vision encoder, language model) pair.
+
+    `level_of_block[k]` is the index into `vision_layers` that LLM depth `llm_layers[k]` attends to,
+    or `None` when it attends to every level (`level_mapping="all"`).
+    """
+
+    vision_layers: tuple[int, ...]
+    llm_layers: tuple[int, ...]
+    level_of_block: tuple[int | None, ...]
+
+
+def spread_layers(count: int, num_layers: int, *, end_at_last: bool) -> list[int]:
+    """`count` indices spread evenly over `num_layers`, shallow to deep.
+
+    Vision levels end at the last encoder layer (the deepest features are always used); LLM depths
+    start at layer 0 so the shallowest level meets the shallowest decoder layer.
+    """
+    if end_at_last:
+        return [round((i + 1) * num_layers / count) - 1 for i in range(count)]
+    return [(i * num_layers) // count for i in range(count)]
+
+
+def _normalise(indices: list[int], num_layers: int, name: str, what: str) -> list[int]:
+    out = []
+    for index in indices:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(f"{name}={list(indices)}: index {index} is out of range, the {what} has {num_layers} layers")
+        out.append(index % num_layers)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={list(indices)}: the same layer is listed twice (after resolving negative indices: {out})")
+    if out != sorted(out):
+        raise ValueError(f"{name}={list(indices)}: list layers shallow to deep (ascending), HIVE pairs them in order")
+    return out
+
+
+class HiveConfig(PretrainedConfig):
+    r"""Configuration of a HIVE adapter or of a full `HiveForConditionalGeneration` model.
+
+    Args:
+        vision_layers (`list[int]`, *optional*):
+            Vision-encoder layers whose outputs feed HIVE, shallow to deep. Default: about 25% of the
+            encoder's layers spread evenly and ending at the last one.
+        llm_layers (`list[int]`, *optional*):
+            Decoder layers that receive gated cross-attention, shallow to deep. Default: as many as
+            there are vision levels, spread evenly from layer 0.
+        level_mapping (`str`, defaults to `"paired"`):
+            `"paired"`: `llm_layers[k]` attends to level `vision_layers[k]` (shallow to shallow, deep to
+            deep; the lists must have equal length). `"all"`: every listed depth attends to all levels,
+            told apart by a learned level embedding.
+        connector (`str`, defaults to `"hive"`):
+            `"hive"`: multi-level cross-attention. `"cascaded"`: the same cross-attention depths, all fed
+            by the deepest selected level only (the paper's cascaded baseline). `"concat"`: the
+            self-attention baseline: the deepest selected level is projected and spliced into the LLM
+            input at the image marker, as LLaVA does.
+        tokens_per_level (`int`, *optional*):
+            Pool each level to this many tokens (a square number: 2-D average pooling on the patch
+            grid). `None` keeps every patch.
+        vision_feature_select (`str`, defaults to `"patch"`):
+            `"patch"` drops the tokens in front of the patch grid (CLS, registers); `"full"` keeps them.
+        projector_type (`str`, defaults to `"mlp2x_gelu"`):
+            `"linear"` or `"mlp2x_gelu"`, LLaVA's names.
+        num_attention_heads / num_key_value_heads / head_dim (`int`, *optional*):
+            Cross-attention shape; default to the language model's own (grouped K/V width included,
+            which keeps the cross-attention cost at the paper's ~0.12-0.14x of concat).
+        use_ffn (`bool`, defaults to `False`):
+            Add a tanh-gated feed-forward after each cross-attention (Flamingo style).
+        ffn_mult (`int`, defaults to 4): hidden width of that FFN as a multiple of the LLM width.
+        placement (`str`, defaults to `"before"`):
+            Run the HIVE block `"before"` or `"after"` the wrapped decoder layer.
+        media_attention (`str`, defaults to `"previous"`):
+            With several images in a sample: `"previous"` lets a text token see only the latest image
+            marked before it, `"all_previous"` every earlier image. Text before the first image sees
+            none and gets exactly zero from HIVE.
+        image_token_id (`int`, *optional*):
+            The marker token that stands where an image goes. `None` on a base without one means pure
+            captioning: one image per sample, seen by every token. On a llava-hf base it defaults to
+            the base's own image token.
+        cross_attn_implementation (`str`, *optional*):
+            Cross-attention kernel: `"sdpa"`, `"eager"` (can return attention weights) or
+            `"flash_attention_2"`. `None` follows the language model's setting.
+        gate_init (`float`, defaults to 0.0):
+            Initial value of the tanh gates. 0 makes a freshly wrapped model compute exactly what the
+            base computed.
+        initializer_range (`float`, defaults to 0.02): std of the new linear weights.
+        layers_path / vision_tower_path (`str`, *optional*):
+            Dotted attribute paths to the decoder layer list and the vision tower, for models the
+            built-in table does not place.
+        vision_config / text_config (*optional*):
+            Sub-configs of the full model (`HiveForConditionalGeneration`).
+    """
+
+    model_type = "hive"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_layers: list[int] | None = None,
+        llm_layers: list[int] | None = None,
+        level_mapping: str = "paired",
+        connector: str = "hive",
+        tokens_per_level: int | None = None,
+        vision_feature_select: str = "patch",
+        projector_type: str = "mlp2x_gelu",
+        num_attention_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        use_ffn: bool = False,
+        ffn_mult: int = 4,
+        placement: str = "before",
+        media_attention: str = "previous",
+        image_token_id: int | None = None,
+        cross_attn_implementation: str | None = None,
+        gate_init: float = 0.0,
+        initializer_range: float = 0.02,
+        layers_path: str | None = None,
+        vision_tower_path: str | None = None,
+        vision_config: PretrainedConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        **kwargs: Any,
+    ):
+        self.vision_layers = list(vision_layers) if vision_layers is not None else None
+        self.llm_layers = list(llm_layers) if llm_layers is not None else None
+        self.level_mapping = level_mapping
+        self.connector = connector
+        self.tokens_per_level = tokens_per_level
+        self.vision_feature_select = vision_feature_select
+        self.projector_type = projector_type
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.use_ffn = use_ffn
+        self.ffn_mult = ffn_mult
+        self.placement = placement
+        self.media_attention = media_attention
+        self.image_token_id = image_token_id
+        self.cross_attn_implementation = cross_attn_implementation
+        self.gate_init = gate_init
+        self.initializer_range = initializer_range
+        self.layers_path = layers_path
+        self.vision_tower_path = vision_tower_path
+        self.vision_config = _as_config(vision_config, "vision_config")
+        self.text_config = _as_config(text_config, "text_config")
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every value that can be checked without a model; raise `ValueError` naming it."""
+        for name, allowed in (
+            ("level_mapping", LEVEL_MAPPINGS),
+            ("connector", CONNECTORS),
+            ("projector_type", PROJECTOR_TYPES),
+            ("placement", PLACEMENTS),
+            ("media_attention", MEDIA_ATTENTION),
+            ("vision_feature_select", FEATURE_SELECT),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+        if self.cross_attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(
+                f"cross_attn_implementation={self.cross_attn_implementation!r}: expected one of "
+                f"{', '.join(map(repr, ATTN_IMPLEMENTATIONS))} or None (follow the language model)"
+            )
+        for name in ("vision_layers", "llm_layers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise ValueError(f"{name}={value!r}: expected a non-empty list of layer indices (ints)")
+        if (
+            self.connector == "hive"
+            and self.level_mapping == "paired"
+            and self.vision_layers is not None
+            and self.llm_layers is not None
+            and len(self.vision_layers) != len(self.llm_layers)
+        ):
+            raise ValueError(
+                f"vision_layers={self.vision_layers} and llm_layers={self.llm_layers} have different lengths "
+                f"({len(self.vision_layers)} vs {len(self.llm_layers)}); level_mapping='paired' pairs them one "
+                "to one. Give lists of equal length or use level_mapping='all'."
+            )
+        if self.tokens_per_level is not None:
+            n = self.tokens_per_level
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1 or math.isqrt(n) ** 2 != n:
+                raise ValueError(
+                    f"tokens_per_level={n!r}: must be a square number (1, 4, 9, ..., 144, ...) so it can be reached "
+                    "by 2-D pooling on the patch grid, or None to keep every patch"
+                )
+            if self.vision_feature_select != "patch":
+                raise ValueError(
+                    f"tokens_per_level={n} needs vision_feature_select='patch': only the patch grid can be pooled"
+                )
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "ffn_mult"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r}: expected a positive int")
+        if (
+            self.num_attention_heads is not None
+            and self.num_key_value_heads is not None
+            and self.num_attention_heads % self.num_key_value_heads
+        ):
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads}: must divide num_attention_heads="
+                f"{self.num_attention_heads} (grouped-query attention)"
+            )
+        if self.vision_config is not None and self.text_config is not None:
+            self.resolve_layers(
+                num_vision_layers=self.vision_config.num_hidden_layers,
+                num_llm_layers=self.text_config.num_hidden_layers,
+            )
+
+    def resolve_layers(self, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        """Defaults filled in, negative indices resolved and ranges checked for one model pair."""
+        paired = self.connector == "hive" and self.level_mapping == "paired"
+        if self.vision_layers is not None:
+            levels = _normalise(self.vision_layers, num_vision_layers, "vision_layers", "vision encoder")
+        else:
+            count = max(1, round(DEFAULT_LEVEL_FRACTION * num_vision_layers))
+            if paired and self.llm_layers is not None:
+                count = len(self.llm_layers)
+                if count > num_vision_layers:
+                    raise ValueError(
+                        f"llm_layers={self.llm_layers}: {count} paired depths need {count} vision levels, the vision "
+                        f"encoder has {num_vision_layers} layers"
+                    )
+            levels = spread_layers(count, num_vision_layers, end_at_last=True)
+
+        if self.connector == "concat":
+            # The self-attention baseline splices the deepest selected level into the input; no layer is wrapped.
+            return ResolvedLayers((levels[-1],), (), ())
+
+        if self.llm_layers is not None:
+            depths = _normalise(self.llm_layers, num_llm_layers, "llm_layers", "language model")
+        else:
+            if len(levels) > num_llm_layers:
+                raise ValueError(
+                    f"vision_layers={levels}: {len(levels)} levels need as many decoder layers, the language model "
+                    f"has {num_llm_layers}; pass llm_layers explicitly"
+                )
+            depths = spread_layers(len(levels), num_llm_layers, end_at_last=False)
+
+        if self.connector == "cascaded":
+            # Same cross-attention depths as HIVE, all fed by the deepest selected level.
+            return ResolvedLayers((levels[-1],), tuple(depths), (0,) * len(depths))
+        if self.level_mapping == "all":
+            return ResolvedLayers(tuple(levels), tuple(depths), (None,) * len(depths))
+        if len(levels) != len(depths):
+            raise ValueError(
+                f"vision_layers={levels} and llm_layers={depths} have different lengths; level_mapping='paired' "
+                "pairs them one to one"
+            )
+        return ResolvedLayers(tuple(levels), tuple(depths), tuple(range(len(depths))))
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        for key in ("vision_config", "text_config"):
+            value = getattr(self, key)
+            if isinstance(value, PretrainedConfig):
+                out[key] = value.to_dict()
+            else:
+                out.pop(key, None)
+        return out
+
+    def adapter_dict(self) -> dict[str, Any]:
+        """The HIVE knobs only (what `hive_config.json` holds next to an adapter)."""
+        keys = (
+            "vision_layers llm_layers level_mapping connector tokens_per_level vision_feature_select projector_type "
+            "num_attention_heads num_key_value_heads head_dim use_ffn ffn_mult placement media_attention "
+            "image_token_id cross_attn_implementation gate_init initializer_range layers_path vision_tower_path"
+        ).split()
+        out = {key: getattr(self, key) for key in keys}
+        out["model_type"] = self.model_type
+        return out
+
+
+def _as_config(value: PretrainedConfig | dict | None, name: str) -> PretrainedConfig | None:
+    if value is None or isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"{name} is a dict without 'model_type'; cannot tell which config class it is")
+        return AutoConfig.for_model(model_type, **value)
+    raise ValueError(f"{name}={value!r}: expected a transformers config, a dict or None")

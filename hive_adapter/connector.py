@@ -1,0 +1,510 @@
+"""`HiveMixin`: what a HIVE model does, whether it wraps a base model or is a full model.
+
+`HiveModel` (PEFT-style wrapper around e.g. a llava-hf model) and `HiveForConditionalGeneration` (a
+vision encoder + a causal LM composed into one `PreTrainedModel`) both inherit it. It builds the new
+modules (one projector per level, one gated block per chosen decoder depth), runs the vision encoder,
+lays the projected levels out per sample with their markers (`HiveVisionContext`) and hands the
+batch to the language model, which never sees an image token (DESIGN §3). The `concat` connector is
+the self-attention baseline through the same class: the deepest selected level is spliced into the
+input embeddings at the marker, as LLaVA does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import (
+    TextShape,
+    VisionShape,
+    find_decoder_layers,
+    text_shape_of,
+    vision_shape_of,
+)
+from .config import HiveConfig, ResolvedLayers
+from .context import HiveRuntime, HiveVisionContext, past_length_of
+from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock, HiveLayerNorm
+from .inject import HiveInjection, inject_hive
+from .levels import HiveLevelEncoder
+
+logger = logging.getLogger(__name__)
+
+HIVE_PREFIX = "hive_"
+# Extra vision inputs some encoders take next to pixel_values (SigLIP2 NaFlex); routed to the tower.
+VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes")
+IGNORE_INDEX = -100
+
+
+def cross_attention_kernel(config: HiveConfig, text_config) -> str:
+    """HIVE's own setting, else the language model's attention implementation, else SDPA."""
+    if config.cross_attn_implementation is not None:
+        return config.cross_attn_implementation
+    implementation = getattr(text_config, "_attn_implementation", None)
+    return implementation if implementation in ("eager", "flash_attention_2") else "sdpa"
+
+
+@torch.no_grad()
+def init_hive_weights(module: nn.Module, config: HiveConfig) -> None:
+    """Initialise one HIVE module: normal linear weights, unit norms, gates at `gate_init` (0: identity)."""
+    if isinstance(module, nn.Linear):
+        module.weight.normal_(mean=0.0, std=config.initializer_range)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, HiveLayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+    elif isinstance(module, HiveCrossAttentionBlock):
+        module.hive_attn_gate.fill_(config.gate_init)
+        if module.ffn is not None:
+            module.hive_ffn_gate.fill_(config.gate_init)
+    elif isinstance(module, HiveLevelEncoder) and module.level_embedding is not None:
+        module.level_embedding.normal_(mean=0.0, std=config.initializer_range)
+
+
+def is_hive_module(module: nn.Module) -> bool:
+    return isinstance(module, (HiveLevelEncoder, HiveCrossAttentionBlock, HiveCrossAttention, HiveLayerNorm))
+
+
+class HiveMixin:
+    """HIVE's modules and forward logic; the class that mixes it in decides where the base parts live."""
+
+    hive_config: HiveConfig
+    hive_layers: ResolvedLayers
+    hive_levels: HiveLevelEncoder | None
+    hive_runtime: HiveRuntime
+
+    # ------------------------------------------------------------------ construction
+    def _init_hive(
+        self,
+        *,
+        config: HiveConfig,
+        vision_tower: nn.Module,
+        vision_config,
+        language_root: nn.Module,
+        text_config,
+        image_token_id: int | None,
+    ) -> None:
+        layers_path, layers = find_decoder_layers(language_root, config.layers_path)
+        text = text_shape_of(text_config, len(layers))
+        vision = vision_shape_of(vision_config)
+        resolved = config.resolve_layers(num_vision_layers=vision.num_layers, num_llm_layers=text.num_layers)
+        heads = config.num_attention_heads or text.num_heads
+        kv_heads = config.num_key_value_heads or (text.num_kv_heads if config.num_attention_heads is None else heads)
+        if heads % kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
+            )
+        head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
+
+        self.hive_config = config
+        self.hive_layers = resolved
+        self.hive_runtime = HiveRuntime()
+        object.__setattr__(self, "_hive_vision_tower", vision_tower)  # a reference, not a second registration
+        object.__setattr__(self, "_hive_vision_shape", vision)
+        object.__setattr__(self, "_hive_text_shape", text)
+        object.__setattr__(self, "_hive_image_token_id", image_token_id)
+        self.hive_levels = HiveLevelEncoder(
+            num_levels=len(resolved.vision_layers),
+            projector_type=config.projector_type,
+            vision_hidden_size=vision.hidden_size,
+            text_hidden_size=text.hidden_size,
+            tokens_per_level=config.tokens_per_level,
+            keep_prefix_tokens=config.vision_feature_select == "full",
+            level_embedding=config.connector == "hive" and config.level_mapping == "all",
+        )
+        kernel = cross_attention_kernel(config, text_config)
+
+        def make_block() -> HiveCrossAttentionBlock:
+            return HiveCrossAttentionBlock(
+                hidden_size=text.hidden_size,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                use_ffn=config.use_ffn,
+                ffn_mult=config.ffn_mult,
+                gate_init=config.gate_init,
+                norm_eps=text.norm_eps,
+                implementation=kernel,
+            )
+
+        injection = inject_hive(
+            model=language_root,
+            layers=layers,
+            layers_path=layers_path,
+            llm_layers=resolved.llm_layers,
+            level_of_block=resolved.level_of_block,
+            make_block=make_block,
+            placement=config.placement,
+            runtime=self.hive_runtime,
+        )
+        object.__setattr__(self, "_hive_injection", injection)
+        logger.info(
+            "HIVE (%s): vision layers %s -> decoder layers %s, %s cross-attention",
+            config.connector,
+            list(resolved.vision_layers),
+            list(resolved.llm_layers),
+            kernel,
+        )
+
+    @property
+    def hive_image_token_id(self) -> int | None:
+        return self._hive_image_token_id
+
+    @property
+    def hive_vision_shape(self) -> VisionShape:
+        return self._hive_vision_shape
+
+    @property
+    def hive_text_shape(self) -> TextShape:
+        return self._hive_text_shape
+
+    def hive_top_modules(self) -> list[nn.Module]:
+        """The modules HIVE added: the level encoder and one block per wrapped decoder layer."""
+        layers = self._hive_injection.layers
+        return [self.hive_levels, *(layers[i].hive_block for i in self._hive_injection.originals)]
+
+    def hive_place_modules(self, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Put HIVE's modules on the base's device and dtype; gates and norms stay float32 for stability."""
+        for module in self.hive_top_modules():
+            module.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+            for sub in module.modules():
+                if isinstance(sub, HiveLayerNorm):
+                    sub.float()
+                elif isinstance(sub, HiveCrossAttentionBlock):
+                    for gate in (sub.hive_attn_gate, getattr(sub, "hive_ffn_gate", None)):
+                        if gate is not None:
+                            gate.data = gate.data.float()
+
+    def _remove_hive(self) -> HiveInjection:
+        injection: HiveInjection = self._hive_injection
+        injection.remove()
+        self.hive_runtime.clear()
+        return injection
+
+    # ------------------------------------------------------------------ vision side
+    def hive_encode_images(
+        self, pixel_values: torch.Tensor, **vision_inputs: Any
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Run the vision tower once; return the projected levels, each (images, n, text_width), and the
+        (images, n) mask of real tokens (None when every token is real)."""
+        tower = self._hive_vision_tower
+        dtype = next(tower.parameters()).dtype
+        outputs = tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **vision_inputs)
+        hidden_states = outputs.hidden_states  # embeddings, then the output of every encoder layer
+        states = [hidden_states[index + 1] for index in self.hive_layers.vision_layers]
+        spatial_shapes = vision_inputs.get("spatial_shapes")
+        if spatial_shapes is not None:
+            grids = [tuple(shape) for shape in spatial_shapes.tolist()]
+            patch_mask = vision_inputs.get("pixel_attention_mask")
+            if patch_mask is None:
+                patch_mask = torch.ones(states[0].shape[:2], dtype=torch.bool, device=states[0].device)
+        else:
+            patch = self.hive_vision_shape.patch_size
+            grids = [(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)]
+            patch_mask = None
+        return self.hive_levels(states, grids=grids, patch_mask=patch_mask)
+
+    def hive_dummy_vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """One blank image in the tower's input format, for batches without images.
+
+        Every HIVE module must run on every rank, even when a rank's batch has no image, or ZeRO-3 and
+        FSDP wait forever for the skipped parameters (DESIGN §6.1). The dummy is masked out entirely.
+        """
+        tower = self._hive_vision_tower
+        shape = self.hive_vision_shape
+        channels = getattr(tower.config, "num_channels", 3)
+        if "spatial_shapes" in inspect.signature(tower.forward).parameters:  # NaFlex-style encoders
+            side = max(1, math.isqrt(getattr(tower.config, "num_patches", 16)))
+            return {
+                "pixel_values": torch.zeros(1, side * side, channels * shape.patch_size**2, device=device),
+                "pixel_attention_mask": torch.ones(1, side * side, dtype=torch.long, device=device),
+                "spatial_shapes": torch.tensor([[side, side]], device=device),
+            }
+        return {"pixel_values": torch.zeros(1, channels, shape.image_size, shape.image_size, device=device)}
+
+    # ------------------------------------------------------------------ context
+    def hive_build_context(
+        self,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        *,
+        batch_size: int,
+        device: torch.device,
+        **vision_inputs: Any,
+    ) -> HiveVisionContext:
+        """Encode the images of a batch and lay them out per sample, next to their markers."""
+        has_images = pixel_values is not None
+        if not has_images:
+            dummy = self.hive_dummy_vision_inputs(device)
+            pixel_values = dummy.pop("pixel_values")
+            vision_inputs = dummy
+        levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
+        num_images, tokens = levels[0].shape[:2]
+        prompt_length = input_ids.shape[1] if input_ids is not None else 1
+        image_token_id = self.hive_image_token_id
+
+        if not has_images:
+            # (batch, 1) slot that nobody may see: exact zeros from every block, gradients still defined.
+            image_index = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            image_valid = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
+            marker_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        elif image_token_id is None:
+            if num_images != batch_size:
+                raise ValueError(
+                    f"pixel_values holds {num_images} images for a batch of {batch_size} samples. Without an image "
+                    "marker token (image_token_id=None) HIVE pairs exactly one image with each sample; set "
+                    "HiveConfig(image_token_id=...) to place several images per sample."
+                )
+            image_index = torch.arange(batch_size, device=device)[:, None]
+            image_valid = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+            marker_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        else:
+            image_index, image_valid, marker_positions = _images_per_sample(input_ids, image_token_id, num_images)
+
+        images_per_sample = image_index.shape[1]
+        laid_out = [
+            level[image_index.flatten()].reshape(batch_size, images_per_sample * tokens, -1)  # (batch, images*n, hidden)
+            for level in levels
+        ]
+        token_valid = None
+        if token_mask is not None:
+            token_valid = token_mask[image_index.flatten()].reshape(batch_size, images_per_sample * tokens)
+        return HiveVisionContext(
+            levels=laid_out,
+            image_valid=image_valid,
+            marker_positions=marker_positions,
+            tokens_per_image=tokens,
+            prompt_length=prompt_length,
+            token_valid=token_valid,
+            media_attention=self.hive_config.media_attention,
+            cache_key_values=not torch.is_grad_enabled(),
+            source=pixel_values if has_images else None,
+        )
+
+    def hive_prepare_context(
+        self,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        *,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **vision_inputs: Any,
+    ) -> HiveVisionContext:
+        """Decide, for one forward call, whether this is a new prompt (new context) or a decoding step."""
+        runtime = self.hive_runtime
+        current = runtime.context
+        if past_length_of(past_key_values) > 0 and pixel_values is None:
+            if current is None:
+                raise RuntimeError("a decoding step (past_key_values given) arrived before any prompt was seen")
+            return current
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if (
+            pixel_values is not None
+            and current is not None
+            and current.source is pixel_values
+            and not torch.is_grad_enabled()
+            and input_ids is not None
+            and input_ids.shape[1] >= current.prompt_length
+        ):
+            # generate() without a cache re-sends the same pixel_values every step: keep the encoded prompt.
+            return current
+        context = self.hive_build_context(
+            input_ids,
+            pixel_values,
+            batch_size=reference.shape[0],
+            device=reference.device,
+            **vision_inputs,
+        )
+        runtime.set_context(context)
+        return context
+
+    # ------------------------------------------------------------------ forward
+    def _hive_forward(
+        self,
+        language_model: nn.Module,
+        *,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ):
+        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        if self.hive_config.connector == "concat":
+            return self._concat_forward(
+                language_model,
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                labels=labels,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                vision_inputs=vision_inputs,
+                **kwargs,
+            )
+        self.hive_prepare_context(
+            input_ids, pixel_values, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **vision_inputs
+        )
+        return language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+
+    def _concat_forward(
+        self,
+        language_model: nn.Module,
+        *,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        labels,
+        inputs_embeds,
+        past_key_values,
+        vision_inputs,
+        **kwargs,
+    ):
+        """The self-attention baseline: image tokens spliced into the sequence (LLaVA's own data flow)."""
+        if past_length_of(past_key_values) > 0 or inputs_embeds is not None:
+            return language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                inputs_embeds=inputs_embeds,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        embeddings = language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            # No image: still run every projector (ZeRO-3), contributing exactly zero.
+            dummy = self.hive_dummy_vision_inputs(input_ids.device)
+            levels, _ = self.hive_encode_images(dummy.pop("pixel_values"), **dummy)
+            embeddings = embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype)
+        else:
+            levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
+            if token_mask is not None:
+                raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
+            embeddings, attention_mask, labels = splice_image_tokens(
+                input_ids=input_ids,
+                embeddings=embeddings,
+                images=levels[-1].to(embeddings.dtype),
+                attention_mask=attention_mask,
+                labels=labels,
+                image_token_id=self.hive_image_token_id,
+            )
+        return language_model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, past_key_values=None, **kwargs
+        )
+
+    # ------------------------------------------------------------------ parameters
+    def hive_named_parameters(self):
+        """Every parameter HIVE added, by its name in this model (all carry the `hive_` prefix)."""
+        for name, param in self.named_parameters():
+            if HIVE_PREFIX in name:
+                yield name, param
+
+    def hive_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in self.hive_named_parameters()}
+
+
+def _images_per_sample(
+    input_ids: torch.Tensor, image_token_id: int, num_images: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign images (in marker order, row-major over the batch) to the sample slots that mark them.
+
+    Returns image_index (batch, slots), image_valid (batch, slots), marker_positions (batch, slots).
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    markers = input_ids == image_token_id  # (batch, text)
+    if device.type == "meta":
+        # No data on `meta` (FLOP counting): assume the images are spread evenly over the batch.
+        slots = max(1, math.ceil(num_images / batch))
+        image_index = torch.arange(batch * slots, device=device).view(batch, slots).clamp(max=max(num_images - 1, 0))
+        return image_index, torch.ones(batch, slots, dtype=torch.bool, device=device), image_index * 0
+    counts = markers.sum(dim=1)  # (batch,)
+    total = int(counts.sum())
+    if total != num_images:
+        raise ValueError(
+            f"the batch has {total} image marker tokens (id {image_token_id}) but pixel_values holds {num_images} "
+            f"images; per sample: {counts.tolist()} markers. Put one marker where each image goes."
+        )
+    slots = max(1, int(counts.max()))
+    offsets = counts.cumsum(0) - counts  # first image of each sample
+    slot = torch.arange(slots, device=device)
+    image_index = (offsets[:, None] + slot).clamp(max=max(num_images - 1, 0))  # (batch, slots)
+    image_valid = slot < counts[:, None]
+    columns = torch.where(markers, torch.arange(length, device=device), torch.full_like(input_ids, length))
+    marker_positions = columns.sort(dim=1).values[:, :slots]  # (batch, slots); `length` where no marker
+    return image_index, image_valid, marker_positions
+
+
+def splice_image_tokens(
+    *,
+    input_ids: torch.Tensor,
+    embeddings: torch.Tensor,
+    images: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    image_token_id: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace each marker by its image's tokens (LLaVA's splice), right-padding the longer rows.
+
+    Without a marker token, each sample's single image goes in front of its text.
+    """
+    batch, length = input_ids.shape
+    tokens = images.shape[1]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows_embeds, rows_mask, rows_labels = [], [], []
+    next_image = 0
+    for b in range(batch):
+        if image_token_id is None:
+            positions = [-1]  # "marker" in front of the text, nothing to drop
+        else:
+            positions = (input_ids[b] == image_token_id).nonzero().flatten().tolist()
+        pieces_e, pieces_m, pieces_l = [], [], []
+        start = 0
+        for position in positions:
+            image = images[next_image]
+            next_image += 1
+            cut = max(position, 0)
+            pieces_e += [embeddings[b, start:cut], image]
+            pieces_m += [attention_mask[b, start:cut], attention_mask.new_ones(tokens)]
+            if labels is not None:
+                pieces_l += [labels[b, start:cut], labels.new_full((tokens,), IGNORE_INDEX)]
+            start = position + 1
+        pieces_e.append(embeddings[b, start:])
+        pieces_m.append(attention_mask[b, start:])
+        if labels is not None:
+            pieces_l.append(labels[b, start:])
+        rows_embeds.append(torch.cat(pieces_e))
+        rows_mask.append(torch.cat(pieces_m))
+        if labels is not None:
+            rows_labels.append(torch.cat(pieces_l))
+    if next_image != images.shape[0]:
+        raise ValueError(
+            f"the batch has {next_image} image markers (id {image_token_id}) but pixel_values holds "
+            f"{images.shape[0]} images"
+        )
+    width = max(row.shape[0] for row in rows_embeds)
+    out_embeds = embeddings.new_zeros(batch, width, embeddings.shape[-1])
+    out_mask = attention_mask.new_zeros(batch, width)
+    out_labels = labels.new_full((batch, width), IGNORE_INDEX) if labels is not None else None
+    for b in range(batch):
+        n = rows_embeds[b].shape[0]
+        out_embeds[b, :n] = rows_embeds[b]
+        out_mask[b, :n] = rows_mask[b]
+        if out_labels is not None:
+            out_labels[b, :n] = rows_labels[b]
+    return out_embeds, out_mask, out_labels

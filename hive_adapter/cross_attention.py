@@ -1,0 +1,191 @@
+"""Gated cross-attention from text tokens to projected vision levels.
+
+Follows Flamingo's gated block (`x + tanh(g) * f(x)`, `g` initialised to 0, so a freshly wrapped model
+computes exactly what its base computed) with the paper's twist that each block reads one vision level
+(supplementary §6). Text tokens are queries; vision features are keys and values, so image tokens never
+pass through the LLM's self-attention or MLP (supplementary §8.1).
+
+Kernels: `torch.nn.functional.scaled_dot_product_attention` by default; `"eager"` computes the softmax
+explicitly and can return the attention weights (for the analysis tools); `"flash_attention_2"` is
+used on CUDA when the `flash_attn` package is installed and every query row sees either all of its
+sample's keys or none (otherwise SDPA, with the same numbers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
+
+
+class HiveLayerNorm(nn.LayerNorm):
+    """LayerNorm that keeps its parameters and arithmetic in float32 under bf16/fp16 bases."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(hidden.float(), self.normalized_shape, weight, bias, self.eps).to(hidden.dtype)
+
+
+class HiveCrossAttention(nn.Module):
+    """Multi-head cross-attention with grouped K/V heads (text queries, vision keys/values)."""
+
+    def __init__(
+        self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, implementation: str = "sdpa"
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_key_value_heads={num_kv_heads}: must divide num_attention_heads={num_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.implementation = implementation
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, keys, hidden) -> key, value each (batch, kv_heads, keys, head_dim)."""
+        batch, keys, _ = media.shape
+        media = media.to(self.k_proj.weight.dtype)
+        key = self.k_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return key, value
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        visible: torch.Tensor,
+        *,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (batch, text, hidden); visible (batch, text, keys) bool, True where a query may look.
+
+        Rows with no visible key must already be fully True (the caller zeroes their output), so no
+        softmax ever runs over an empty row and no NaN reaches the backward pass.
+        """
+        batch, text, _ = hidden.shape
+        query = self.q_proj(hidden.to(self.q_proj.weight.dtype))
+        query = query.view(batch, text, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, text, head_dim)
+        if return_weights or self.implementation == "eager":
+            output, weights = self._eager(query, key, value, visible)
+        elif self.implementation == "flash_attention_2" and _flash_applicable(query, visible):
+            output, weights = self._flash(query, key, value, visible), None
+        else:
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=visible[:, None], enable_gqa=self.num_heads != self.num_kv_heads
+            )
+            weights = None
+        output = output.transpose(1, 2).reshape(batch, text, self.num_heads * self.head_dim)  # (batch, text, heads*head_dim)
+        return self.o_proj(output), weights
+
+    def _eager(self, query, key, value, visible):
+        groups = self.num_heads // self.num_kv_heads
+        key = key.repeat_interleave(groups, dim=1)  # (batch, heads, keys, head_dim)
+        value = value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_dim)  # (batch, heads, text, keys)
+        scores = scores.masked_fill(~visible[:, None], torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        return torch.matmul(weights, value), weights
+
+    def _flash(self, query, key, value, visible):
+        from flash_attn import flash_attn_varlen_func
+
+        batch, heads, text, head_dim = query.shape
+        key_valid = visible.any(dim=1)  # (batch, keys): a key any query of the sample may see
+        key_lengths = key_valid.sum(-1, dtype=torch.int32)
+        cu_keys = F.pad(key_lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_text = torch.arange(0, (batch + 1) * text, text, dtype=torch.int32, device=query.device)
+        flat_query = query.transpose(1, 2).reshape(batch * text, heads, head_dim)  # (batch*text, heads, head_dim)
+        flat_key = key.transpose(1, 2)[key_valid]  # (valid keys, kv_heads, head_dim)
+        flat_value = value.transpose(1, 2)[key_valid]
+        out = flash_attn_varlen_func(
+            flat_query, flat_key, flat_value, cu_text, cu_keys, text, int(key_lengths.max()), causal=False
+        )
+        return out.view(batch, text, heads, head_dim).transpose(1, 2)  # (batch, heads, text, head_dim)
+
+
+def _flash_applicable(query: torch.Tensor, visible: torch.Tensor) -> bool:
+    """flash-attn's varlen kernel masks keys per sample, not per query: use it only when that suffices."""
+    if not (_FLASH_ATTN_AVAILABLE and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    key_valid = visible.any(dim=1, keepdim=True)  # (batch, 1, keys)
+    return bool((visible == key_valid).all())
+
+
+class HiveCrossAttentionBlock(nn.Module):
+    """`h + tanh(g_attn) * XAttn(LN(h), media)` and optionally `h + tanh(g_ffn) * FFN(LN(h))`.
+
+    Tokens that may see no image (`has_media` False, e.g. text before the first image) get exactly
+    zero from both branches.
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        use_ffn: bool = False,
+        ffn_mult: int = 4,
+        gate_init: float = 0.0,
+        norm_eps: float = 1e-5,
+        implementation: str = "sdpa",
+    ):
+        super().__init__()
+        self.attn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+        self.media_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+        self.attn = HiveCrossAttention(
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            implementation=implementation,
+        )
+        self.hive_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        if use_ffn:
+            self.ffn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+            self.ffn = nn.Sequential(
+                nn.Linear(hidden_size, ffn_mult * hidden_size, bias=False),
+                nn.GELU(),
+                nn.Linear(ffn_mult * hidden_size, hidden_size, bias=False),
+            )
+            self.hive_ffn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        else:
+            self.ffn = None
+
+    def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected vision features (batch, keys, hidden) -> this block's K/V; cached per prompt by the caller."""
+        return self.attn.key_values(self.media_norm(media))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        visible: torch.Tensor,
+        has_media: torch.Tensor,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (batch, text, hidden) -> same shape; `has_media` (batch, text) bool."""
+        # A row that sees nothing attends everywhere (no empty softmax); its output is zeroed below.
+        safe_visible = visible | ~has_media[..., None]
+        attended, weights = self.attn(self.attn_norm(hidden), key, value, safe_visible, return_weights=return_weights)
+        keep = has_media[..., None].to(hidden.dtype)  # (batch, text, 1)
+        hidden = hidden + torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype) * keep
+        if self.ffn is not None:
+            fed = self.ffn(self.ffn_norm(hidden).to(self.ffn[0].weight.dtype))
+            hidden = hidden + torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype) * keep
+        return hidden, weights

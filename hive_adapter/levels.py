@@ -1,0 +1,125 @@
+"""Hierarchical vision features: pick encoder levels, pool them on the patch grid, project each.
+
+Paper §3 / supplementary §8.1: HIVE reads a subset S of vision-encoder layers (shallow to deep), not
+only the last one, and maps each through a lightweight projector into the LLM width. Projector names
+and shapes follow LLaVA's factory (`linear`, `mlp2x_gelu`) so users recognise them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class HiveProjector(nn.Module):
+    """One level's projector, vision width -> LLM width (LLaVA's `linear` / `mlp2x_gelu`)."""
+
+    def __init__(self, *, projector_type: str, vision_hidden_size: int, text_hidden_size: int):
+        super().__init__()
+        if projector_type == "linear":
+            self.layers = nn.Sequential(nn.Linear(vision_hidden_size, text_hidden_size))
+        elif projector_type == "mlp2x_gelu":
+            self.layers = nn.Sequential(
+                nn.Linear(vision_hidden_size, text_hidden_size),
+                nn.GELU(),
+                nn.Linear(text_hidden_size, text_hidden_size),
+            )
+        else:
+            raise ValueError(f"projector_type={projector_type!r}: expected 'linear' or 'mlp2x_gelu'")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def prefix_length(num_tokens: int, grid_hw: tuple[int, int]) -> int:
+    """Tokens in front of the patch grid (CLS, registers), found by counting: CLIP 1, SigLIP 0, DINOv2 1 + r."""
+    prefix = num_tokens - grid_hw[0] * grid_hw[1]
+    if prefix < 0:
+        raise ValueError(
+            f"the vision encoder returned {num_tokens} tokens for a {grid_hw[0]}x{grid_hw[1]} patch grid; "
+            "does the image size match the encoder's patch size?"
+        )
+    return prefix
+
+
+def pool_patch_grid(patches: torch.Tensor, grid_hw: tuple[int, int], tokens: int) -> torch.Tensor:
+    """Average-pool patch tokens on their 2-D grid down to `tokens` (a square number)."""
+    batch, _, width = patches.shape
+    side = math.isqrt(tokens)
+    grid = patches.transpose(1, 2).reshape(batch, width, *grid_hw)  # (images, width, grid_h, grid_w)
+    pooled = F.adaptive_avg_pool2d(grid, (side, side))  # (images, width, side, side)
+    return pooled.flatten(2).transpose(1, 2)  # (images, side*side, width)
+
+
+class HiveLevelEncoder(nn.Module):
+    """Selected encoder levels -> pooled, projected features, one tensor per level.
+
+    Holds one projector per level and, when every decoder depth attends to all levels
+    (`level_mapping="all"`), a learned embedding that tells the levels apart.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_levels: int,
+        projector_type: str,
+        vision_hidden_size: int,
+        text_hidden_size: int,
+        tokens_per_level: int | None,
+        keep_prefix_tokens: bool,
+        level_embedding: bool,
+    ):
+        super().__init__()
+        self.tokens_per_level = tokens_per_level
+        self.keep_prefix_tokens = keep_prefix_tokens
+        self.projectors = nn.ModuleList(
+            HiveProjector(
+                projector_type=projector_type,
+                vision_hidden_size=vision_hidden_size,
+                text_hidden_size=text_hidden_size,
+            )
+            for _ in range(num_levels)
+        )
+        self.level_embedding = nn.Parameter(torch.zeros(num_levels, text_hidden_size)) if level_embedding else None
+
+    def forward(
+        self,
+        level_states: list[torch.Tensor],
+        *,
+        grids: list[tuple[int, int]],
+        patch_mask: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Select, pool and project every level.
+
+        level_states[i]: (images, tokens, vision_width); grids: the shared patch grid (one entry) or, with
+        `patch_mask` (images, tokens) from encoders that pad patches (SigLIP2), one grid per image.
+        Returns a list of (images, n, text_width) and the (images, n) mask of real tokens (None: all real).
+        """
+        outputs = []
+        for index, (states, projector) in enumerate(zip(level_states, self.projectors)):
+            states, token_mask = self._select(states, grids, patch_mask)
+            projected = projector(states.to(projector.layers[0].weight.dtype))
+            if self.level_embedding is not None:
+                projected = projected + self.level_embedding[index].to(projected.dtype)
+            outputs.append(projected)
+        return outputs, token_mask
+
+    def _select(self, states, grids, patch_mask):
+        if patch_mask is None:
+            # One grid for every image, special tokens (if any) in front of it: CLIP, SigLIP, DINOv2.
+            (grid,) = grids
+            if not self.keep_prefix_tokens:
+                states = states[:, prefix_length(states.shape[1], grid) :]
+            if self.tokens_per_level is not None:
+                states = pool_patch_grid(states, grid, self.tokens_per_level)
+            return states, None
+        # Each image has its own grid, padded patches at the end (SigLIP2 NaFlex): pool real patches only.
+        if self.tokens_per_level is None:
+            return states, patch_mask.bool()
+        pooled = [
+            pool_patch_grid(states[i : i + 1, : h * w], (h, w), self.tokens_per_level) for i, (h, w) in enumerate(grids)
+        ]
+        return torch.cat(pooled, dim=0), None

@@ -1,0 +1,256 @@
+"""`HiveModel`: HIVE as a PEFT-style adapter around an existing vision-language model.
+
+    model = get_hive_model(base, HiveConfig(...))   # base frozen, HIVE modules trainable
+    model.save_pretrained("adapter/")                # hive_config.json + hive_adapter.safetensors
+    again = HiveModel.from_pretrained(base2, "adapter/")
+    base = model.unload()                            # the same modules, flags and weights as before
+
+Follows PEFT's `PeftModel` in spirit (wrapper that forwards attribute access to the base, adapter-only
+checkpoints, `print_trainable_parameters`) with one documented file layout, strict loading (DESIGN
+§6.3: a missing or unexpected HIVE key is an error, never `strict=False` silence) and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures import find_vision_tower, image_token_id_of, text_config_of
+from .config import HiveConfig
+from .connector import HiveMixin, init_hive_weights, is_hive_module
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_NAME = "hive_config.json"
+ADAPTER_WEIGHTS_NAME = "hive_adapter.safetensors"
+
+
+def _numel(param: torch.Tensor) -> int:
+    # ZeRO-3 partitions parameters to shape 0 and keeps the real count in `ds_numel`.
+    return getattr(param, "ds_numel", 0) or param.numel()
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, ZeRO-3 aware."""
+    trainable = total = 0
+    for param in module.parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+class HiveModel(HiveMixin, nn.Module):
+    """A base vision-language model with HIVE cross-attention inserted; see the module docstring."""
+
+    def __init__(self, base_model: nn.Module, config: HiveConfig, *, freeze_base: bool = True):
+        super().__init__()
+        if isinstance(base_model, HiveModel):
+            raise ValueError("this model is already a HiveModel; unload() it before wrapping it again")
+        self.base_model = base_model
+        self._original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        tower = find_vision_tower(base_model, config.vision_tower_path)
+        base_config = getattr(base_model, "config", None)
+        image_token_id = config.image_token_id
+        if image_token_id is None and base_config is not None:
+            image_token_id = image_token_id_of(base_config)
+        self._init_hive(
+            config=config,
+            vision_tower=tower,
+            vision_config=tower.config,
+            language_root=base_model,
+            text_config=text_config_of(base_config),
+            image_token_id=image_token_id,
+        )
+        if image_token_id is not None and config.image_token_id is None:
+            logger.info("HIVE: using the base model's image token id %d as the image marker", image_token_id)
+        for module in self.modules():
+            if is_hive_module(module):
+                init_hive_weights(module, config)
+        reference = next(base_model.parameters())
+        self.hive_place_modules(device=reference.device, dtype=reference.dtype)
+        if freeze_base:
+            for param in base_model.parameters():
+                param.requires_grad_(False)
+        for _, param in self.hive_named_parameters():
+            param.requires_grad_(True)
+
+    # ------------------------------------------------------------------ nn.Module plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Same arguments as the base model; images go to HIVE, never into the token sequence."""
+        return self._hive_forward(
+            self.base_model,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            labels=labels,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """`base.generate` with the vision context built once for the prompt (K/V cached across steps)."""
+        vision_inputs = {name: kwargs.pop(name) for name in ("pixel_attention_mask", "spatial_shapes") if name in kwargs}
+        self.hive_runtime.clear()
+        self.hive_prepare_context(input_ids, pixel_values, **vision_inputs)
+        try:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.hive_runtime.clear()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Checkpoint the base's layers and HIVE's blocks (vision K/V passed explicitly, any reentrancy)."""
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = count_parameters(self)
+        hive = sum(getattr(p, "ds_numel", 0) or p.numel() for _, p in self.hive_named_parameters())
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+            f" || HIVE params: {hive:,}"
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, *, state_dict: dict | None = None) -> None:
+        """Write the adapter only: `hive_config.json` and `hive_adapter.safetensors`.
+
+        Under ZeRO-3 pass the gathered `state_dict` (e.g. from `deepspeed.zero.GatheredParameters`), or the
+        partitioned (empty) tensors are refused rather than written.
+        """
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = state_dict if state_dict is not None else self.hive_state_dict()
+        weights = {name: tensor for name, tensor in weights.items() if "hive_" in name}
+        empty = [name for name, tensor in weights.items() if tensor.numel() == 0]
+        if empty:
+            raise ValueError(
+                f"refusing to save empty HIVE tensors {empty[:3]}...: under ZeRO-3 gather the parameters first"
+            )
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}
+        metadata = {
+            "format": "pt",
+            "hive_text_hidden_size": str(self.hive_text_shape.hidden_size),
+            "hive_vision_hidden_size": str(self.hive_vision_shape.hidden_size),
+        }
+        _atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
+        config = self.hive_config.adapter_dict()
+        _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
+        logger.info("HIVE adapter (%d tensors) saved to %s", len(tensors), directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_directory: str | os.PathLike, *, is_trainable: bool = False
+    ) -> "HiveModel":
+        """Wrap `base_model` with the adapter saved in `adapter_directory` (strict: every key must match)."""
+        directory = Path(adapter_directory)
+        config = load_adapter_config(directory)
+        model = cls(base_model, config)
+        model.load_adapter_weights(directory / ADAPTER_WEIGHTS_NAME)
+        if not is_trainable:
+            for _, param in model.hive_named_parameters():
+                param.requires_grad_(False)
+        return model
+
+    def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no HIVE adapter weights at {path}")
+        loaded = load_file(str(path))
+        load_hive_state_dict(self, loaded, source=str(path))
+
+    # ------------------------------------------------------------------ unload
+    def unload(self) -> nn.Module:
+        """Remove HIVE and return the base model with its original modules and `requires_grad` flags."""
+        self._remove_hive()
+        base = self.base_model
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._original_requires_grad.get(name, param.requires_grad))
+        return base
+
+
+def get_hive_model(base_model: nn.Module, config: HiveConfig | None = None, **overrides: Any) -> HiveModel:
+    """Insert zero-gated HIVE cross-attention into `base_model`; the base is frozen, HIVE trains."""
+    if config is None:
+        config = HiveConfig(**overrides)
+    elif overrides:
+        raise ValueError(f"pass either a HiveConfig or keyword overrides, not both (got {sorted(overrides)})")
+    return HiveModel(base_model, config)
+
+
+def load_adapter_config(directory: str | os.PathLike) -> HiveConfig:
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}: not a HIVE adapter directory")
+    values = json.loads(path.read_text())
+    model_type = values.pop("model_type", "hive")
+    if model_type != "hive":
+        raise ValueError(f"{path}: model_type={model_type!r}, expected 'hive'")
+    return HiveConfig(**values)
+
+
+def load_hive_state_dict(model: nn.Module, loaded: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy HIVE weights into `model`; fail on missing, unexpected or mis-shaped keys."""
+    own = dict(model.hive_named_parameters())
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"HIVE weights in {source} do not match this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+            f" ({len(missing)}), unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})."
+            " Was the adapter saved for another base model or HiveConfig?"
+        )
+    for name, param in own.items():
+        tensor = loaded[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"HIVE weight {name} in {source} has shape {tuple(tensor.shape)}, this model expects "
+                f"{tuple(param.shape)}: the adapter was trained for a base model of different width"
+            )
+        with torch.no_grad():
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary name and rename: a crash mid-save never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""`HiveForConditionalGeneration`: a vision encoder and a causal LM composed into one HF model.
+
+The paper's setting (pre-training a vision encoder with an LLM): any HF vision encoder (CLIP, SigLIP,
+SigLIP2, DINOv2, ...) plus any decoder-only LM (Llama, Qwen2/3, Mistral, Gemma, ...), with HIVE
+cross-attention in between. It is a regular `PreTrainedModel`: `save_pretrained` writes
+`config.json` (`model_type: "hive"`) + `model.safetensors`, and after `import hive_adapter`
+`AutoModel.from_pretrained(dir)` loads it back without `trust_remote_code`. The vision encoder stays a
+plain HF model under `vision_model`, so exporting it after pre-training is `vision_model.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers.generation import GenerationMixin
+
+from .config import HiveConfig
+from .connector import HiveMixin, init_hive_weights, is_hive_module
+from .cross_attention import HiveCrossAttentionBlock
+
+logger = logging.getLogger(__name__)
+
+
+class HivePreTrainedModel(PreTrainedModel):
+    config_class = HiveConfig
+    base_model_prefix = "hive"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HiveDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_cache_class = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if is_hive_module(module) or isinstance(module, HiveCrossAttentionBlock):
+            init_hive_weights(module, self.config)
+
+
+class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMixin):
+    """Vision encoder + causal LM + HIVE; `forward` takes `input_ids`, `pixel_values`, `labels`, ..."""
+
+    def __init__(
+        self,
+        config: HiveConfig,
+        *,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        if config.vision_config is None or config.text_config is None:
+            raise ValueError(
+                "HiveForConditionalGeneration needs HiveConfig(vision_config=..., text_config=...); to add HIVE to an "
+                "existing vision-language model use get_hive_model(model, HiveConfig(...)) instead"
+            )
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        if self.language_model.get_output_embeddings() is None:
+            raise ValueError(
+                f"language_model is a {type(self.language_model).__name__} without an LM head; pass a causal LM "
+                "(e.g. LlamaForCausalLM, Qwen2ForCausalLM)"
+            )
+        self._init_hive(
+            config=config,
+            vision_tower=self.vision_model,
+            vision_config=config.vision_config,
+            language_root=self.language_model,
+            text_config=config.text_config,
+            image_token_id=config.image_token_id,
+        )
+        self.post_init()
+
+    @classmethod
+    def from_vision_text(
+        cls,
+        vision_model: PreTrainedModel,
+        language_model: PreTrainedModel,
+        config: HiveConfig | None = None,
+        **overrides: Any,
+    ) -> "HiveForConditionalGeneration":
+        """Compose existing (e.g. pretrained) models; their weights are kept, only HIVE's are new."""
+        if config is None:
+            config = HiveConfig(**overrides)
+        elif overrides:
+            raise ValueError(f"pass either a HiveConfig or keyword overrides, not both (got {sorted(overrides)})")
+        else:
+            config = copy.deepcopy(config)
+        config.vision_config = vision_model.config
+        config.text_config = language_model.config
+        config.validate()
+        model = cls(config, vision_model=vision_model, language_model=language_model)
+        reference = next(language_model.parameters())
+        model.hive_place_modules(device=reference.device, dtype=reference.dtype)
+        return model
+
+    # ------------------------------------------------------------------ embeddings (GenerationMixin, resizing)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Returns the language model's output (`loss`, `logits`, `past_key_values`, ...)."""
+        return self._hive_forward(
+            self.language_model,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            labels=labels,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+    def export_vision_model(self) -> PreTrainedModel:
+        """The vision encoder as the plain HF model it is (what `hive-export-vision` writes)."""
+        return self.vision_model
+
+
+def _register_auto_classes() -> None:
+    """`AutoConfig` / `AutoModel` / image-text-to-text / causal-LM know `model_type="hive"` after import."""
+    import transformers
+
+    try:
+        transformers.AutoConfig.register("hive", HiveConfig, exist_ok=True)
+    except TypeError:  # transformers without `exist_ok`
+        if "hive" not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+            transformers.AutoConfig.register("hive", HiveConfig)
+    for auto_name in ("AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        auto_class = getattr(transformers, auto_name, None)
+        if auto_class is None:  # older transformers lack some auto classes
+            continue
+        try:
+            auto_class.register(HiveConfig, HiveForConditionalGeneration, exist_ok=True)
+        except TypeError:
+            auto_class.register(HiveConfig, HiveForConditionalGeneration)
+        except ValueError:  # already registered by an earlier import
+            pass
+
