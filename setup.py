@@ -1,0 +1,41 @@
+"""hive-adapter: HIVE hierarchical vision-LLM cross-attention for Hugging Face, PEFT, LLaVA and DeepSpeed."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="hive-adapter",
+    version="0.1.0",
+    description="HIVE: hierarchical pre-training of vision encoders with LLMs, as a drop-in adapter",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["hive_adapter", "hive_adapter.*"]),
+    package_data={"hive_adapter": ["deepspeed/*.json"]},
+    install_requires=[
+        # torch is deliberately unpinned here: install the build you want first (CPU or CUDA);
+        # make setup / CI pin 2.13.0 CPU through requirements/constraints.txt.
+        "torch>=2.1",
+        "transformers>=4.37,<6",
+        "safetensors>=0.4",
+        "peft>=0.10",
+        "pillow",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.14", "accelerate>=0.21"],
+        "llava": ["llava-torch==1.2.2.post1"],
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece"],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
