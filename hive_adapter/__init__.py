@@ -7,6 +7,7 @@ Importing the package registers `model_type="hive"` with transformers' Auto clas
 """
 
 from .config import HiveConfig
+from .connector import image_token_id_from_tokenizer, mark_hive_trainable
 from .context import HiveRuntime, HiveVisionContext
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
 from .inject import HiveDecoderLayer
@@ -31,4 +32,6 @@ __all__ = [
     "HiveRuntime",
     "HiveVisionContext",
     "get_hive_model",
+    "image_token_id_from_tokenizer",
+    "mark_hive_trainable",
 ]

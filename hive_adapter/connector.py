@@ -60,7 +60,7 @@ def init_hive_weights(module: nn.Module, config: HiveConfig) -> None:
         module.bias.zero_()
     elif isinstance(module, HiveCrossAttentionBlock):
         module.hive_attn_gate.fill_(config.gate_init)
-        if module.ffn is not None:
+        if module.hive_ffn is not None:
             module.hive_ffn_gate.fill_(config.gate_init)
     elif isinstance(module, HiveLevelEncoder) and module.level_embedding is not None:
         module.level_embedding.normal_(mean=0.0, std=config.initializer_range)
@@ -100,6 +100,13 @@ class HiveMixin:
                 f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
             )
         head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
+
+        vocab_size = getattr(text_config, "vocab_size", None)
+        if image_token_id is not None and vocab_size is not None and not 0 <= image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id={image_token_id} is outside the language model's vocabulary of {vocab_size} tokens; "
+                "add the marker to the tokenizer and resize the embeddings (model.resize_token_embeddings) first"
+            )
 
         self.hive_config = config
         self.hive_layers = resolved
@@ -193,6 +200,7 @@ class HiveMixin:
         """Run the vision tower once; return the projected levels, each (images, n, text_width), and the
         (images, n) mask of real tokens (None when every token is real)."""
         tower = self._hive_vision_tower
+        self._check_pixel_values(pixel_values, vision_inputs)
         dtype = next(tower.parameters()).dtype
         outputs = tower(pixel_values=pixel_values.to(dtype), output_hidden_states=True, **vision_inputs)
         hidden_states = outputs.hidden_states  # embeddings, then the output of every encoder layer
@@ -208,6 +216,29 @@ class HiveMixin:
             grids = [(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)]
             patch_mask = None
         return self.hive_levels(states, grids=grids, patch_mask=patch_mask)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any]) -> None:
+        """Refuse pixels the encoder would crop or mis-read, naming the shape (never a silent wrong answer)."""
+        shape = self.hive_vision_shape
+        channels = getattr(self._hive_vision_tower.config, "num_channels", 3)
+        if "spatial_shapes" in vision_inputs:  # patchified input: (images, patches, channels*patch*patch)
+            if pixel_values.ndim != 3 or pixel_values.shape[-1] != channels * shape.patch_size**2:
+                raise ValueError(
+                    f"pixel_values of shape {tuple(pixel_values.shape)}: this encoder takes patchified pixels of shape "
+                    f"(images, patches, {channels * shape.patch_size ** 2})"
+                )
+            return
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, {channels}, height, width); "
+                "stack the images of a batch along the first dimension"
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % shape.patch_size or width % shape.patch_size:
+            raise ValueError(
+                f"pixel_values of size {height}x{width}: not a multiple of the encoder's patch size "
+                f"{shape.patch_size} (the encoder expects {shape.image_size}x{shape.image_size}); resize the images"
+            )
 
     def hive_dummy_vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One blank image in the tower's input format, for batches without images.
@@ -283,7 +314,6 @@ class HiveMixin:
             token_valid=token_valid,
             media_attention=self.hive_config.media_attention,
             cache_key_values=not torch.is_grad_enabled(),
-            source=pixel_values if has_images else None,
         )
 
     def hive_prepare_context(
@@ -298,21 +328,13 @@ class HiveMixin:
         """Decide, for one forward call, whether this is a new prompt (new context) or a decoding step."""
         runtime = self.hive_runtime
         current = runtime.context
+        if runtime.pinned:  # inside generate(): the prompt's context was built once, up front
+            return current
         if past_length_of(past_key_values) > 0 and pixel_values is None:
             if current is None:
                 raise RuntimeError("a decoding step (past_key_values given) arrived before any prompt was seen")
             return current
         reference = input_ids if input_ids is not None else inputs_embeds
-        if (
-            pixel_values is not None
-            and current is not None
-            and current.source is pixel_values
-            and not torch.is_grad_enabled()
-            and input_ids is not None
-            and input_ids.shape[1] >= current.prompt_length
-        ):
-            # generate() without a cache re-sends the same pixel_values every step: keep the encoded prompt.
-            return current
         context = self.hive_build_context(
             input_ids,
             pixel_values,
@@ -406,6 +428,49 @@ class HiveMixin:
             inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, past_key_values=None, **kwargs
         )
 
+    def _hive_generate(
+        self,
+        generate,
+        language_model: nn.Module,
+        *,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ):
+        """Generation for both connectors; returns prompt + new tokens, as `generate(input_ids=...)` does.
+
+        `hive`/`cascaded`: the vision context is built once here (vision tower and every block's K/V run
+        once per prompt) and `generate` runs on text alone. `concat`: the image tokens are spliced into
+        left-padded input embeddings and `generate` runs on those.
+        """
+        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        if self.hive_config.connector != "concat":
+            self.hive_runtime.clear()
+            context = self.hive_build_context(
+                input_ids, pixel_values, batch_size=input_ids.shape[0], device=input_ids.device, **vision_inputs
+            )
+            with self.hive_runtime.generation(context):
+                return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeddings = language_model.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None:
+            levels, _ = self.hive_encode_images(pixel_values, **vision_inputs)
+            embeddings, attention_mask, _ = splice_image_tokens(
+                input_ids=input_ids,
+                embeddings=embeddings,
+                images=levels[-1].to(embeddings.dtype),
+                attention_mask=attention_mask,
+                labels=None,
+                image_token_id=self.hive_image_token_id,
+                padding_side="left",
+            )
+        new_tokens = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+        if not isinstance(new_tokens, torch.Tensor):  # return_dict_in_generate=True
+            return new_tokens
+        return torch.cat([input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0), new_tokens], 1)
+
     # ------------------------------------------------------------------ parameters
     def hive_named_parameters(self):
         """Every parameter HIVE added, by its name in this model (all carry the `hive_` prefix)."""
@@ -413,8 +478,34 @@ class HiveMixin:
             if HIVE_PREFIX in name:
                 yield name, param
 
+    def hive_requires_grad_(self, requires_grad: bool = True) -> None:
+        for _, param in self.hive_named_parameters():
+            param.requires_grad_(requires_grad)
+
     def hive_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach() for name, param in self.hive_named_parameters()}
+
+
+def mark_hive_trainable(model: nn.Module, requires_grad: bool = True) -> int:
+    """Set `requires_grad` on every HIVE parameter of `model` (any wrapper around it, e.g. a PeftModel,
+    which freezes everything but LoRA). Returns how many parameters were set."""
+    count = 0
+    for name, param in model.named_parameters():
+        if HIVE_PREFIX in name:
+            param.requires_grad_(requires_grad)
+            count += 1
+    return count
+
+
+def image_token_id_from_tokenizer(tokenizer, image_token: str = "<image>") -> int:
+    """The id of the image marker in `tokenizer`, or a `ValueError` that says how to add it."""
+    vocab = tokenizer.get_vocab()
+    if image_token not in vocab:
+        raise ValueError(
+            f"the tokenizer has no {image_token!r} token: add it with tokenizer.add_tokens([{image_token!r}], "
+            "special_tokens=True) and resize the model's embeddings (model.resize_token_embeddings(len(tokenizer)))"
+        )
+    return vocab[image_token]
 
 
 def _images_per_sample(
@@ -457,8 +548,10 @@ def splice_image_tokens(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     image_token_id: int | None,
+    padding_side: str = "right",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Replace each marker by its image's tokens (LLaVA's splice), right-padding the longer rows.
+    """Replace each marker by its image's tokens (LLaVA's splice) and pad the rows to one length
+    (`"right"` for training, `"left"` for generation).
 
     Without a marker token, each sample's single image goes in front of its text.
     """
@@ -503,8 +596,9 @@ def splice_image_tokens(
     out_labels = labels.new_full((batch, width), IGNORE_INDEX) if labels is not None else None
     for b in range(batch):
         n = rows_embeds[b].shape[0]
-        out_embeds[b, :n] = rows_embeds[b]
-        out_mask[b, :n] = rows_mask[b]
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        out_embeds[b, span] = rows_embeds[b]
+        out_mask[b, span] = rows_mask[b]
         if out_labels is not None:
-            out_labels[b, :n] = rows_labels[b]
+            out_labels[b, span] = rows_labels[b]
     return out_embeds, out_mask, out_labels

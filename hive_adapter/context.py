@@ -15,6 +15,7 @@ prompt's last token sees: a generated marker id is text, there is no image behin
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +41,6 @@ class HiveVisionContext:
     cache_key_values: bool = False
     record_attention: bool = False
     attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)
-    source: object = None
     _key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _expanded: dict[int, "HiveVisionContext"] = field(default_factory=dict, repr=False)
 
@@ -125,6 +125,7 @@ class HiveRuntime:
     def __init__(self) -> None:
         self.context: HiveVisionContext | None = None
         self.past_length = 0
+        self.pinned = False  # True while generate() owns the context: forward calls must not replace it
 
     def set_context(self, context: HiveVisionContext | None) -> None:
         self.context = context
@@ -132,6 +133,16 @@ class HiveRuntime:
     def clear(self) -> None:
         self.context = None
         self.past_length = 0
+        self.pinned = False
+
+    @contextmanager
+    def generation(self, context: HiveVisionContext):
+        """Hold `context` for every forward call of one `generate()`; cleared afterwards."""
+        self.context, self.pinned = context, True
+        try:
+            yield context
+        finally:
+            self.clear()
 
     def context_for(self, hidden: torch.Tensor) -> HiveVisionContext:
         if self.context is None:

@@ -36,7 +36,11 @@ class HiveLayerNorm(nn.LayerNorm):
 
 
 class HiveCrossAttention(nn.Module):
-    """Multi-head cross-attention with grouped K/V heads (text queries, vision keys/values)."""
+    """Multi-head cross-attention with grouped K/V heads (text queries, vision keys/values).
+
+    Projections are named `hive_q_proj` ... so that PEFT's suffix matching (`target_modules=["q_proj"]`)
+    adapts the LLM's own attention and never HIVE's.
+    """
 
     def __init__(
         self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, implementation: str = "sdpa"
@@ -48,17 +52,17 @@ class HiveCrossAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.implementation = implementation
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.hive_q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.hive_k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.hive_v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.hive_o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, keys, hidden) -> key, value each (batch, kv_heads, keys, head_dim)."""
         batch, keys, _ = media.shape
-        media = media.to(self.k_proj.weight.dtype)
-        key = self.k_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        media = media.to(self.hive_k_proj.weight.dtype)
+        key = self.hive_k_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = self.hive_v_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return key, value
 
     def forward(
@@ -76,7 +80,7 @@ class HiveCrossAttention(nn.Module):
         softmax ever runs over an empty row and no NaN reaches the backward pass.
         """
         batch, text, _ = hidden.shape
-        query = self.q_proj(hidden.to(self.q_proj.weight.dtype))
+        query = self.hive_q_proj(hidden.to(self.hive_q_proj.weight.dtype))
         query = query.view(batch, text, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, text, head_dim)
         if return_weights or self.implementation == "eager":
             output, weights = self._eager(query, key, value, visible)
@@ -88,7 +92,7 @@ class HiveCrossAttention(nn.Module):
             )
             weights = None
         output = output.transpose(1, 2).reshape(batch, text, self.num_heads * self.head_dim)  # (batch, text, heads*head_dim)
-        return self.o_proj(output), weights
+        return self.hive_o_proj(output), weights
 
     def _eager(self, query, key, value, visible):
         groups = self.num_heads // self.num_kv_heads
@@ -157,14 +161,14 @@ class HiveCrossAttentionBlock(nn.Module):
         self.hive_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         if use_ffn:
             self.ffn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
-            self.ffn = nn.Sequential(
+            self.hive_ffn = nn.Sequential(
                 nn.Linear(hidden_size, ffn_mult * hidden_size, bias=False),
                 nn.GELU(),
                 nn.Linear(ffn_mult * hidden_size, hidden_size, bias=False),
             )
             self.hive_ffn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         else:
-            self.ffn = None
+            self.hive_ffn = None
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected vision features (batch, keys, hidden) -> this block's K/V; cached per prompt by the caller."""
@@ -185,7 +189,7 @@ class HiveCrossAttentionBlock(nn.Module):
         attended, weights = self.attn(self.attn_norm(hidden), key, value, safe_visible, return_weights=return_weights)
         keep = has_media[..., None].to(hidden.dtype)  # (batch, text, 1)
         hidden = hidden + torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype) * keep
-        if self.ffn is not None:
-            fed = self.ffn(self.ffn_norm(hidden).to(self.ffn[0].weight.dtype))
+        if self.hive_ffn is not None:
+            fed = self.hive_ffn(self.ffn_norm(hidden).to(self.hive_ffn[0].weight.dtype))
             hidden = hidden + torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype) * keep
         return hidden, weights

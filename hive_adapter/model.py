@@ -119,14 +119,15 @@ class HiveModel(HiveMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """`base.generate` with the vision context built once for the prompt (K/V cached across steps)."""
-        vision_inputs = {name: kwargs.pop(name) for name in ("pixel_attention_mask", "spatial_shapes") if name in kwargs}
-        self.hive_runtime.clear()
-        self.hive_prepare_context(input_ids, pixel_values, **vision_inputs)
-        try:
-            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        finally:
-            self.hive_runtime.clear()
+        """`base.generate` with the images seen through HIVE (vision K/V computed once per prompt)."""
+        return self._hive_generate(
+            self.base_model.generate,
+            self.base_model,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Checkpoint the base's layers and HIVE's blocks (vision K/V passed explicitly, any reentrancy)."""

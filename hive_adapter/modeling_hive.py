@@ -139,6 +139,24 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
             **kwargs,
         )
 
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """`GenerationMixin.generate` with the vision context built once per prompt."""
+        return self._hive_generate(
+            super().generate,
+            self.language_model,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+
     def export_vision_model(self) -> PreTrainedModel:
         """The vision encoder as the plain HF model it is (what `hive-export-vision` writes)."""
         return self.vision_model
