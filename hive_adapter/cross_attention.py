@@ -149,8 +149,8 @@ class HiveCrossAttentionBlock(nn.Module):
         implementation: str = "sdpa",
     ):
         super().__init__()
-        self.attn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
-        self.media_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+        self.hive_attn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+        self.hive_media_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
         self.attn = HiveCrossAttention(
             hidden_size=hidden_size,
             num_heads=num_heads,
@@ -160,7 +160,7 @@ class HiveCrossAttentionBlock(nn.Module):
         )
         self.hive_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         if use_ffn:
-            self.ffn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+            self.hive_ffn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
             self.hive_ffn = nn.Sequential(
                 nn.Linear(hidden_size, ffn_mult * hidden_size, bias=False),
                 nn.GELU(),
@@ -172,7 +172,7 @@ class HiveCrossAttentionBlock(nn.Module):
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected vision features (batch, keys, hidden) -> this block's K/V; cached per prompt by the caller."""
-        return self.attn.key_values(self.media_norm(media))
+        return self.attn.key_values(self.hive_media_norm(media))
 
     def forward(
         self,
@@ -186,10 +186,10 @@ class HiveCrossAttentionBlock(nn.Module):
         """hidden (batch, text, hidden) -> same shape; `has_media` (batch, text) bool."""
         # A row that sees nothing attends everywhere (no empty softmax); its output is zeroed below.
         safe_visible = visible | ~has_media[..., None]
-        attended, weights = self.attn(self.attn_norm(hidden), key, value, safe_visible, return_weights=return_weights)
+        attended, weights = self.attn(self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights)
         keep = has_media[..., None].to(hidden.dtype)  # (batch, text, 1)
         hidden = hidden + torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype) * keep
         if self.hive_ffn is not None:
-            fed = self.hive_ffn(self.ffn_norm(hidden).to(self.hive_ffn[0].weight.dtype))
+            fed = self.hive_ffn(self.hive_ffn_norm(hidden).to(self.hive_ffn[0].weight.dtype))
             hidden = hidden + torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype) * keep
         return hidden, weights

@@ -36,6 +36,9 @@ class HivePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_cache_class = True
+    # Gates and norms stay float32 under bf16/fp16 loading (DESIGN: numerically sensitive, tiny).
+    _keep_in_fp32_modules_strict = ["hive_attn_gate", "hive_ffn_gate", "hive_attn_norm", "hive_media_norm", "hive_ffn_norm"]
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict
 
     def _init_weights(self, module: nn.Module) -> None:
         if is_hive_module(module) or isinstance(module, HiveCrossAttentionBlock):
