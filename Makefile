@@ -4,12 +4,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
+# LLaVA's pinned world (transformers 4.37.2, peft 0.10, llava-torch 1.2.2.post1) in its own venv.
+LLAVA_VENV ?= .venv-llava
+LLAVA_PY := $(LLAVA_VENV)/bin/python
+LLAVA_CONSTRAINTS := requirements/llava-constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test demo clean
+.PHONY: setup setup-llava test test-main test-llava demo clean
 
 setup: $(VENV)/.installed
+
+setup-llava: $(LLAVA_VENV)/.installed
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +24,26 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $@
 
-test: setup
-	$(PY) -m pytest -q tests
+$(LLAVA_VENV)/.installed: setup.py $(LLAVA_CONSTRAINTS)
+	test -x $(LLAVA_PY) || $(PYTHON) -m venv $(LLAVA_VENV)
+	$(LLAVA_PY) -m pip install -q -c $(LLAVA_CONSTRAINTS) torch==2.13.0
+	$(LLAVA_PY) -m pip install -q -c $(LLAVA_CONSTRAINTS) transformers tokenizers accelerate peft sentencepiece \
+		protobuf pillow safetensors numpy tqdm pytest
+	# the LLaVA repo itself, without its (CUDA-era) dependency pins
+	$(LLAVA_PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
+	$(LLAVA_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: test-main test-llava
+
+test-main: setup
+	$(PY) -m pytest -q tests --ignore=tests/transformers437
+
+test-llava: setup-llava
+	$(LLAVA_PY) -m pytest -q tests/transformers437
 
 demo: setup
 	$(PY) examples/quickstart.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAVA_VENV) build *.egg-info .pytest_cache

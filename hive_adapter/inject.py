@@ -44,6 +44,7 @@ class HiveDecoderLayer(nn.Module):
         self.level_index = level_index
         self.placement = placement
         self.runtime = runtime
+        self._replay_inputs: tuple[torch.Tensor, ...] | None = None
 
     def forward(self, *args, **kwargs):
         if self.placement == "before":
@@ -58,11 +59,20 @@ class HiveDecoderLayer(nn.Module):
             return (self.apply_hive(output[0]), *output[1:])
         return self.apply_hive(output)
 
-    def apply_hive(self, hidden: torch.Tensor) -> torch.Tensor:
+    def hive_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """key, value, visible, has_media for this layer's block and a batch of hidden states."""
         context = self.runtime.context_for(hidden)
         key, value = context.key_values(self.block_index, self.level_index, self.hive_block)
         positions = self.runtime.query_positions(hidden.shape[1], hidden.device)
         visible, has_media = context.visibility(positions, self.level_index)
+        return key, value, visible, has_media
+
+    def apply_hive(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._replay_inputs is not None:  # inside a stack-level checkpoint (transformers < 4.48)
+            hidden, _ = self.hive_block(hidden, *self._replay_inputs)
+            return hidden
+        context = self.runtime.context_for(hidden)
+        key, value, visible, has_media = self.hive_inputs(hidden)
         if context.record_attention:
             hidden, weights = self.hive_block(hidden, key, value, visible, has_media, return_weights=True)
             context.attention_maps[self.block_index] = weights.detach()
@@ -75,6 +85,35 @@ class HiveDecoderLayer(nn.Module):
         return hidden
 
 
+def hive_aware_checkpoint(checkpoint_function: Callable) -> Callable:
+    """Wrap a decoder stack's `_gradient_checkpointing_func` so HIVE layers checkpoint correctly.
+
+    transformers < 4.48 checkpoints each decoder layer from the stack (`checkpoint(layer.__call__, hidden,
+    ...)`). A HIVE layer read inside that call would capture the vision K/V by closure, which reentrant
+    checkpointing cannot differentiate (and frozen hidden states make the whole output grad-less). Here
+    the K/V and masks are computed first and handed to the checkpoint as explicit inputs.
+    """
+
+    def checkpoint_with_hive(function, *args, **kwargs):
+        layer = getattr(function, "__self__", None)
+        if not isinstance(layer, HiveDecoderLayer) or not args:
+            return checkpoint_function(function, *args, **kwargs)
+        hive_tensors = layer.hive_inputs(args[0])
+        count = len(args)
+
+        def replay(*all_args):
+            layer._replay_inputs = all_args[count:]
+            try:
+                return function(*all_args[:count], **kwargs)
+            finally:
+                layer._replay_inputs = None
+
+        return checkpoint_function(replay, *args, *hive_tensors)
+
+    checkpoint_with_hive.hive_original = checkpoint_function
+    return checkpoint_with_hive
+
+
 @dataclass
 class HiveInjection:
     """What `inject_hive` changed, so `remove()` can put it back exactly."""
@@ -83,6 +122,7 @@ class HiveInjection:
     layers_path: str
     originals: dict[int, nn.Module] = field(default_factory=dict)
     hook_handle: torch.utils.hooks.RemovableHandle | None = None
+    stack: nn.Module | None = None
 
     def remove(self) -> None:
         for index, original in self.originals.items():
@@ -91,6 +131,9 @@ class HiveInjection:
         if self.hook_handle is not None:
             self.hook_handle.remove()
             self.hook_handle = None
+        wrapped = getattr(self.stack, "_gradient_checkpointing_func", None)
+        if wrapped is not None and hasattr(wrapped, "hive_original"):
+            self.stack._gradient_checkpointing_func = wrapped.hive_original
 
 
 def find_layer_owner(root: nn.Module, layers: nn.ModuleList) -> nn.Module:
@@ -112,7 +155,8 @@ def inject_hive(
     placement: str,
     runtime: HiveRuntime,
 ) -> HiveInjection:
-    """Wrap `layers[i]` for every `i` in `llm_layers`; register the cache-offset pre-hook on the stack."""
+    """Wrap `layers[i]` for every `i` in `llm_layers`; register a pre-hook on the stack that records the
+    cache offset before layer 0 runs and makes the stack's checkpoint function HIVE-aware."""
     injection = HiveInjection(layers=layers, layers_path=layers_path)
     for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block)):
         original = layers[layer_index]
@@ -129,11 +173,15 @@ def inject_hive(
         )
     if llm_layers:
         stack = find_layer_owner(model, layers)
+        injection.stack = stack
 
-        def record_past_length(module, args, kwargs):
+        def before_stack_forward(module, args, kwargs):
             runtime.past_length = past_length_of(kwargs.get("past_key_values"))
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if function is not None and not hasattr(function, "hive_original"):
+                module._gradient_checkpointing_func = hive_aware_checkpoint(function)
 
-        injection.hook_handle = stack.register_forward_pre_hook(record_past_length, with_kwargs=True)
+        injection.hook_handle = stack.register_forward_pre_hook(before_stack_forward, with_kwargs=True)
     logger.info("HIVE: wrapped decoder layers %s at %s", list(llm_layers), layers_path)
     return injection
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 class HivePreTrainedModel(PreTrainedModel):
     config_class = HiveConfig
-    base_model_prefix = "hive"
+    base_model_prefix = ""  # composite: no inner "base model" (a "hive" prefix would match hive_levels.* keys)
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HiveDecoderLayer"]
