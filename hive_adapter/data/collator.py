@@ -1,0 +1,58 @@
+"""Batching for HIVE pre-training: tokenise prompt + caption, learn the caption, process the images.
+
+Text is truncated to 77 tokens by default (supplementary §7, SigLIP's text length). The loss is on the
+caption only; the prompt and padding are `-100`. HIVE's default pre-training is pure captioning: no
+image marker in the text, every token sees its sample's image. With `image_token` set, the marker is
+put in front of the prompt (and the model must know its id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class HiveCaptionCollator:
+    tokenizer: Any
+    image_processor: Any
+    max_length: int = 77
+    image_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}: need room for at least one caption token")
+
+    def encode(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one sample (BOS + [marker] + prompt + caption + EOS, truncated)."""
+        tokenizer = self.tokenizer
+        prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        if self.image_token is not None:
+            prefix += tokenizer.convert_tokens_to_ids([self.image_token])
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            caption_ids = caption_ids + [tokenizer.eos_token_id]
+        ids = (prefix + prompt_ids + caption_ids)[: self.max_length]
+        labels = ([IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + caption_ids)[: self.max_length]
+        return ids, labels
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(s.get("prompt", ""), s["caption"]) for s in samples]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, (ids, target) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(target)] = torch.tensor(target)
+            attention_mask[row, : len(ids)] = 1
+        pixels = self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}

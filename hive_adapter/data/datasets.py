@@ -1,0 +1,125 @@
+"""Image-caption datasets read from disk: LLaVA's pre-training JSON and a JSONL of {image, text}.
+
+A sample is `{"image": PIL.Image, "prompt": str, "caption": str}`. An image that cannot be read is an
+error naming the file, or, with `skip_bad_images=True`, replaced by the next readable sample and
+counted (`dataset.skipped`), never a silently wrong batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+
+
+class BadImageError(ValueError):
+    """An image file that is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image: str
+    prompt: str
+    caption: str
+
+
+def read_llava_json(path: str | Path) -> list[CaptionRecord]:
+    """LLaVA's format: a list of {"image", "conversations": [{"from": "human"|"gpt", "value"}, ...]}.
+
+    The first human turn (without the `<image>` marker) is the prompt, the first gpt turn the caption.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    records = []
+    for number, entry in enumerate(entries):
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not turns or "image" not in entry:
+            raise ValueError(f"{path}: entry {number} has no 'image' and 'conversations' (LLaVA pre-training format)")
+        human = next((t["value"] for t in turns if t.get("from") == "human"), "")
+        answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+        if answer is None:
+            raise ValueError(f"{path}: entry {number} ({entry.get('id', '?')}) has no 'gpt' turn to learn from")
+        prompt = human.replace(IMAGE_MARKER, "").strip()
+        records.append(CaptionRecord(str(entry["image"]), prompt, answer.strip()))
+    return records
+
+
+def read_jsonl(path: str | Path) -> list[CaptionRecord]:
+    """One JSON object per line: {"image": "file.png", "text": "a caption", "prompt": optional}."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+        if "image" not in entry or "text" not in entry:
+            raise ValueError(f"{path}:{number}: expected keys 'image' and 'text', got {sorted(entry)}")
+        records.append(CaptionRecord(str(entry["image"]), str(entry.get("prompt", "")), str(entry["text"])))
+    return records
+
+
+def read_records(path: str | Path, data_format: str = "auto") -> list[CaptionRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data_path {path}: no such file")
+    if data_format == "auto":
+        data_format = "jsonl" if path.suffix == ".jsonl" else "llava"
+    readers = {"llava": read_llava_json, "jsonl": read_jsonl}
+    if data_format not in readers:
+        raise ValueError(f"--data_format {data_format!r}: expected auto, llava or jsonl")
+    return readers[data_format](path)
+
+
+class ImageCaptionDataset:
+    """Records + an image folder; images are opened lazily, one sample at a time."""
+
+    def __init__(self, records: list[CaptionRecord], image_folder: str | Path, *, skip_bad_images: bool = False):
+        if not records:
+            raise ValueError("the dataset is empty")
+        self.records = records
+        self.image_folder = Path(image_folder)
+        self.skip_bad_images = skip_bad_images
+        self.bad_files: set[str] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, record: CaptionRecord) -> Image.Image:
+        path = self.image_folder / record.image
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise BadImageError(f"cannot read image {path}: {error}") from error
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.records)):
+            record = self.records[(index + offset) % len(self.records)]
+            try:
+                image = self.load_image(record)
+            except BadImageError as error:
+                if not self.skip_bad_images:
+                    raise BadImageError(f"{error} (pass --skip_bad_images to skip and count such files)") from error
+                if record.image not in self.bad_files:
+                    self.bad_files.add(record.image)
+                    logger.warning("skipping unreadable image (%d so far): %s", self.skipped, error)
+                continue
+            return {"image": image, "prompt": record.prompt, "caption": record.caption}
+        raise BadImageError(f"no readable image in {self.image_folder}: all {len(self.records)} samples failed")

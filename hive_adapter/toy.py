@@ -1,0 +1,79 @@
+"""Tiny randomly initialised models and a word-level tokenizer, written to disk like hub checkpoints.
+
+For the demo, the tests and `hive-reproduce`: nothing is downloaded. The directories they write are
+exactly what `hive-train --vision_model DIR --language_model DIR` reads for real models (a SigLIP
+vision encoder with its image processor; a Llama causal LM with its tokenizer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer over `words` plus the special tokens."""
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *sorted(set(words))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class ToySizes:
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 64
+    vision_layers: int = 8
+    text_width: int = 96
+    text_layers: int = 4
+
+
+def write_toy_models(directory: str | Path, words: list[str], *, sizes: ToySizes = ToySizes(), seed: int = 0):
+    """Write `directory/vision` (SigLIP + image processor) and `directory/language` (Llama + tokenizer)."""
+    from transformers import SiglipImageProcessor
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=sizes.vision_width,
+            intermediate_size=2 * sizes.vision_width,
+            num_hidden_layers=sizes.vision_layers,
+            num_attention_heads=4,
+            image_size=sizes.image_size,
+            patch_size=sizes.patch_size,
+        )
+    )
+    vision.save_pretrained(directory / "vision")
+    SiglipImageProcessor(
+        size={"height": sizes.image_size, "width": sizes.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(directory / "vision")
+    tokenizer = word_tokenizer(words)
+    language = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=sizes.text_width,
+            intermediate_size=2 * sizes.text_width,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    language.save_pretrained(directory / "language")
+    tokenizer.save_pretrained(directory / "language")
+    return directory / "vision", directory / "language"

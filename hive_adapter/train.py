@@ -1,0 +1,517 @@
+"""`hive-train`: HIVE's three-stage pre-training on the HF Trainer, with DeepSpeed ZeRO-2/3.
+
+    hive-train --vision_model DIR --language_model DIR --data_path data.json --image_folder imgs \\
+               --stage all --output_dir out/ [--deepspeed zero3] [--hive_* options]
+    torchrun --nproc_per_node 2 -m hive_adapter.train ...        # same arguments, CPU ranks work too
+    deepspeed --num_gpus 8 -m hive_adapter.train ... --deepspeed zero2
+
+Layout of `--output_dir`:
+    stage0/                   the composed, untrained model (vision + LLM + fresh HIVE modules)
+    stage{1,2,3}/             each stage's final model (config.json, model.safetensors, tokenizer,
+                              image processor, hive_stage.json with its loss curve and parameter counts)
+    stage{n}-checkpoints/     Trainer checkpoints; resume with --resume_from_checkpoint auto
+
+A stage directory appears only when the stage has finished (written aside, then renamed), so a rerun
+skips finished stages (delete one to retrain it) and a crash never leaves a stage that loads wrong. Stage hyper-parameters come
+from `hive_adapter.stages.STAGES` (paper Table 3); any flag given explicitly wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from .config import HiveConfig
+from .data.collator import HiveCaptionCollator
+from .data.datasets import ImageCaptionDataset, read_records
+from .data.synthetic import SyntheticShapes
+from .modeling_hive import HiveForConditionalGeneration
+from .stages import STAGES, StageSpec, apply_stage, parse_stages
+
+logger = logging.getLogger("hive_adapter.train")
+
+DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
+STAGE_REPORT = "hive_stage.json"
+CHECKPOINT_COMPLETE = "hive_checkpoint_complete"
+
+
+# ---------------------------------------------------------------------- arguments
+@dataclass
+class ModelArguments:
+    vision_model: str | None = field(
+        default=None, metadata={"help": "HF vision encoder directory (CLIP, SigLIP, SigLIP2, DINOv2, ...)."}
+    )
+    language_model: str | None = field(default=None, metadata={"help": "HF causal LM directory (Llama, Qwen, ...)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start from an existing HIVE checkpoint (e.g. out/stage1) instead of composing."}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: the LM's)."})
+    image_processor: str | None = field(
+        default=None, metadata={"help": "Image processor directory (default: the vision encoder's)."}
+    )
+
+
+@dataclass
+class HiveArguments:
+    vision_connector: str = field(
+        default="hive",
+        metadata={"help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."},
+    )
+    hive_vision_layers: str | None = field(
+        default=None, metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%, shallow to deep)."}
+    )
+    hive_llm_layers: str | None = field(default=None, metadata={"help": "Comma-separated decoder layers, e.g. 0,2,4,6."})
+    hive_level_mapping: str = field(default="paired", metadata={"help": "paired | all."})
+    hive_tokens_per_level: int | None = field(default=None, metadata={"help": "Pool each level to N tokens (square)."})
+    hive_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp2x_gelu."})
+    hive_use_ffn: bool = field(default=False, metadata={"help": "Add a gated FFN after each cross-attention."})
+    hive_placement: str = field(default="before", metadata={"help": "before | after the wrapped decoder layer."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None, metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."}
+    )
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the data file's image paths are relative to."})
+    data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
+    synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
+    max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
+    )
+
+
+@dataclass
+class StageArguments:
+    stage: str = field(default="all", metadata={"help": "1 | 2 | 3 | all (1 -> 2 -> 3) | an ascending list like 2,3."})
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples per optimiser step over all ranks (default: Table 3, 256/256/1024)."}
+    )
+    verify_rank_consistency: bool = field(
+        default=False, metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."}
+    )
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """Names of the options given on the command line (their values may equal the defaults)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
+def resolve_deepspeed(value: str | None) -> str | None:
+    """`zero2`, `zero3`, `zero3_offload` (shipped with the package) or a path to a JSON config."""
+    if value is None:
+        return None
+    shipped = DEEPSPEED_CONFIGS / f"{value}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if Path(value).is_file():
+        return value
+    names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+    raise ValueError(f"--deepspeed {value!r}: neither a shipped config ({', '.join(names)}) nor a file")
+
+
+def parse_arguments(argv: list[str]):
+    # `--deepspeed` is applied per stage, after stage 0 is composed without ZeRO-3 partitioning.
+    argv = list(argv)
+    deepspeed = None
+    for index, arg in enumerate(argv):
+        if arg == "--deepspeed" and index + 1 < len(argv):
+            deepspeed = argv[index + 1]
+            del argv[index : index + 2]
+            break
+        if arg.startswith("--deepspeed="):
+            deepspeed = arg.split("=", 1)[1]
+            del argv[index]
+            break
+    parser = HfArgumentParser((ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments))
+    parser.prog = "hive-train"
+    model_args, hive_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, hive_args, data_args, stage_args, training_args, resolve_deepspeed(deepspeed), explicit_flags(argv)
+
+
+# ---------------------------------------------------------------------- distributed helpers
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_distributed(use_deepspeed: bool) -> None:
+    if world_size() == 1 or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        torch.distributed.init_process_group(backend)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------- model, data
+def hive_config_from(hive_args: HiveArguments) -> HiveConfig:
+    def layers(value: str | None) -> list[int] | None:
+        if value is None:
+            return None
+        try:
+            return [int(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"layer list {value!r}: expected comma-separated integers such as 1,3,5,7") from None
+
+    return HiveConfig(
+        connector=hive_args.vision_connector,
+        vision_layers=layers(hive_args.hive_vision_layers),
+        llm_layers=layers(hive_args.hive_llm_layers),
+        level_mapping=hive_args.hive_level_mapping,
+        tokens_per_level=hive_args.hive_tokens_per_level,
+        projector_type=hive_args.hive_projector_type,
+        use_ffn=hive_args.hive_use_ffn,
+        placement=hive_args.hive_placement,
+    )
+
+
+def load_vision_encoder(path: str):
+    """A vision encoder from a vision-only checkpoint or the vision half of a CLIP/SigLIP checkpoint."""
+    config = AutoConfig.from_pretrained(path)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is None:
+        return AutoModel.from_pretrained(path)
+    vision_class = AutoModel._model_mapping[type(vision_config)]
+    return vision_class.from_pretrained(path)
+
+
+def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path) -> None:
+    """Vision encoder + LLM + fresh zero-gated HIVE modules, saved as a HIVE checkpoint."""
+    if not (model_args.vision_model and model_args.language_model):
+        raise ValueError("pass --vision_model and --language_model, or --model_name_or_path of a HIVE checkpoint")
+    vision = load_vision_encoder(model_args.vision_model)
+    language = AutoModelForCausalLM.from_pretrained(model_args.language_model)
+    model = HiveForConditionalGeneration.from_vision_text(vision, language, hive_config_from(hive_args))
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model)
+    image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor or model_args.vision_model)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    (tmp / STAGE_REPORT).write_text(json.dumps({"stage": 0, "connector": hive_args.vision_connector}, indent=2))
+    os.replace(tmp, directory)
+    print(f"[hive-train] composed the initial model in {directory}")
+
+
+def build_dataset(data_args: DataArguments, *, image_size: int):
+    """The training set; the synthetic one is drawn at the vision encoder's input size."""
+    if data_args.data_format == "synthetic" or (data_args.data_path is None and data_args.data_format == "auto"):
+        return SyntheticShapes(data_args.synthetic_size, seed=data_args.synthetic_seed, image_size=image_size)
+    if data_args.data_path is None:
+        raise ValueError("pass --data_path (LLaVA JSON or JSONL) or --data_format synthetic")
+    records = read_records(data_args.data_path, data_args.data_format)
+    folder = data_args.image_folder or str(Path(data_args.data_path).parent)
+    return ImageCaptionDataset(records, folder, skip_bad_images=data_args.skip_bad_images)
+
+
+def is_complete_stage(directory: Path) -> bool:
+    return (directory / STAGE_REPORT).is_file() and (directory / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------- checkpoints
+class CompleteCheckpointMarker(TrainerCallback):
+    """Marks a Trainer checkpoint complete once every rank has written its part.
+
+    The Trainer writes `checkpoint-N/` in place; a crash mid-save would leave a directory that looks
+    like a checkpoint. Resuming only from marked checkpoints makes that harmless.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        barrier()
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                tmp = folder / f".{CHECKPOINT_COMPLETE}.tmp"
+                tmp.write_text(json.dumps({"global_step": state.global_step}))
+                os.replace(tmp, folder / CHECKPOINT_COMPLETE)
+        barrier()
+        return control
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    if not directory.is_dir():
+        return None
+    marked = [p for p in directory.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).is_file()]
+    if not marked:
+        return None
+    return str(max(marked, key=lambda p: int(p.name.split("-")[-1])))
+
+
+# ---------------------------------------------------------------------- one stage
+def stage_arguments(
+    base: TrainingArguments,
+    stage: StageSpec,
+    *,
+    num_samples: int,
+    global_batch_size: int | None,
+    explicit: set[str],
+    output_dir: Path,
+    deepspeed: str | None,
+) -> TrainingArguments:
+    """The stage's Table 3 defaults scaled to this run; explicitly given flags are left alone."""
+    ranks = world_size()
+    per_device = base.per_device_train_batch_size
+    if "gradient_accumulation_steps" in explicit:
+        accumulation = base.gradient_accumulation_steps
+    else:
+        wanted = global_batch_size or stage.global_batch_size
+        if wanted % (per_device * ranks):
+            raise ValueError(
+                f"global batch {wanted} is not a multiple of per_device_train_batch_size={per_device} x {ranks} ranks"
+            )
+        accumulation = wanted // (per_device * ranks)
+    epochs = base.num_train_epochs if "num_train_epochs" in explicit else stage.epochs
+    steps_per_epoch = max(1, math.ceil(num_samples / (per_device * ranks * accumulation)))
+    total_steps = base.max_steps if base.max_steps > 0 else math.ceil(steps_per_epoch * epochs)
+    defaults = {
+        "learning_rate": stage.peak_lr,
+        "adam_beta1": stage.betas[0],
+        "adam_beta2": stage.betas[1],
+        "weight_decay": stage.weight_decay,
+        "max_grad_norm": stage.max_grad_norm,
+        "num_train_epochs": epochs,
+        "warmup_steps": stage.warmup_steps(total_steps),
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr": stage.min_lr},
+        "logging_steps": max(1, total_steps // 25),
+    }
+    overrides = {key: value for key, value in defaults.items() if key not in explicit}
+    overrides.update(
+        gradient_accumulation_steps=accumulation,
+        output_dir=str(output_dir),
+        deepspeed=deepspeed,
+        remove_unused_columns=False,
+        use_cpu=base.use_cpu or not torch.cuda.is_available(),
+        save_safetensors=True,
+    )
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in fields})
+
+
+def run_stage(
+    stage: StageSpec,
+    *,
+    previous: Path,
+    final: Path,
+    base_args: TrainingArguments,
+    stage_args: StageArguments,
+    data_args: DataArguments,
+    dataset,
+    explicit: set[str],
+    deepspeed: str | None,
+) -> dict:
+    checkpoints = final.with_name(f"{final.name}-checkpoints")
+    args = stage_arguments(
+        base_args,
+        stage,
+        num_samples=len(dataset),
+        global_batch_size=stage_args.global_batch_size,
+        explicit=explicit,
+        output_dir=checkpoints,
+        deepspeed=deepspeed,
+    )
+    # After TrainingArguments: under ZeRO-3 the model is built partitioned (HIVE modules included).
+    model = HiveForConditionalGeneration.from_pretrained(previous)
+    counts = apply_stage(model, stage)
+    if base_args.gradient_checkpointing:
+        model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(previous)
+    image_processor = AutoImageProcessor.from_pretrained(previous)
+    collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[CompleteCheckpointMarker()]
+    )
+    resume = None
+    if base_args.resume_from_checkpoint:
+        requested = base_args.resume_from_checkpoint
+        resume = last_complete_checkpoint(checkpoints) if requested in ("auto", "true", "True") else requested
+        if resume:
+            print(f"[hive-train] stage {stage.number}: resuming from {resume}")
+    trainable = sum(t for t, _ in counts.values())
+    print(
+        f"[hive-train] stage {stage.number} ({stage.name}): {trainable:,} trainable parameters, "
+        f"lr {args.learning_rate:g} -> {stage.min_lr:g}, betas ({args.adam_beta1}, {args.adam_beta2}), "
+        f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
+        f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    report = {
+        "stage": stage.number,
+        "name": stage.name,
+        "trainable_parameters": {part: {"trainable": t, "total": n} for part, (t, n) in counts.items()},
+        "global_steps": trainer.state.global_step,
+        "losses": losses,
+        "log_history": trainer.state.log_history,
+        "train_loss": result.training_loss,
+        "skipped_images": getattr(dataset, "skipped", 0),
+        "world_size": world_size(),
+        "deepspeed": deepspeed,
+    }
+    if stage_args.verify_rank_consistency:
+        report["rank_fingerprints"] = rank_fingerprints(trainer)
+    tmp = final.with_name(final.name + ".partial")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(tmp))  # gathers ZeRO-3 partitions into one safetensors file
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if report["skipped_images"]:
+            print(f"[hive-train] stage {stage.number}: skipped {report['skipped_images']} unreadable images")
+    barrier()
+    del trainer, model
+    return report
+
+
+def rank_fingerprints(trainer: Trainer) -> list[dict]:
+    """Every rank's view of the full weights (ZeRO-3 partitions gathered), compared on rank 0."""
+    parameters = list(trainer.model.named_parameters())
+    gathered = _gathered(parameters)
+    with gathered:
+        fingerprint = {
+            name: [float(param.detach().float().sum()), float(param.detach().float().abs().sum())]
+            for name, param in parameters
+        }
+    views = [None] * world_size()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(views, fingerprint)
+    else:
+        views = [fingerprint]
+    mismatched = [name for name in views[0] if any(view[name] != views[0][name] for view in views[1:])]
+    if mismatched:
+        raise RuntimeError(f"ranks disagree on {len(mismatched)} parameters, e.g. {mismatched[:3]}")
+    return views
+
+
+def _gathered(parameters):
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - old transformers
+        return _NullContext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
+    return _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if is_main_process() else logging.WARN
+    )
+    stages = parse_stages(stage_args.stage)
+    hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
+    init_distributed(deepspeed is not None)
+    output_dir = Path(base_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    stage0 = output_dir / "stage0"
+    if model_args.model_name_or_path:
+        previous = Path(model_args.model_name_or_path)
+    else:
+        previous = stage0
+        if is_main_process() and not is_complete_stage(stage0):
+            compose_stage0(model_args, hive_args, stage0)
+        barrier()
+
+    config = HiveForConditionalGeneration.config_class.from_pretrained(previous)
+    dataset = build_dataset(data_args, image_size=int(getattr(config.vision_config, "image_size", 64)))
+    print(f"[hive-train] {len(dataset):,} training samples; stages {[s.number for s in stages]}")
+
+    reports = []
+    for stage in stages:
+        final = output_dir / f"stage{stage.number}"
+        if is_complete_stage(final):
+            print(f"[hive-train] stage {stage.number} already finished in {final}; skipping")
+            reports.append(json.loads((final / STAGE_REPORT).read_text()))
+        else:
+            reports.append(
+                run_stage(
+                    stage,
+                    previous=previous,
+                    final=final,
+                    base_args=base_args,
+                    stage_args=stage_args,
+                    data_args=data_args,
+                    dataset=dataset,
+                    explicit=explicit,
+                    deepspeed=deepspeed,
+                )
+            )
+            _reset_accelerate_state()
+        previous = final
+
+    if is_main_process():
+        print("[hive-train] done:")
+        for report in reports:
+            losses = report.get("losses") or [float("nan")]
+            print(
+                f"  stage {report['stage']}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {report['global_steps']} steps"
+            )
+        print(f"  final model: {previous}")
+
+
+def _reset_accelerate_state() -> None:
+    """Let the next stage's Trainer build a fresh Accelerator (and DeepSpeed engine) in this process."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    except (ImportError, AttributeError):  # pragma: no cover - older accelerate
+        pass
+
+
+if __name__ == "__main__":
+    main()
