@@ -10,8 +10,10 @@ LLAVA_PY := $(LLAVA_VENV)/bin/python
 LLAVA_CONSTRAINTS := requirements/llava-constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup setup-llava test test-main test-llava demo clean
+.PHONY: setup setup-llava test test-main test-llava demo quickstart clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +24,8 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	# DeepSpeed without prebuilt ops (CPU machines; ops are built on demand and cached)
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) deepspeed
 	touch $@
 
 $(LLAVA_VENV)/.installed: setup.py $(LLAVA_CONSTRAINTS)
@@ -43,6 +47,9 @@ test-llava: setup-llava
 	$(LLAVA_PY) -m pytest -q tests/transformers437
 
 demo: setup
+	$(PY) examples/demo.py --output_dir outputs/demo
+
+quickstart: setup
 	$(PY) examples/quickstart.py
 
 clean:

@@ -28,12 +28,18 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["deepspeed>=0.14", "accelerate>=0.21"],
+        "train": ["deepspeed>=0.14", "accelerate>=0.21", "tokenizers"],
         "llava": ["llava-torch==1.2.2.post1"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece"],
+        "analysis": ["matplotlib", "scikit-learn"],
+        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece", "matplotlib", "scikit-learn"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "hive-train=hive_adapter.train:main",
+            "hive-export-vision=hive_adapter.export:main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

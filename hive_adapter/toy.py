@@ -77,3 +77,21 @@ def write_toy_models(directory: str | Path, words: list[str], *, sizes: ToySizes
     language.save_pretrained(directory / "language")
     tokenizer.save_pretrained(directory / "language")
     return directory / "vision", directory / "language"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m hive_adapter.toy DIR`: tiny stand-ins for a vision encoder and an LM checkpoint."""
+    import argparse
+
+    from .data.synthetic import caption_vocabulary
+
+    parser = argparse.ArgumentParser(prog="python -m hive_adapter.toy", description=main.__doc__)
+    parser.add_argument("directory", help="writes DIR/vision and DIR/language")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    vision, language = write_toy_models(args.directory, caption_vocabulary(), seed=args.seed)
+    print(f"vision encoder: {vision}\nlanguage model: {language}")
+
+
+if __name__ == "__main__":
+    main()

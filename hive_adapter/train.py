@@ -39,6 +39,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 from .config import HiveConfig
@@ -78,7 +79,7 @@ class HiveArguments:
         metadata={"help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."},
     )
     hive_vision_layers: str | None = field(
-        default=None, metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%, shallow to deep)."}
+        default=None, metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%%, shallow to deep)."}
     )
     hive_llm_layers: str | None = field(default=None, metadata={"help": "Comma-separated decoder layers, e.g. 0,2,4,6."})
     hive_level_mapping: str = field(default="paired", metadata={"help": "paired | all."})
@@ -161,15 +162,26 @@ def is_main_process() -> bool:
 
 
 def init_distributed(use_deepspeed: bool) -> None:
-    if world_size() == 1 or torch.distributed.is_initialized():
+    """Start the process group (gloo on CPU). Must precede loading under ZeRO-3.
+
+    Parsing TrainingArguments may already have started torch.distributed (through accelerate); DeepSpeed's
+    own communication layer still needs `deepspeed.init_distributed`, which adopts the existing group.
+    """
+    if world_size() == 1:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if use_deepspeed:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend)
-    else:
+    elif not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
+
+
+def say(message: str) -> None:
+    """CLI output, from the main process only."""
+    if is_main_process():
+        print(f"[hive-train] {message}", flush=True)
 
 
 def barrier() -> None:
@@ -209,10 +221,11 @@ def load_vision_encoder(path: str):
     return vision_class.from_pretrained(path)
 
 
-def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path) -> None:
-    """Vision encoder + LLM + fresh zero-gated HIVE modules, saved as a HIVE checkpoint."""
+def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path, *, seed: int) -> None:
+    """Vision encoder + LLM + fresh zero-gated HIVE modules (initialised from `seed`), saved as a HIVE checkpoint."""
     if not (model_args.vision_model and model_args.language_model):
         raise ValueError("pass --vision_model and --language_model, or --model_name_or_path of a HIVE checkpoint")
+    set_seed(seed)
     vision = load_vision_encoder(model_args.vision_model)
     language = AutoModelForCausalLM.from_pretrained(model_args.language_model)
     model = HiveForConditionalGeneration.from_vision_text(vision, language, hive_config_from(hive_args))
@@ -225,7 +238,7 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
     image_processor.save_pretrained(tmp)
     (tmp / STAGE_REPORT).write_text(json.dumps({"stage": 0, "connector": hive_args.vision_connector}, indent=2))
     os.replace(tmp, directory)
-    print(f"[hive-train] composed the initial model in {directory}")
+    say(f"composed the initial model in {directory}")
 
 
 def build_dataset(data_args: DataArguments, *, image_size: int):
@@ -307,10 +320,13 @@ def stage_arguments(
         "num_train_epochs": epochs,
         "warmup_steps": stage.warmup_steps(total_steps),
         "lr_scheduler_type": "cosine_with_min_lr",
-        "lr_scheduler_kwargs": {"min_lr": stage.min_lr},
         "logging_steps": max(1, total_steps // 25),
     }
     overrides = {key: value for key, value in defaults.items() if key not in explicit}
+    if "lr_scheduler_kwargs" not in explicit:
+        # As a rate of the peak: DeepSpeed's optimiser has no `defaults["lr"]` for `min_lr` to divide by.
+        peak = overrides.get("learning_rate", base.learning_rate)
+        overrides["lr_scheduler_kwargs"] = {"min_lr_rate": min(1.0, stage.min_lr / peak)}
     overrides.update(
         gradient_accumulation_steps=accumulation,
         output_dir=str(output_dir),
@@ -361,10 +377,10 @@ def run_stage(
         requested = base_args.resume_from_checkpoint
         resume = last_complete_checkpoint(checkpoints) if requested in ("auto", "true", "True") else requested
         if resume:
-            print(f"[hive-train] stage {stage.number}: resuming from {resume}")
+            say(f"stage {stage.number}: resuming from {resume}")
     trainable = sum(t for t, _ in counts.values())
-    print(
-        f"[hive-train] stage {stage.number} ({stage.name}): {trainable:,} trainable parameters, "
+    say(
+        f"stage {stage.number} ({stage.name}): {trainable:,} trainable parameters, "
         f"lr {args.learning_rate:g} -> {stage.min_lr:g}, betas ({args.adam_beta1}, {args.adam_beta2}), "
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
@@ -397,7 +413,7 @@ def run_stage(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if report["skipped_images"]:
-            print(f"[hive-train] stage {stage.number}: skipped {report['skipped_images']} unreadable images")
+            say(f"stage {stage.number}: skipped {report['skipped_images']} unreadable images")
     barrier()
     del trainer, model
     return report
@@ -462,18 +478,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         previous = stage0
         if is_main_process() and not is_complete_stage(stage0):
-            compose_stage0(model_args, hive_args, stage0)
+            compose_stage0(model_args, hive_args, stage0, seed=base_args.seed)
         barrier()
 
     config = HiveForConditionalGeneration.config_class.from_pretrained(previous)
     dataset = build_dataset(data_args, image_size=int(getattr(config.vision_config, "image_size", 64)))
-    print(f"[hive-train] {len(dataset):,} training samples; stages {[s.number for s in stages]}")
+    say(f"{len(dataset):,} training samples; stages {[s.number for s in stages]}")
 
     reports = []
     for stage in stages:
         final = output_dir / f"stage{stage.number}"
         if is_complete_stage(final):
-            print(f"[hive-train] stage {stage.number} already finished in {final}; skipping")
+            say(f"stage {stage.number} already finished in {final}; skipping")
             reports.append(json.loads((final / STAGE_REPORT).read_text()))
         else:
             reports.append(

@@ -29,3 +29,21 @@ def test_readme_commands_name_real_make_targets():
     makefile = (README.parent / "Makefile").read_text()
     for target in re.findall(r"^make (\w+)", README.read_text(), flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+SHELL_BLOCKS = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if b.startswith("# (tested)")]
+
+
+def test_readme_shell_blocks_run_in_order(tmp_path):
+    """The `# (tested)` shell blocks run as written, one after another, in a scratch directory."""
+    import os
+
+    assert len(SHELL_BLOCKS) >= 2
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    for block in SHELL_BLOCKS:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
+                                text=True, env=env, timeout=900)
+        assert result.returncode == 0, block + result.stdout[-2000:] + result.stderr[-4000:]
+    assert (tmp_path / "run" / "stage3" / "model.safetensors").is_file()
+    assert (tmp_path / "vision_encoder" / "config.json").is_file()
+    assert (tmp_path / "run_zero3" / "stage1" / "model.safetensors").is_file()
