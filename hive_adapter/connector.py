@@ -406,26 +406,36 @@ class HiveMixin:
                 past_key_values=past_key_values,
                 **kwargs,
             )
-        embeddings = language_model.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            # No image: still run every projector (ZeRO-3), contributing exactly zero.
-            dummy = self.hive_dummy_vision_inputs(input_ids.device)
-            levels, _ = self.hive_encode_images(dummy.pop("pixel_values"), **dummy)
-            embeddings = embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype)
-        else:
-            levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
-            if token_mask is not None:
-                raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
-            embeddings, attention_mask, labels = splice_image_tokens(
-                input_ids=input_ids,
-                embeddings=embeddings,
-                images=levels[-1].to(embeddings.dtype),
-                attention_mask=attention_mask,
-                labels=labels,
-                image_token_id=self.hive_image_token_id,
-            )
+        embeddings, attention_mask, labels = self._concat_embeddings(
+            language_model, input_ids, pixel_values, attention_mask, labels, vision_inputs, padding_side="right"
+        )
         return language_model(
             inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, past_key_values=None, **kwargs
+        )
+
+    def _concat_embeddings(
+        self, language_model, input_ids, pixel_values, attention_mask, labels, vision_inputs, *, padding_side: str
+    ):
+        """Input embeddings with each image's tokens spliced in at its marker (the concat baseline).
+
+        Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
+        """
+        embeddings = language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            dummy = self.hive_dummy_vision_inputs(input_ids.device)
+            levels, _ = self.hive_encode_images(dummy.pop("pixel_values"), **dummy)
+            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
+        levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
+        if token_mask is not None:
+            raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
+        return splice_image_tokens(
+            input_ids=input_ids,
+            embeddings=embeddings,
+            images=levels[-1].to(embeddings.dtype),
+            attention_mask=attention_mask,
+            labels=labels,
+            image_token_id=self.hive_image_token_id,
+            padding_side=padding_side,
         )
 
     def _hive_generate(
@@ -452,20 +462,9 @@ class HiveMixin:
             )
             with self.hive_runtime.generation(context):
                 return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        embeddings = language_model.get_input_embeddings()(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if pixel_values is not None:
-            levels, _ = self.hive_encode_images(pixel_values, **vision_inputs)
-            embeddings, attention_mask, _ = splice_image_tokens(
-                input_ids=input_ids,
-                embeddings=embeddings,
-                images=levels[-1].to(embeddings.dtype),
-                attention_mask=attention_mask,
-                labels=None,
-                image_token_id=self.hive_image_token_id,
-                padding_side="left",
-            )
+        embeddings, attention_mask, _ = self._concat_embeddings(
+            language_model, input_ids, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
+        )
         new_tokens = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
         if not isinstance(new_tokens, torch.Tensor):  # return_dict_in_generate=True
             return new_tokens

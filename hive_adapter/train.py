@@ -47,7 +47,7 @@ from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
 from .modeling_hive import HiveForConditionalGeneration
-from .stages import STAGES, StageSpec, apply_stage, parse_stages
+from .stages import StageSpec, apply_stage, parse_stages
 
 logger = logging.getLogger("hive_adapter.train")
 
