@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 import hive_adapter as hive
+import hive_adapter.cross_attention
 from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 CONFIG = dict(vision_layers=[1, 3], llm_layers=[1, 3], use_ffn=True, tokens_per_level=4)
@@ -163,3 +164,25 @@ def test_calling_the_wrapped_base_directly_is_an_error_not_a_silent_skip():
     model = adapter()
     with pytest.raises(RuntimeError, match="ran without a vision context"):
         model.base_model(input_ids=text_ids(1, 5))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or hive.cross_attention._FLASH_ATTN_AVAILABLE is False,
+    reason="flash-attn needs CUDA and the flash_attn package (runs on a GPU machine only)",
+)
+def test_flash_attention_matches_sdpa_with_padding():
+    """Captioning (every token sees its own image) with left-padded text: the case flash's varlen kernel takes."""
+    config = dict(vision_layers=[1, 3], llm_layers=[1, 3], tokens_per_level=4)
+    results = {}
+    for kernel in ("sdpa", "flash_attention_2"):
+        model = hive.HiveForConditionalGeneration.from_vision_text(
+            build_vision("siglip"), build_text("llama"), hive.HiveConfig(**config, cross_attn_implementation=kernel)
+        ).to("cuda", torch.bfloat16).eval()
+        set_gates(model, 0.5)
+        ids = text_ids(2, 10).cuda()
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0
+        with torch.no_grad():
+            results[kernel] = model(input_ids=ids, attention_mask=mask, **{
+                k: v.cuda() for k, v in vision_inputs("siglip", 2).items()}).logits.float()
+    torch.testing.assert_close(results["flash_attention_2"][:, 4:], results["sdpa"][:, 4:], atol=2e-2, rtol=2e-2)

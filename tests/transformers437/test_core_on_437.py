@@ -109,3 +109,27 @@ def test_full_model_auto_round_trip(tmp_path):
         assert torch.equal(value, model.state_dict()[key]), key
     with torch.no_grad():  # 4.37 builds from config with eager attention but loads with SDPA: float tolerance
         torch.testing.assert_close(loaded(input_ids=ids, pixel_values=pixels).logits, expected)
+
+
+def test_exported_clip_encoder_loads_as_llava_vision_tower(tmp_path):
+    """hive-export-vision output is what LLaVA's `--vision_tower DIR` reads (CLIPVisionTower)."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPImageProcessor
+
+    from hive_adapter.export import export_vision_encoder
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
+
+    torch.manual_seed(0)
+    model = hive.HiveForConditionalGeneration.from_vision_text(
+        CLIPVisionModel(CLIPVisionConfig(**VISION)), LlamaForCausalLM(LlamaConfig(**TEXT)), hive.HiveConfig()
+    )
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "ckpt")
+    export_vision_encoder(tmp_path / "ckpt", tmp_path / "encoder")
+    tower = CLIPVisionTower(str(tmp_path / "encoder"), SimpleNamespace(mm_vision_select_layer=-2))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        torch.testing.assert_close(tower(pixels), expected)
+    assert tower.num_patches == 16
