@@ -234,7 +234,8 @@ class HiveMixin:
                 "stack the images of a batch along the first dimension"
             )
         height, width = pixel_values.shape[-2:]
-        if height % shape.patch_size or width % shape.patch_size:
+        native = height == width == shape.image_size  # e.g. SigLIP-so400m/14@384: 27x27 patches by design
+        if not native and (height % shape.patch_size or width % shape.patch_size):
             raise ValueError(
                 f"pixel_values of size {height}x{width}: not a multiple of the encoder's patch size "
                 f"{shape.patch_size} (the encoder expects {shape.image_size}x{shape.image_size}); resize the images"

@@ -186,3 +186,17 @@ def test_flash_attention_matches_sdpa_with_padding():
             results[kernel] = model(input_ids=ids, attention_mask=mask, **{
                 k: v.cuda() for k, v in vision_inputs("siglip", 2).items()}).logits.float()
     torch.testing.assert_close(results["flash_attention_2"][:, 4:], results["sdpa"][:, 4:], atol=2e-2, rtol=2e-2)
+
+
+def test_an_encoder_whose_native_size_is_not_a_patch_multiple_is_accepted():
+    """SigLIP-so400m/14@384 (the paper's encoder) makes 27x27 patches of a 384 image: native size is fine."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                                  num_attention_heads=2, image_size=36, patch_size=8))
+    model = hive.HiveForConditionalGeneration.from_vision_text(vision, build_text("llama"), hive.HiveConfig())
+    levels, _ = model.hive_encode_images(torch.randn(2, 3, 36, 36))
+    assert levels[0].shape[1] == 16  # floor(36 / 8) ** 2
+    with pytest.raises(ValueError, match="pixel_values of size 34x34: not a multiple"):
+        model.hive_encode_images(torch.randn(2, 3, 34, 34))
