@@ -478,10 +478,6 @@ class HiveMixin:
             if HIVE_PREFIX in name:
                 yield name, param
 
-    def hive_requires_grad_(self, requires_grad: bool = True) -> None:
-        for _, param in self.hive_named_parameters():
-            param.requires_grad_(requires_grad)
-
     def hive_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach() for name, param in self.hive_named_parameters()}
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
 from .config import HiveConfig
-from .connector import HiveMixin, init_hive_weights, is_hive_module
+from .connector import HiveMixin, init_hive_weights, is_hive_module, mark_hive_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class HiveModel(HiveMixin, nn.Module):
         if freeze_base:
             for param in base_model.parameters():
                 param.requires_grad_(False)
-        for _, param in self.hive_named_parameters():
-            param.requires_grad_(True)
+        mark_hive_trainable(self)
 
     # ------------------------------------------------------------------ nn.Module plumbing
     def __getattr__(self, name: str) -> Any:
@@ -188,8 +187,7 @@ class HiveModel(HiveMixin, nn.Module):
         model = cls(base_model, config)
         model.load_adapter_weights(directory / ADAPTER_WEIGHTS_NAME)
         if not is_trainable:
-            for _, param in model.hive_named_parameters():
-                param.requires_grad_(False)
+            mark_hive_trainable(model, False)
         return model
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:

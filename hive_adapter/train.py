@@ -18,6 +18,7 @@ from `hive_adapter.stages.STAGES` (paper Table 3); any flag given explicitly win
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -443,20 +444,12 @@ def _gathered(parameters):
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:  # pragma: no cover - old transformers
-        return _NullContext()
+        return contextlib.nullcontext()
     if is_deepspeed_zero3_enabled():
         import deepspeed
 
         return deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
-    return _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- main
