@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +47,48 @@ def cross_attention_kernel(config: HiveConfig, text_config) -> str:
         return config.cross_attn_implementation
     implementation = getattr(text_config, "_attn_implementation", None)
     return implementation if implementation in ("eager", "flash_attention_2") else "sdpa"
+
+
+def build_level_encoder(config: HiveConfig, resolved: ResolvedLayers, vision: VisionShape, text: TextShape) -> HiveLevelEncoder:
+    """One projector per selected vision level (plus level embeddings when every block sees every level)."""
+    return HiveLevelEncoder(
+        num_levels=len(resolved.vision_layers),
+        projector_type=config.projector_type,
+        vision_hidden_size=vision.hidden_size,
+        text_hidden_size=text.hidden_size,
+        tokens_per_level=config.tokens_per_level,
+        keep_prefix_tokens=config.vision_feature_select == "full",
+        level_embedding=config.connector == "hive" and config.level_mapping == "all",
+    )
+
+
+def block_factory(config: HiveConfig, text: TextShape, kernel: str) -> Callable[[], HiveCrossAttentionBlock]:
+    """A constructor for the gated cross-attention blocks, with head counts resolved against the LM.
+
+    Defaults follow the language model (its query heads, its grouped K/V heads, its head width).
+    """
+    heads = config.num_attention_heads or text.num_heads
+    kv_heads = config.num_key_value_heads or (text.num_kv_heads if config.num_attention_heads is None else heads)
+    if heads % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
+        )
+    head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
+
+    def make_block() -> HiveCrossAttentionBlock:
+        return HiveCrossAttentionBlock(
+            hidden_size=text.hidden_size,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            use_ffn=config.use_ffn,
+            ffn_mult=config.ffn_mult,
+            gate_init=config.gate_init,
+            norm_eps=text.norm_eps,
+            implementation=kernel,
+        )
+
+    return make_block
 
 
 @torch.no_grad()
@@ -93,13 +136,6 @@ class HiveMixin:
         text = text_shape_of(text_config, len(layers))
         vision = vision_shape_of(vision_config)
         resolved = config.resolve_layers(num_vision_layers=vision.num_layers, num_llm_layers=text.num_layers)
-        heads = config.num_attention_heads or text.num_heads
-        kv_heads = config.num_key_value_heads or (text.num_kv_heads if config.num_attention_heads is None else heads)
-        if heads % kv_heads:
-            raise ValueError(
-                f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
-            )
-        head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
 
         vocab_size = getattr(text_config, "vocab_size", None)
         if image_token_id is not None and vocab_size is not None and not 0 <= image_token_id < vocab_size:
@@ -115,29 +151,9 @@ class HiveMixin:
         object.__setattr__(self, "_hive_vision_shape", vision)
         object.__setattr__(self, "_hive_text_shape", text)
         object.__setattr__(self, "_hive_image_token_id", image_token_id)
-        self.hive_levels = HiveLevelEncoder(
-            num_levels=len(resolved.vision_layers),
-            projector_type=config.projector_type,
-            vision_hidden_size=vision.hidden_size,
-            text_hidden_size=text.hidden_size,
-            tokens_per_level=config.tokens_per_level,
-            keep_prefix_tokens=config.vision_feature_select == "full",
-            level_embedding=config.connector == "hive" and config.level_mapping == "all",
-        )
+        self.hive_levels = build_level_encoder(config, resolved, vision, text)
         kernel = cross_attention_kernel(config, text_config)
-
-        def make_block() -> HiveCrossAttentionBlock:
-            return HiveCrossAttentionBlock(
-                hidden_size=text.hidden_size,
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                use_ffn=config.use_ffn,
-                ffn_mult=config.ffn_mult,
-                gate_init=config.gate_init,
-                norm_eps=text.norm_eps,
-                implementation=kernel,
-            )
+        make_block = block_factory(config, text, kernel)
 
         injection = inject_hive(
             model=language_root,
@@ -276,7 +292,7 @@ class HiveMixin:
             pixel_values = dummy.pop("pixel_values")
             vision_inputs = dummy
         levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
-        num_images, tokens = levels[0].shape[:2]
+        num_images = levels[0].shape[0]
         prompt_length = input_ids.shape[1] if input_ids is not None else 1
         image_token_id = self.hive_image_token_id
 
@@ -298,23 +314,14 @@ class HiveMixin:
         else:
             image_index, image_valid, marker_positions = _images_per_sample(input_ids, image_token_id, num_images)
 
-        images_per_sample = image_index.shape[1]
-        laid_out = [
-            level[image_index.flatten()].reshape(batch_size, images_per_sample * tokens, -1)  # (batch, images*n, hidden)
-            for level in levels
-        ]
-        token_valid = None
-        if token_mask is not None:
-            token_valid = token_mask[image_index.flatten()].reshape(batch_size, images_per_sample * tokens)
-        return HiveVisionContext(
-            levels=laid_out,
+        return HiveVisionContext.from_images(
+            levels,
+            token_mask,
+            image_index=image_index,
             image_valid=image_valid,
             marker_positions=marker_positions,
-            tokens_per_image=tokens,
             prompt_length=prompt_length,
-            token_valid=token_valid,
             media_attention=self.hive_config.media_attention,
-            cache_key_values=not torch.is_grad_enabled(),
         )
 
     def hive_prepare_context(

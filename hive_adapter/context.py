@@ -44,6 +44,44 @@ class HiveVisionContext:
     _key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _expanded: dict[int, "HiveVisionContext"] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_images(
+        cls,
+        levels: list[torch.Tensor],
+        token_mask: torch.Tensor | None,
+        *,
+        image_index: torch.Tensor,
+        image_valid: torch.Tensor,
+        marker_positions: torch.Tensor,
+        prompt_length: int,
+        media_attention: str,
+    ) -> "HiveVisionContext":
+        """Lay projected images out per sample.
+
+        levels: each (images, tokens, hidden), as the level encoder returns them; token_mask: (images,
+        tokens) real patches or None; image_index / image_valid / marker_positions: (batch, slots), which
+        image fills each sample's slot, whether the slot is real, and the column its marker stands at.
+        """
+        batch_size, slots = image_index.shape
+        tokens = levels[0].shape[1]
+        laid_out = [
+            level[image_index.flatten()].reshape(batch_size, slots * tokens, -1)  # (batch, slots*tokens, hidden)
+            for level in levels
+        ]
+        token_valid = None
+        if token_mask is not None:
+            token_valid = token_mask[image_index.flatten()].reshape(batch_size, slots * tokens)
+        return cls(
+            levels=laid_out,
+            image_valid=image_valid,
+            marker_positions=marker_positions,
+            tokens_per_image=tokens,
+            prompt_length=prompt_length,
+            token_valid=token_valid,
+            media_attention=media_attention,
+            cache_key_values=not torch.is_grad_enabled(),
+        )
+
     @property
     def batch_size(self) -> int:
         return self.image_valid.shape[0]
@@ -99,7 +137,9 @@ class HiveVisionContext:
         positions: (text,) absolute columns of the queries. Returns `visible` (batch, text, keys) and
         `has_media` (batch, text).
         """
-        columns = positions.clamp(max=self.prompt_length - 1)
+        # Generated columns (>= prompt_length) see what the end of the prompt sees; a marker that was dropped
+        # from the end of a prompt (LLaVA integration) stands at column `prompt_length`.
+        columns = positions.clamp(max=self.prompt_length)
         # (batch, text, images): the image's marker stands at or before the query
         seen = (self.marker_positions[:, None, :] <= columns[None, :, None]) & self.image_valid[:, None, :]
         has_media = seen.any(dim=-1)

@@ -21,6 +21,59 @@ from .cross_attention import HiveCrossAttentionBlock
 logger = logging.getLogger(__name__)
 
 
+class HiveBlockCall:
+    """One HIVE block as a decoder layer runs it: read the runtime's context, mask, maybe checkpoint.
+
+    Shared by the two ways a block reaches a decoder layer: `HiveDecoderLayer` (the layer is wrapped,
+    the block is its child) and `attach_hive_hooks` (the layer keeps its class and its parameter names,
+    a forward hook runs a block owned elsewhere, e.g. by the LLaVA repo's `mm_projector`). A plain object,
+    not a module: it never registers the block a second time.
+    """
+
+    def __init__(self, *, block: HiveCrossAttentionBlock, block_index: int, level_index: int | None, runtime: HiveRuntime):
+        self.block = block
+        self.block_index = block_index
+        self.level_index = level_index
+        self.runtime = runtime
+        # Set while a stack-level checkpoint replays the layer (transformers < 4.48): the K/V and masks
+        # that went into the checkpoint as explicit inputs.
+        self.replay_inputs: tuple[torch.Tensor, ...] | None = None
+
+    def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """key, value, visible, has_media for this block and a batch of hidden states."""
+        context = self.runtime.context_for(hidden)
+        key, value = context.key_values(self.block_index, self.level_index, self.block)
+        positions = self.runtime.query_positions(hidden.shape[1], hidden.device)
+        visible, has_media = context.visibility(positions, self.level_index)
+        return key, value, visible, has_media
+
+    def __call__(self, hidden: torch.Tensor, checkpoint: Callable | None = None) -> torch.Tensor:
+        """`hidden` plus the gated cross-attention (and FFN) update; `checkpoint`: the layer's checkpoint
+        function when it checkpoints, so the block is recomputed in backward too."""
+        if self.replay_inputs is not None:
+            hidden, _ = self.block(hidden, *self.replay_inputs)
+            return hidden
+        context = self.runtime.context_for(hidden)
+        key, value, visible, has_media = self.inputs(hidden)
+        if context.record_attention:
+            hidden, weights = self.block(hidden, key, value, visible, has_media, return_weights=True)
+            context.attention_maps[self.block_index] = weights.detach()
+            return hidden
+        if checkpoint is not None:
+            # K/V and masks go in as explicit inputs, so reentrant checkpointing routes their gradients too.
+            hidden, _ = checkpoint(self.block, hidden, key, value, visible, has_media)
+            return hidden
+        hidden, _ = self.block(hidden, key, value, visible, has_media)
+        return hidden
+
+
+def _layer_checkpoint(layer: nn.Module) -> Callable | None:
+    """The checkpoint function of a layer that checkpoints itself right now (transformers >= 4.48)."""
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        return getattr(layer, "_gradient_checkpointing_func", None)
+    return None
+
+
 class HiveDecoderLayer(nn.Module):
     """A decoder layer with a gated cross-attention block run before (or after) it."""
 
@@ -40,11 +93,8 @@ class HiveDecoderLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.hive_block = hive_block
-        self.block_index = block_index
-        self.level_index = level_index
         self.placement = placement
-        self.runtime = runtime
-        self._replay_inputs: tuple[torch.Tensor, ...] | None = None
+        self.hive_call = HiveBlockCall(block=hive_block, block_index=block_index, level_index=level_index, runtime=runtime)
 
     def forward(self, *args, **kwargs):
         if self.placement == "before":
@@ -59,30 +109,8 @@ class HiveDecoderLayer(nn.Module):
             return (self.apply_hive(output[0]), *output[1:])
         return self.apply_hive(output)
 
-    def hive_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """key, value, visible, has_media for this layer's block and a batch of hidden states."""
-        context = self.runtime.context_for(hidden)
-        key, value = context.key_values(self.block_index, self.level_index, self.hive_block)
-        positions = self.runtime.query_positions(hidden.shape[1], hidden.device)
-        visible, has_media = context.visibility(positions, self.level_index)
-        return key, value, visible, has_media
-
     def apply_hive(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._replay_inputs is not None:  # inside a stack-level checkpoint (transformers < 4.48)
-            hidden, _ = self.hive_block(hidden, *self._replay_inputs)
-            return hidden
-        context = self.runtime.context_for(hidden)
-        key, value, visible, has_media = self.hive_inputs(hidden)
-        if context.record_attention:
-            hidden, weights = self.hive_block(hidden, key, value, visible, has_media, return_weights=True)
-            context.attention_maps[self.block_index] = weights.detach()
-            return hidden
-        if self.gradient_checkpointing and self.training:
-            # K/V and masks go in as explicit inputs, so reentrant checkpointing routes their gradients too.
-            hidden, _ = self._gradient_checkpointing_func(self.hive_block, hidden, key, value, visible, has_media)
-            return hidden
-        hidden, _ = self.hive_block(hidden, key, value, visible, has_media)
-        return hidden
+        return self.hive_call(hidden, checkpoint=_layer_checkpoint(self))
 
 
 def hive_aware_checkpoint(checkpoint_function: Callable) -> Callable:
@@ -95,18 +123,18 @@ def hive_aware_checkpoint(checkpoint_function: Callable) -> Callable:
     """
 
     def checkpoint_with_hive(function, *args, **kwargs):
-        layer = getattr(function, "__self__", None)
-        if not isinstance(layer, HiveDecoderLayer) or not args:
+        call = getattr(getattr(function, "__self__", None), "hive_call", None)
+        if not isinstance(call, HiveBlockCall) or not args:
             return checkpoint_function(function, *args, **kwargs)
-        hive_tensors = layer.hive_inputs(args[0])
+        hive_tensors = call.inputs(args[0])
         count = len(args)
 
         def replay(*all_args):
-            layer._replay_inputs = all_args[count:]
+            call.replay_inputs = all_args[count:]
             try:
                 return function(*all_args[:count], **kwargs)
             finally:
-                layer._replay_inputs = None
+                call.replay_inputs = None
 
         return checkpoint_function(replay, *args, *hive_tensors)
 
@@ -116,21 +144,25 @@ def hive_aware_checkpoint(checkpoint_function: Callable) -> Callable:
 
 @dataclass
 class HiveInjection:
-    """What `inject_hive` changed, so `remove()` can put it back exactly."""
+    """What `inject_hive` / `attach_hive_hooks` changed, so `remove()` can put it back exactly."""
 
     layers: nn.ModuleList
     layers_path: str
-    originals: dict[int, nn.Module] = field(default_factory=dict)
-    hook_handle: torch.utils.hooks.RemovableHandle | None = None
+    originals: dict[int, nn.Module] = field(default_factory=dict)  # wrapped layers, by index
+    hooked: dict[int, nn.Module] = field(default_factory=dict)  # layers running a block through hooks
+    hook_handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     stack: nn.Module | None = None
 
     def remove(self) -> None:
         for index, original in self.originals.items():
             self.layers[index] = original
         self.originals.clear()
-        if self.hook_handle is not None:
-            self.hook_handle.remove()
-            self.hook_handle = None
+        for layer in self.hooked.values():
+            del layer.hive_call
+        self.hooked.clear()
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles.clear()
         wrapped = getattr(self.stack, "_gradient_checkpointing_func", None)
         if wrapped is not None and hasattr(wrapped, "hive_original"):
             self.stack._gradient_checkpointing_func = wrapped.hive_original
@@ -144,6 +176,21 @@ def find_layer_owner(root: nn.Module, layers: nn.ModuleList) -> nn.Module:
     raise ValueError("the decoder layer list is not a child of any module in the model")
 
 
+def _hook_stack(injection: HiveInjection, model: nn.Module, runtime: HiveRuntime) -> None:
+    """Pre-hook on the decoder stack: record the cache offset before layer 0 runs and make the stack's
+    checkpoint function HIVE-aware (transformers < 4.48 checkpoints layers from the stack)."""
+    stack = find_layer_owner(model, injection.layers)
+    injection.stack = stack
+
+    def before_stack_forward(module, args, kwargs):
+        runtime.past_length = past_length_of(kwargs.get("past_key_values"))
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if function is not None and not hasattr(function, "hive_original"):
+            module._gradient_checkpointing_func = hive_aware_checkpoint(function)
+
+    injection.hook_handles.append(stack.register_forward_pre_hook(before_stack_forward, with_kwargs=True))
+
+
 def inject_hive(
     *,
     model: nn.Module,
@@ -155,13 +202,12 @@ def inject_hive(
     placement: str,
     runtime: HiveRuntime,
 ) -> HiveInjection:
-    """Wrap `layers[i]` for every `i` in `llm_layers`; register a pre-hook on the stack that records the
-    cache offset before layer 0 runs and makes the stack's checkpoint function HIVE-aware."""
+    """Wrap `layers[i]` for every `i` in `llm_layers` (the block becomes the wrapper's child)."""
     injection = HiveInjection(layers=layers, layers_path=layers_path)
     for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block)):
         original = layers[layer_index]
-        if isinstance(original, HiveDecoderLayer):
-            raise ValueError(f"decoder layer {layer_index} at {layers_path} is already wrapped by HIVE")
+        if isinstance(original, HiveDecoderLayer) or hasattr(original, "hive_call"):
+            raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")
         injection.originals[layer_index] = original
         layers[layer_index] = HiveDecoderLayer(
             base_layer=original,
@@ -172,17 +218,68 @@ def inject_hive(
             runtime=runtime,
         )
     if llm_layers:
-        stack = find_layer_owner(model, layers)
-        injection.stack = stack
-
-        def before_stack_forward(module, args, kwargs):
-            runtime.past_length = past_length_of(kwargs.get("past_key_values"))
-            function = getattr(module, "_gradient_checkpointing_func", None)
-            if function is not None and not hasattr(function, "hive_original"):
-                module._gradient_checkpointing_func = hive_aware_checkpoint(function)
-
-        injection.hook_handle = stack.register_forward_pre_hook(before_stack_forward, with_kwargs=True)
+        _hook_stack(injection, model, runtime)
     logger.info("HIVE: wrapped decoder layers %s at %s", list(llm_layers), layers_path)
+    return injection
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _run_block_before(layer: nn.Module, args: tuple, kwargs: dict):
+    hidden = layer.hive_call(_hidden_of(args, kwargs), checkpoint=_layer_checkpoint(layer))
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_block_after(layer: nn.Module, args: tuple, kwargs: dict, output):
+    checkpoint = _layer_checkpoint(layer)
+    if isinstance(output, tuple):  # transformers < 4.48 returns (hidden_states, ...)
+        return (layer.hive_call(output[0], checkpoint=checkpoint), *output[1:])
+    return layer.hive_call(output, checkpoint=checkpoint)
+
+
+def attach_hive_hooks(
+    *,
+    model: nn.Module,
+    layers: nn.ModuleList,
+    layers_path: str,
+    llm_layers: tuple[int, ...],
+    level_of_block: tuple[int | None, ...],
+    blocks: list[HiveCrossAttentionBlock],
+    placement: str,
+    runtime: HiveRuntime,
+) -> HiveInjection:
+    """Run `blocks[k]` in decoder layer `llm_layers[k]` through forward hooks instead of wrapping it.
+
+    The layers keep their class and their parameter names, so checkpoints of the base model load
+    unchanged, and the blocks stay wherever their owner registered them (the LLaVA integration keeps
+    them under `model.mm_projector`, where LLaVA's own saving, freezing and LoRA exclusion find them).
+    Under layer-level checkpointing (transformers >= 4.48) the hooks run outside the checkpoint and
+    checkpoint the block themselves; under stack-level checkpointing (< 4.48) `hive_aware_checkpoint`
+    hands the block's K/V to the checkpoint as explicit inputs.
+    """
+    if len(blocks) != len(llm_layers):
+        raise ValueError(f"{len(blocks)} HIVE blocks for {len(llm_layers)} decoder layers {list(llm_layers)}")
+    injection = HiveInjection(layers=layers, layers_path=layers_path)
+    for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block)):
+        layer = layers[layer_index]
+        if isinstance(layer, HiveDecoderLayer) or hasattr(layer, "hive_call"):
+            raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")
+        layer.hive_call = HiveBlockCall(
+            block=blocks[block_index], block_index=block_index, level_index=level_index, runtime=runtime
+        )
+        injection.hooked[layer_index] = layer
+        if placement == "before":
+            handle = layer.register_forward_pre_hook(_run_block_before, with_kwargs=True)
+        else:
+            handle = layer.register_forward_hook(_run_block_after, with_kwargs=True)
+        injection.hook_handles.append(handle)
+    if llm_layers:
+        _hook_stack(injection, model, runtime)
+    logger.info("HIVE: cross-attention hooked into decoder layers %s at %s", list(llm_layers), layers_path)
     return injection
 
 
