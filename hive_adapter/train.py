@@ -43,7 +43,7 @@ from transformers import (
     set_seed,
 )
 
-from .config import HiveConfig
+from .arguments import HiveArguments, hive_config_from
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
@@ -71,23 +71,6 @@ class ModelArguments:
     image_processor: str | None = field(
         default=None, metadata={"help": "Image processor directory (default: the vision encoder's)."}
     )
-
-
-@dataclass
-class HiveArguments:
-    vision_connector: str = field(
-        default="hive",
-        metadata={"help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."},
-    )
-    hive_vision_layers: str | None = field(
-        default=None, metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%%, shallow to deep)."}
-    )
-    hive_llm_layers: str | None = field(default=None, metadata={"help": "Comma-separated decoder layers, e.g. 0,2,4,6."})
-    hive_level_mapping: str = field(default="paired", metadata={"help": "paired | all."})
-    hive_tokens_per_level: int | None = field(default=None, metadata={"help": "Pool each level to N tokens (square)."})
-    hive_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp2x_gelu."})
-    hive_use_ffn: bool = field(default=False, metadata={"help": "Add a gated FFN after each cross-attention."})
-    hive_placement: str = field(default="before", metadata={"help": "before | after the wrapped decoder layer."})
 
 
 @dataclass
@@ -191,27 +174,6 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------- model, data
-def hive_config_from(hive_args: HiveArguments) -> HiveConfig:
-    def layers(value: str | None) -> list[int] | None:
-        if value is None:
-            return None
-        try:
-            return [int(part) for part in value.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"layer list {value!r}: expected comma-separated integers such as 1,3,5,7") from None
-
-    return HiveConfig(
-        connector=hive_args.vision_connector,
-        vision_layers=layers(hive_args.hive_vision_layers),
-        llm_layers=layers(hive_args.hive_llm_layers),
-        level_mapping=hive_args.hive_level_mapping,
-        tokens_per_level=hive_args.hive_tokens_per_level,
-        projector_type=hive_args.hive_projector_type,
-        use_ffn=hive_args.hive_use_ffn,
-        placement=hive_args.hive_placement,
-    )
-
-
 def load_vision_encoder(path: str):
     """A vision encoder from a vision-only checkpoint or the vision half of a CLIP/SigLIP checkpoint."""
     config = AutoConfig.from_pretrained(path)

@@ -1,0 +1,1 @@
+"""Integrations of HIVE into training code people already run (the LLaVA repo)."""

@@ -1,0 +1,169 @@
+"""A tiny LLaVA setup on disk, shaped like the real one: `python -m hive_adapter.integrations.llava.toy DIR`.
+
+* `DIR/clip`: a CLIP vision tower with its image processor (what `--vision_tower` points at);
+* `DIR/vicuna`: a Llama causal LM with a SentencePiece `LlamaTokenizer` (byte fallback, legacy
+  spacing, like Vicuna's), so LLaVA's conversation masking counts tokens exactly as it does for Vicuna;
+* `DIR/data`: synthetic shape images, `pretrain.json` (LLaVA-Pretrain style, `--version plain`) and
+  `finetune.json` (two-round `--version v1` conversations, like LLaVA-665K).
+
+Nothing is downloaded; the same commands then run on the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from ...data.synthetic import COLOURS, POSITIONS, SHAPES, TEXTURES, SyntheticShapes
+
+PRETRAIN_PROMPT = "Give a short description of the image."
+QUESTION = "What is in the image?"
+COLOUR_QUESTION = "What colour is the shape?"
+# LLaVA's vicuna_v1 system prompt and roles: the tokenizer must have seen their characters.
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def _corpus() -> list[str]:
+    lines = [SYSTEM, "USER: ASSISTANT:", PRETRAIN_PROMPT, QUESTION, COLOUR_QUESTION]
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for texture in TEXTURES:
+                lines.append(f"a {colour} {texture} {shape} in the {' '.join(POSITIONS)}")
+    return lines
+
+
+def write_sentencepiece_tokenizer(directory: Path, *, vocab_size: int = 400) -> None:
+    """Train a small BPE SentencePiece model like LLaMA's (byte fallback, digits split, identity
+    normalisation; unk/bos/eos = 0/1/2) and save it as a `LlamaTokenizer`."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = LlamaTokenizer(vocab_file=str(directory / "tokenizer.model"), legacy=True)
+    tokenizer.save_pretrained(directory)
+
+
+def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write the three folders; returns their paths (`clip`, `vicuna`, `data`, `pretrain`, `finetune`)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    image_size = 64
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            projection_dim=64,
+        )
+    )
+    clip.save_pretrained(directory / "clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(directory / "clip")
+
+    write_sentencepiece_tokenizer(directory / "vicuna")
+    tokenizer = LlamaTokenizer.from_pretrained(directory / "vicuna")
+    language = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
+    language.save_pretrained(directory / "vicuna")
+
+    data = directory / "data"
+    shapes = SyntheticShapes(samples, seed=seed, image_size=image_size)
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    pretrain, finetune = [], []
+    for index in range(samples):
+        sample = shapes.sample(index)
+        file = f"images/{index:05d}.png"
+        shapes.image(index).save(data / file)
+        pretrain.append(
+            {
+                "id": f"{index:05d}",
+                "image": file,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{PRETRAIN_PROMPT}"},
+                    {"from": "gpt", "value": sample.caption},
+                ],
+            }
+        )
+        finetune.append(
+            {
+                "id": f"{index:05d}",
+                "image": file,
+                "conversations": [
+                    {"from": "human", "value": f"{QUESTION}\n<image>"},
+                    {"from": "gpt", "value": sample.caption},
+                    {"from": "human", "value": COLOUR_QUESTION},
+                    {"from": "gpt", "value": sample.colour},
+                ],
+            }
+        )
+    (data / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
+    (data / "finetune.json").write_text(json.dumps(finetune, indent=1))
+    return {
+        "clip": directory / "clip",
+        "vicuna": directory / "vicuna",
+        "data": data,
+        "pretrain": data / "pretrain.json",
+        "finetune": data / "finetune.json",
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hive_adapter.integrations.llava.toy", description=__doc__.split("\n")[0])
+    parser.add_argument("directory", help="writes DIR/clip, DIR/vicuna and DIR/data")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = write_llava_toy(args.directory, samples=args.samples, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
