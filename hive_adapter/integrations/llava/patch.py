@@ -5,7 +5,8 @@ the same functions `patches/llava/*.patch` edits, and both call `hooks`, so the 
 identically. Idempotent; LLaVA's behaviour is unchanged for every connector but HIVE's.
 
 It also keeps LLaVA's code running where its pins show their age:
-- saving with `--tune_mm_mlp_adapter` imports DeepSpeed even without ZeRO-3 (`maybe_zero_3`);
+- saving with `--tune_mm_mlp_adapter` imports DeepSpeed even without ZeRO-3 (`maybe_zero_3`), and
+  the final DeepSpeed save calls `torch.cuda.synchronize()` (CPU runs);
 - transformers 5.x moved `ALL_LAYERNORM_LAYERS`, renamed `Trainer(tokenizer=)` to
   `processing_class=` and hands `_get_train_sampler` the dataset.
 """
@@ -122,6 +123,7 @@ def _patch_training() -> None:
 
     for module in (train_module, llava_trainer):
         module.maybe_zero_3 = hooks.maybe_zero_3
+    _wrap(train_module, "safe_save_model_for_hf_trainer", _save_without_cuda)
 
     # LLaVA's argument dataclasses gain the HIVE flags; train() looks them up in its module at call time.
     # They take the place (module and name) of the classes they extend, so pickling them (the Trainer
@@ -131,6 +133,19 @@ def _patch_training() -> None:
         setattr(train_module, name, dataclasses.dataclass(extended))
     train_module.LLaVATrainer = _hive_trainer_class(llava_trainer.LLaVATrainer)
     setattr(train_module, _PATCHED_MARK, True)
+
+
+def _save_without_cuda(original):
+    """LLaVA's final save calls `torch.cuda.synchronize()` before a DeepSpeed save; skip it without CUDA."""
+
+    def safe_save_model_for_hf_trainer(trainer, output_dir):
+        tune_adapter = getattr(trainer.args, "tune_mm_mlp_adapter", False)
+        if trainer.deepspeed and not tune_adapter and not torch.cuda.is_available():
+            trainer.save_model(output_dir)
+            return
+        original(trainer=trainer, output_dir=output_dir)
+
+    return safe_save_model_for_hf_trainer
 
 
 def _hive_trainer_class(base):

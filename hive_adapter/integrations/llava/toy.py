@@ -41,9 +41,8 @@ def _corpus() -> list[str]:
 
 def write_sentencepiece_tokenizer(directory: Path, *, vocab_size: int = 400) -> None:
     """Train a small BPE SentencePiece model like LLaMA's (byte fallback, digits split, identity
-    normalisation; unk/bos/eos = 0/1/2) and save it as a `LlamaTokenizer`."""
+    normalisation; unk/bos/eos = 0/1/2) and write it as a `LlamaTokenizer` checkpoint."""
     import sentencepiece
-    from transformers import LlamaTokenizer
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -65,13 +64,32 @@ def write_sentencepiece_tokenizer(directory: Path, *, vocab_size: int = 400) -> 
     )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
-    tokenizer = LlamaTokenizer(vocab_file=str(directory / "tokenizer.model"), legacy=True)
-    tokenizer.save_pretrained(directory)
+    # The files Vicuna ships (no tokenizer.json): each transformers version builds its own tokenizer from them.
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "model_max_length": 2048,
+        "legacy": True,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "right",
+        **special,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
 def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) -> dict[str, Path]:
     """Write the three folders; returns their paths (`clip`, `vicuna`, `data`, `pretrain`, `finetune`)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -96,7 +114,7 @@ def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) 
     ).save_pretrained(directory / "clip")
 
     write_sentencepiece_tokenizer(directory / "vicuna")
-    tokenizer = LlamaTokenizer.from_pretrained(directory / "vicuna")
+    tokenizer = AutoTokenizer.from_pretrained(directory / "vicuna", use_fast=False)
     language = LlamaForCausalLM(
         LlamaConfig(
             hidden_size=96,

@@ -4,11 +4,49 @@ Takes every flag LLaVA's training script takes, plus `--vision_connector hive` a
 options (`--hive_vision_layers 5,11,17,23`, `--hive_llm_layers`, `--hive_tokens_per_level`,
 `--hive_level_mapping`, ...) and `--unfreeze_vision_tower` for stage 3. Runs on CPU and GPU with the
 model's default attention; `train_mem` is the flash-attention twin, as in LLaVA.
+
+On transformers 5.x, the two `TrainingArguments` flags LLaVA's scripts use that 5.x renamed are
+translated (`--evaluation_strategy` -> `--eval_strategy`, `--warmup_ratio` -> `--warmup_steps`, which
+takes a ratio below 1), so the scripts run unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+
+# transformers 5.x renamed these TrainingArguments flags; LLaVA's scripts still pass the old names.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+
+
+def translate_renamed_flags(argv: list[str]) -> list[str]:
+    """Old TrainingArguments flag names -> the names of the installed transformers (no-op on 4.x)."""
+    import dataclasses
+
+    import transformers
+
+    fields = {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        new = RENAMED_FLAGS.get(name)
+        if new is not None and name[2:] not in fields and new[2:] in fields:
+            print(f"[hive-llava] {name} is {new} in transformers {transformers.__version__}; passing it as such")
+            arg = new + sep + value
+        out.append(arg)
+    return out
+
+
+def init_cpu_distributed() -> None:
+    """Without CUDA, DeepSpeed needs the gloo backend up before LLaVA's `from_pretrained` (ZeRO-3 builds the
+    model partitioned); on GPUs the Trainer starts NCCL itself."""
+    import torch
+
+    if torch.cuda.is_available() or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
 
 
 def main(attn_implementation: str | None = None) -> None:
@@ -16,6 +54,9 @@ def main(attn_implementation: str | None = None) -> None:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     apply_patch()
+    sys.argv = [sys.argv[0], *translate_renamed_flags(sys.argv[1:])]
+    if any(arg.split("=")[0] == "--deepspeed" for arg in sys.argv):
+        init_cpu_distributed()
     from llava.train.train import train
 
     train(attn_implementation=attn_implementation)

@@ -1,0 +1,196 @@
+"""HIVE inside the LLaVA repo's own model classes (llava-torch 1.2.2, transformers 4.37), in-process.
+
+What a LLaVA user depends on before training anything: identity at init, the marker semantics (text
+before `<image>` is untouched), gradients reaching every HIVE parameter (also under 4.37's stack-level
+gradient checkpointing) and nothing else when the LLM is frozen, LLaVA's upstream connector unchanged.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+llava_train = pytest.importorskip("llava.train.train")
+
+from hive_adapter.integrations.llava import apply_patch, drop_image_markers, hive_projector_of  # noqa: E402
+from hive_adapter.integrations.llava.toy import write_llava_toy  # noqa: E402
+
+M = -200  # llava.constants.IMAGE_TOKEN_INDEX
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_llava_toy(tmp_path_factory.mktemp("llava-toy"), samples=16)
+
+
+def build(toy, **hive_flags):
+    """LlavaLlamaForCausalLM + initialize_vision_modules, as LLaVA's train() does it."""
+    apply_patch()
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlavaLlamaForCausalLM.from_pretrained(toy["vicuna"])
+    model_args = llava_train.ModelArguments(
+        model_name_or_path=str(toy["vicuna"]),
+        vision_tower=str(toy["clip"]),
+        mm_vision_select_layer=-2,
+        mm_projector_type="mlp2x_gelu",
+        **hive_flags,
+    )
+    model.get_model().initialize_vision_modules(model_args=model_args)
+    model.get_vision_tower().to(torch.float32)
+    model.config.tokenizer_padding_side = "right"
+    return model.eval()
+
+
+def set_gates(model, value: float) -> None:
+    for name, parameter in model.named_parameters():
+        if name.endswith("_gate"):
+            parameter.data.fill_(value)
+
+
+def images(count: int) -> torch.Tensor:
+    return torch.randn(count, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def lm_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The plain language model's logits on `ids`: HIVE's hooks detached for the call, then put back."""
+    from transformers import LlamaForCausalLM
+
+    projector = hive_projector_of(model)
+    if projector is not None:
+        projector.detach()
+    try:
+        with torch.no_grad():
+            return LlamaForCausalLM.forward(model, input_ids=ids).logits
+    finally:
+        if projector is not None:
+            projector.attach(model.get_model())
+
+
+def test_upstream_connector_is_unchanged(toy):
+    model = build(toy, vision_connector="mlp")
+    assert hive_projector_of(model) is None
+    assert isinstance(model.get_model().mm_projector, torch.nn.Sequential)
+    assert model.config.mm_projector_type == "mlp2x_gelu"
+    assert not any(hasattr(layer, "hive_call") for layer in model.model.layers)
+
+
+def test_parameter_names_and_identity_at_init(toy):
+    plain = build(toy, vision_connector="mlp")
+    model = build(toy, vision_connector="hive", hive_vision_layers="1,3,5,7", hive_llm_layers="0,1,2,3")
+    hive_names = [name for name, _ in model.named_parameters() if "hive_" in name]
+    assert hive_names and all(name.startswith("model.mm_projector.") for name in hive_names)
+    # The LLM keeps upstream's parameter names: its checkpoints load unchanged.
+    llm_names = {name for name, _ in plain.named_parameters() if "mm_projector" not in name}
+    assert llm_names == {name for name, _ in model.named_parameters() if "mm_projector" not in name}
+
+    ids = torch.tensor([[1, 5, 6, M, 7, 8, 9, 10]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, images=images(1)).logits
+    reference = lm_logits(model, torch.tensor([[1, 5, 6, 7, 8, 9, 10]]))
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
+def test_text_before_the_image_is_untouched(toy):
+    model = build(toy, vision_connector="hive")
+    set_gates(model, 1.0)
+    ids = torch.tensor([[1, 5, 6, M, 7, 8, 9, 10]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, images=images(1)).logits  # markers dropped: 7 columns
+    reference = lm_logits(model, torch.tensor([[1, 5, 6, 7, 8, 9, 10]]))
+    torch.testing.assert_close(logits[:, :3], reference[:, :3], rtol=0, atol=0)
+    assert (logits[:, 3:] - reference[:, 3:]).abs().amax() > 1e-3
+
+
+def test_batch_with_text_only_sample_and_padding(toy):
+    """LLaVA's collator: right padding (pad = unk = 0), a blank image for a sample without a marker."""
+    model = build(toy, vision_connector="hive")
+    set_gates(model, 1.0)
+    ids = torch.tensor([[1, M, 5, 6, 7, 0, 0], [1, 8, 9, 10, 11, 12, 13]])
+    mask = ids.ne(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, images=images(2)).logits
+    assert logits.shape[:2] == (2, 7)  # row 0's marker moved into its padding; row 1 has none to cut
+    # Row 1 has no marker: its image is a placeholder nobody sees, so it equals the plain LM.
+    torch.testing.assert_close(logits[1], lm_logits(model, ids[1:])[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="pairs images with samples in order"):
+        model(input_ids=ids, attention_mask=mask, images=images(3))
+
+
+def test_gradients_reach_every_hive_parameter_and_only_them(toy):
+    model = build(toy, vision_connector="hive")
+    set_gates(model, 0.5)
+    model.requires_grad_(False)  # --tune_mm_mlp_adapter
+    for parameter in model.get_model().mm_projector.parameters():
+        parameter.requires_grad_(True)
+    model.train()
+    ids = torch.tensor([[1, M, 5, 6, 7, 8]])
+    labels = torch.tensor([[-100, M, 5, 6, 7, 8]])
+    model(input_ids=ids, labels=labels.where(labels != M, -100), images=images(1)).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), [
+        name for name, g in grads.items() if g is None or g.abs().sum() == 0
+    ]
+    assert all(p.grad is None for name, p in model.named_parameters() if "mm_projector" not in name)
+
+
+def test_stack_level_gradient_checkpointing_keeps_vision_gradients(toy):
+    """transformers 4.37 checkpoints layers from LlamaModel (reentrant): HIVE's K/V must still get gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build(toy, vision_connector="hive")
+        set_gates(model, 0.5)
+        model.requires_grad_(False)
+        for parameter in model.get_model().mm_projector.parameters():
+            parameter.requires_grad_(True)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        model.train()
+        ids = torch.tensor([[1, M, 5, 6, 7, 8]])
+        model(input_ids=ids, labels=torch.tensor([[-100, -100, 5, 6, 7, 8]]), images=images(1)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_generation_cached_equals_uncached_and_equals_forward_loop(toy):
+    model = build(toy, vision_connector="hive")
+    set_gates(model, 1.0)
+    ids = torch.tensor([[1, 5, M, 6, 7]])
+    pixels = images(1)
+    cached = model.generate(ids, images=pixels, do_sample=False, max_new_tokens=6, use_cache=True)
+    uncached = model.generate(ids, images=pixels, do_sample=False, max_new_tokens=6, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # Reference: full forward passes on the growing (marker-holding) sequence, no cache.
+    sequence = ids
+    new = []
+    with torch.no_grad():
+        for _ in range(6):
+            token = model(input_ids=sequence, images=pixels).logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            sequence = torch.cat([sequence, token], dim=1)
+    reference = torch.cat(new, dim=1)
+    assert torch.equal(cached[:, -6:], reference)
+
+
+def test_drop_image_markers_right_and_left():
+    ids = torch.tensor([[1, 5, M, 6, 0], [1, M, 7, M, 8]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, 5, -100, 6, -100], [-100, -100, 7, -100, 8]])
+    right = drop_image_markers(ids, mask, labels, None, padding_side="right")
+    assert right.input_ids.tolist() == [[1, 5, 6, 0], [1, 7, 8, 0]]
+    assert right.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]]
+    assert right.labels.tolist() == [[-100, 5, 6, -100], [-100, 7, 8, -100]]
+    assert right.marker_positions[0, 0] == 2 and right.marker_positions[1].tolist() == [1, 2]
+    assert right.marker_counts.tolist() == [1, 2]
+
+    left_ids = torch.tensor([[0, 0, 1, M, 6], [1, 5, M, 6, 7]])
+    left = drop_image_markers(left_ids, left_ids.ne(0), None, torch.zeros_like(left_ids), padding_side="left")
+    assert left.input_ids.tolist() == [[0, 0, 1, 6], [1, 5, 6, 7]]
+    assert left.marker_positions[:, 0].tolist() == [3, 2]
+    assert left.position_ids.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="padding_side='middle'"):
+        drop_image_markers(ids, mask, None, None, padding_side="middle")
