@@ -82,9 +82,9 @@ def configure(llava_model: nn.Module, model_args) -> None:
     """Start of `initialize_vision_modules`: make the connector LLaVA is about to build a HIVE one.
 
     Writes `config.mm_projector_type = "hive"` and `config.hive_config` (the HIVE knobs and the vision
-    tower's shape). A model that already has a connector (a reloaded checkpoint) keeps it; asking for a
-    different one, or loading `--pretrain_mm_mlp_adapter` weights trained with other HIVE settings,
-    stops with an error that names the differences.
+    tower's shape). A model that already has a connector (a reloaded checkpoint) keeps it, and a
+    `--pretrain_mm_mlp_adapter` brings the settings it was trained with (its `config.json`); `--hive_*`
+    flags given explicitly that contradict either stop with an error naming the differences.
     """
     if not uses_hive(model_args):
         if getattr(llava_model.config, "mm_projector_type", None) == PROJECTOR_TYPE:
@@ -103,6 +103,9 @@ def configure(llava_model: nn.Module, model_args) -> None:
     vision_config = tower.config if tower is not None else CLIPVisionConfig.from_pretrained(model_args.vision_tower)
     settings = hive_llava_settings(hive_config, vision_config, llava_model.config.num_hidden_layers)
 
+    defaults = _default_settings(vision_config, llava_model.config.num_hidden_layers)
+    asked = {key: value for key, value in settings.items() if defaults.get(key) != value}  # flags given explicitly
+
     existing = getattr(llava_model, "mm_projector", None)
     if existing is not None:
         if not isinstance(existing, HiveLlavaProjector):
@@ -111,10 +114,7 @@ def configure(llava_model: nn.Module, model_args) -> None:
                 f"{getattr(llava_model.config, 'mm_projector_type', 'linear')!r} connector; start HIVE from the "
                 "language model (stage 1) instead"
             )
-        stored = llava_model.config.hive_config
-        defaults = _default_settings(vision_config, llava_model.config.num_hidden_layers)
-        explicit = {key: value for key, value in settings.items() if defaults.get(key) != value}
-        changed = _changed_settings(explicit, stored)
+        changed = _changed_settings(asked, llava_model.config.hive_config)
         if changed:
             raise ValueError(
                 "the checkpoint's HIVE connector differs from the command line: "
@@ -125,21 +125,22 @@ def configure(llava_model: nn.Module, model_args) -> None:
         return
 
     adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
-    if adapter:
-        saved_config = Path(adapter).parent / "config.json"
-        if saved_config.is_file():
-            saved = json.loads(saved_config.read_text())
-            if saved.get("mm_projector_type") != PROJECTOR_TYPE:
-                raise ValueError(
-                    f"--pretrain_mm_mlp_adapter {adapter}: trained with mm_projector_type="
-                    f"{saved.get('mm_projector_type')!r}, not a HIVE connector"
-                )
-            changed = _changed_settings(settings, saved.get("hive_config", {}))
-            if changed:
-                raise ValueError(
-                    f"--pretrain_mm_mlp_adapter {adapter} was trained with other HIVE settings: "
-                    + ", ".join(f"{key}: adapter {old!r}, asked {new!r}" for key, (old, new) in changed.items())
-                )
+    saved_config = Path(adapter).parent / "config.json" if adapter else None
+    if saved_config is not None and saved_config.is_file():
+        saved = json.loads(saved_config.read_text())
+        if saved.get("mm_projector_type") != PROJECTOR_TYPE:
+            raise ValueError(
+                f"--pretrain_mm_mlp_adapter {adapter}: trained with mm_projector_type="
+                f"{saved.get('mm_projector_type')!r}, not a HIVE connector"
+            )
+        changed = _changed_settings(asked, saved["hive_config"])
+        if changed:
+            raise ValueError(
+                f"--pretrain_mm_mlp_adapter {adapter} was trained with other HIVE settings: "
+                + ", ".join(f"{key}: adapter {old!r}, asked {new!r}" for key, (old, new) in changed.items())
+            )
+        settings = saved["hive_config"]  # the stage-1 connector, whatever flags it was trained with
+        logger.info("HIVE (LLaVA): connector settings from %s", saved_config)
     model_args.mm_projector_type = PROJECTOR_TYPE
     llava_model.config.hive_config = settings
 
