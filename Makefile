@@ -26,6 +26,8 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
 	# DeepSpeed without prebuilt ops (CPU machines; ops are built on demand and cached)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) deepspeed
+	# the LLaVA repo, without its CUDA-era pins (torch 2.0.1, transformers 4.36): run on transformers 5.x via shims
+	$(PIP) install -q --no-deps llava-torch==1.2.2.post1
 	touch $@
 
 $(LLAVA_VENV)/.installed: setup.py $(LLAVA_CONSTRAINTS)

@@ -29,15 +29,18 @@ setup(
     ],
     extras_require={
         "train": ["deepspeed>=0.14", "accelerate>=0.21", "tokenizers"],
-        "llava": ["llava-torch==1.2.2.post1"],
+        # LLaVA itself pins torch 2.0.1 / transformers 4.36: install it with
+        # `pip install --no-deps llava-torch==1.2.2.post1` (see README, "LLaVA users").
+        "llava": ["sentencepiece", "protobuf", "accelerate>=0.21"],
         "flash": ["flash-attn>=2.5"],
         "analysis": ["matplotlib", "scikit-learn"],
-        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece", "matplotlib", "scikit-learn"],
+        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece", "protobuf", "matplotlib", "scikit-learn"],
     },
     entry_points={
         "console_scripts": [
             "hive-train=hive_adapter.train:main",
             "hive-export-vision=hive_adapter.export:main",
+            "hive-llava-train=hive_adapter.integrations.llava.train:main",
         ]
     },
     classifiers=[
