@@ -10,77 +10,63 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pretrain_command(toy: dict, output_dir: Path, *extra: str) -> list[str]:
-    """LLaVA's scripts/v1_5/pretrain.sh flags (CPU-sized), through the HIVE entry point."""
+ENTRY = [sys.executable, "-m", "hive_adapter.integrations.llava.train"]
+
+
+def _shared_flags(toy: dict, output_dir: Path) -> list[str]:
+    """The flags LLaVA's v1_5 pretrain.sh and finetune.sh share, CPU-sized."""
     return [
-        sys.executable, "-m", "hive_adapter.integrations.llava.train",
+        "--vision_tower", str(toy["clip"]),
+        "--image_folder", str(toy["data"]),
+        "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2",
+        "--mm_use_im_start_end", "False",
+        "--mm_use_im_patch_token", "False",
+        "--bf16", "False",
+        "--output_dir", str(output_dir),
+        "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "8",
+        "--gradient_accumulation_steps", "1",
+        "--save_strategy", "no",
+        "--weight_decay", "0.",
+        "--warmup_ratio", "0.03",
+        "--lr_scheduler_type", "cosine",
+        "--logging_steps", "1",
+        "--model_max_length", "128",
+        "--gradient_checkpointing", "True",
+        "--dataloader_num_workers", "0",
+        "--lazy_preprocess", "True",
+        "--report_to", "none",
+        "--use_cpu", "True",
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def pretrain_command(toy: dict, output_dir: Path, *extra: str) -> list[str]:
+    """LLaVA's scripts/v1_5/pretrain.sh (CPU-sized), through the HIVE entry point."""
+    return [
+        *ENTRY, *_shared_flags(toy, output_dir),
         "--model_name_or_path", str(toy["vicuna"]),
         "--version", "plain",
         "--data_path", str(toy["pretrain"]),
-        "--image_folder", str(toy["data"]),
-        "--vision_tower", str(toy["clip"]),
-        "--mm_projector_type", "mlp2x_gelu",
         "--tune_mm_mlp_adapter", "True",
-        "--mm_vision_select_layer", "-2",
-        "--mm_use_im_start_end", "False",
-        "--mm_use_im_patch_token", "False",
-        "--bf16", "False",
-        "--output_dir", str(output_dir),
-        "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "8",
-        "--gradient_accumulation_steps", "1",
-        "--save_strategy", "no",
         "--learning_rate", "1e-3",
-        "--weight_decay", "0.",
-        "--warmup_ratio", "0.03",
-        "--lr_scheduler_type", "cosine",
-        "--logging_steps", "1",
-        "--model_max_length", "128",
-        "--gradient_checkpointing", "True",
-        "--dataloader_num_workers", "0",
-        "--lazy_preprocess", "True",
-        "--report_to", "none",
-        "--use_cpu", "True",
-        "--seed", "0",
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 def finetune_command(toy: dict, output_dir: Path, *extra: str) -> list[str]:
-    """LLaVA's scripts/v1_5/finetune.sh flags (CPU-sized), through the HIVE entry point."""
+    """LLaVA's scripts/v1_5/finetune.sh (CPU-sized), through the HIVE entry point."""
     return [
-        sys.executable, "-m", "hive_adapter.integrations.llava.train",
+        *ENTRY, *_shared_flags(toy, output_dir),
         "--model_name_or_path", str(toy["vicuna"]),
         "--version", "v1",
         "--data_path", str(toy["finetune"]),
-        "--image_folder", str(toy["data"]),
-        "--vision_tower", str(toy["clip"]),
-        "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2",
-        "--mm_use_im_start_end", "False",
-        "--mm_use_im_patch_token", "False",
         "--image_aspect_ratio", "pad",
         "--group_by_modality_length", "True",
-        "--bf16", "False",
-        "--output_dir", str(output_dir),
-        "--num_train_epochs", "1",
-        "--per_device_train_batch_size", "8",
-        "--gradient_accumulation_steps", "1",
-        "--save_strategy", "no",
         "--learning_rate", "2e-4",
-        "--weight_decay", "0.",
-        "--warmup_ratio", "0.03",
-        "--lr_scheduler_type", "cosine",
-        "--logging_steps", "1",
-        "--model_max_length", "128",
-        "--gradient_checkpointing", "True",
-        "--dataloader_num_workers", "0",
-        "--lazy_preprocess", "True",
-        "--report_to", "none",
-        "--use_cpu", "True",
-        "--seed", "0",
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 def run_llava(command: list[str], *, env: dict | None = None, timeout: int = 600) -> str:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 pytest.importorskip("llava")
 
-from llava_helpers import REPO, assert_trained_on_real_labels  # noqa: E402
+from llava_helpers import REPO, assert_trained_on_real_labels
 
-from hive_adapter.integrations.llava.toy import write_llava_toy  # noqa: E402
+from hive_adapter.integrations.llava.toy import write_llava_toy
 
 EXAMPLES = REPO / "examples" / "llava"
 CPU_FLAGS = ["--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--report_to", "none",

@@ -47,3 +47,5 @@ def test_readme_shell_blocks_run_in_order(tmp_path):
     assert (tmp_path / "run" / "stage3" / "model.safetensors").is_file()
     assert (tmp_path / "vision_encoder" / "config.json").is_file()
     assert (tmp_path / "run_zero3" / "stage1" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "llava-hive-pretrain" / "mm_projector.bin").is_file()
+    assert (tmp_path / "checkpoints" / "llava-hive" / "model.safetensors").is_file()

@@ -12,8 +12,12 @@ import torch
 
 llava_train = pytest.importorskip("llava.train.train")
 
-from hive_adapter.integrations.llava import apply_patch, drop_image_markers, hive_projector_of  # noqa: E402
-from hive_adapter.integrations.llava.toy import write_llava_toy  # noqa: E402
+from hive_adapter.integrations.llava import (
+    apply_patch,
+    drop_image_markers,
+    hive_projector_of,
+)
+from hive_adapter.integrations.llava.toy import write_llava_toy
 
 M = -200  # llava.constants.IMAGE_TOKEN_INDEX
 
@@ -194,3 +198,17 @@ def test_drop_image_markers_right_and_left():
     assert left.position_ids.tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
     with pytest.raises(ValueError, match="padding_side='middle'"):
         drop_image_markers(ids, mask, None, None, padding_side="middle")
+
+
+def test_mm_projector_lr_applies_to_every_hive_parameter(toy, tmp_path):
+    """LLaVA's LLaVATrainer.create_optimizer groups parameters by the name `mm_projector`."""
+    model = build(toy, vision_connector="hive")
+    args = llava_train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5,
+                                         mm_projector_lr=1e-3, report_to="none")
+    trainer = llava_train.LLaVATrainer(model=model, args=args)
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert rate_of[id(parameter)] == (1e-3 if "mm_projector" in name else 2e-5), name
+    assert sum(1 for name, _ in model.named_parameters() if "hive_" in name) > 0

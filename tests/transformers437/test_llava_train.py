@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("llava.train.train")
 
-from llava_helpers import (  # noqa: E402
+from llava_helpers import (
     REPO,
     assert_trained_on_real_labels,
     finetune_command,
@@ -27,7 +27,7 @@ from llava_helpers import (  # noqa: E402
     run_llava,
 )
 
-from hive_adapter.integrations.llava.toy import write_llava_toy  # noqa: E402
+from hive_adapter.integrations.llava.toy import write_llava_toy
 
 
 @pytest.fixture(scope="module")

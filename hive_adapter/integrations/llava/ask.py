@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> str:
     import torch
     from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
     from llava.conversation import conv_templates
-    from llava.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
+    from llava.mm_utils import (
+        get_model_name_from_path,
+        process_images,
+        tokenizer_image_token,
+    )
     from llava.model.builder import load_pretrained_model
     from PIL import Image
 

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from ...arguments import HiveArguments, hive_config_from
-from .projector import FEATURE_SELECT, PROJECTOR_TYPE, HiveLlavaProjector, hive_llava_settings, hive_projector_of
+from .projector import (
+    FEATURE_SELECT,
+    PROJECTOR_TYPE,
+    HiveLlavaProjector,
+    hive_llava_settings,
+    hive_projector_of,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,12 @@ from torch import nn
 
 from ...architectures import VisionShape, text_shape_of, vision_shape_of
 from ...config import HiveConfig
-from ...connector import block_factory, build_level_encoder, cross_attention_kernel, init_hive_weights
+from ...connector import (
+    block_factory,
+    build_level_encoder,
+    cross_attention_kernel,
+    init_hive_weights,
+)
 from ...context import HiveRuntime, HiveVisionContext, past_length_of
 from ...inject import HiveInjection, attach_hive_hooks
 
