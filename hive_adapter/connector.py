@@ -560,6 +560,8 @@ def splice_image_tokens(
     """
     batch, length = input_ids.shape
     tokens = images.shape[1]
+    if input_ids.device.type == "meta":
+        return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     rows_embeds, rows_mask, rows_labels = [], [], []
@@ -604,4 +606,22 @@ def splice_image_tokens(
         out_mask[b, span] = rows_mask[b]
         if out_labels is not None:
             out_labels[b, span] = rows_labels[b]
+    return out_embeds, out_mask, out_labels
+
+
+def _splice_on_meta(embeddings, images, attention_mask, labels, *, batch: int, tokens: int):
+    """No data on `meta` (FLOP counting): the images, spread evenly over the batch, replace as many
+    columns in front of each sample's text; shapes and costs are those of the real splice."""
+    per_sample = max(1, images.shape[0] // batch)
+    laid_out = images[: batch * per_sample].reshape(batch, per_sample * tokens, -1)  # (batch, images*tokens, hidden)
+    out_embeds = torch.cat([laid_out.to(embeddings.dtype), embeddings[:, per_sample:]], dim=1)
+    if attention_mask is None:
+        attention_mask = embeddings.new_ones(batch, embeddings.shape[1], dtype=torch.long)
+    if attention_mask.ndim == 4:  # a ready 4-D mask for the spliced length (what meta FLOP counting passes)
+        out_mask = attention_mask
+    else:
+        out_mask = torch.cat([attention_mask.new_ones(batch, per_sample * tokens), attention_mask[:, per_sample:]], dim=1)
+    out_labels = None
+    if labels is not None:
+        out_labels = torch.cat([labels.new_full((batch, per_sample * tokens), IGNORE_INDEX), labels[:, per_sample:]], dim=1)
     return out_embeds, out_mask, out_labels
