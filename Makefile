@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup setup-llava test test-main test-llava demo quickstart clean
+.PHONY: setup setup-llava test test-main test-llava demo quickstart bench clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,9 @@ demo: setup
 
 quickstart: setup
 	$(PY) examples/quickstart.py
+
+bench: setup
+	$(PY) -m benchmarks.run --suite all
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) build *.egg-info .pytest_cache

@@ -46,12 +46,16 @@ def prefix_length(num_tokens: int, grid_hw: tuple[int, int]) -> int:
 
 
 def pool_patch_grid(patches: torch.Tensor, grid_hw: tuple[int, int], tokens: int) -> torch.Tensor:
-    """Average-pool patch tokens on their 2-D grid down to `tokens` (a square number)."""
+    """Average-pool patch tokens on their 2-D grid down to `tokens` (a square number); never up:
+    a grid side already at or below the target side is kept."""
     batch, _, width = patches.shape
     side = math.isqrt(tokens)
+    target = (min(side, grid_hw[0]), min(side, grid_hw[1]))
+    if target == tuple(grid_hw):
+        return patches
     grid = patches.transpose(1, 2).reshape(batch, width, *grid_hw)  # (images, width, grid_h, grid_w)
-    pooled = F.adaptive_avg_pool2d(grid, (side, side))  # (images, width, side, side)
-    return pooled.flatten(2).transpose(1, 2)  # (images, side*side, width)
+    pooled = F.adaptive_avg_pool2d(grid, target)  # (images, width, target_h, target_w)
+    return pooled.flatten(2).transpose(1, 2)  # (images, target_h*target_w, width)
 
 
 class HiveLevelEncoder(nn.Module):

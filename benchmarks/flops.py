@@ -1,0 +1,123 @@
+"""Training-step FLOPs at full scale, counted on the `meta` device (no weights, no GPU), and the
+analytic formulas of supplementary §8.1 next to them.
+
+`FlopCounterMode` counts every matmul / attention the step runs (backward included). "Vision" is the
+vision tower's own step, counted alone; "LLM side" is everything else: projectors, HIVE blocks, the
+LLM and its head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hive_adapter import HiveConfig
+
+from .configs import TEXT_TOKENS, ModelPair
+from .models import POOLED_TOKENS, build, set_stage, training_batch, training_step
+
+
+@dataclass
+class StepFlops:
+    mode: str
+    stage: int
+    vision_tokens: int
+    text_tokens: int
+    total: int
+    vision: int
+
+    @property
+    def llm_side(self) -> int:
+        return self.total - self.vision
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "llm_side": self.llm_side}
+
+
+def _count(function) -> int:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def vision_tower_flops(pair: ModelPair, *, stage: int, batch: int, image_size: int | None = None) -> int:
+    """The tower's forward (all hidden states), plus its backward when it trains (stage 3)."""
+    with torch.device("meta"):
+        tower = build(pair, "hive", device="meta", image_size=image_size).vision_model
+    tower.requires_grad_(stage >= 3)
+    size = image_size or pair.vision["image_size"]
+    pixels = torch.zeros(batch, 3, size, size, device="meta")
+
+    def step():
+        states = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        if stage >= 3:
+            sum(state.sum() for state in states[1:]).backward()
+
+    return _count(step)
+
+
+def count_step(pair: ModelPair, mode: str, *, stage: int, batch: int = 1, text_tokens: int = TEXT_TOKENS,
+               image_size: int | None = None) -> StepFlops:
+    """FLOPs of one training step of `mode` at `stage` (forward + backward), on `meta`."""
+    model = build(pair, mode, device="meta", image_size=image_size)
+    set_stage(model, mode, stage)
+    inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device="meta", image_size=image_size)
+    total = _count(lambda: training_step(model, inputs))
+    vision = 0 if mode == "text" else vision_tower_flops(pair, stage=stage, batch=batch, image_size=image_size)
+    return StepFlops(mode, stage, 0 if mode == "text" else pair.vision_tokens(image_size), text_tokens, total, vision)
+
+
+# ---------------------------------------------------------------------- analytic (forward, one sample)
+def llm_forward_flops(pair: ModelPair, tokens: int) -> int:
+    """A Llama forward over `tokens`: 2 FLOPs per weight per token, 4*N^2*width for the attention
+    products (kernels compute the full N x N product; causality halves only the useful part), LM head."""
+    t = pair.text
+    d, heads, kv_heads = t["hidden_size"], t["num_attention_heads"], t["num_key_value_heads"]
+    head_dim = d // heads
+    attention_weights = d * heads * head_dim * 2 + d * kv_heads * head_dim * 2  # q, o + k, v
+    mlp_weights = 3 * d * t["intermediate_size"]
+    per_layer = 2 * tokens * (attention_weights + mlp_weights) + 4 * tokens * tokens * heads * head_dim
+    return t["num_hidden_layers"] * per_layer + 2 * tokens * d * t["vocab_size"]
+
+
+def hive_forward_flops(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS,
+                       image_size: int | None = None) -> int:
+    """The LLM side of one forward (one sample) for `mode`, counted from the shapes alone."""
+    t, v = pair.text, pair.vision
+    d = t["hidden_size"]
+    vision_tokens = pair.vision_tokens(image_size)
+    if mode == "hive_pooled":
+        vision_tokens = min(vision_tokens, POOLED_TOKENS)  # pooling itself is not a matmul
+    projector = 2 * vision_tokens * (v["hidden_size"] * d + d * d)  # mlp2x_gelu
+    if mode == "text":
+        return llm_forward_flops(pair, text_tokens)
+    if mode == "concat":
+        return projector + llm_forward_flops(pair, text_tokens - 1 + vision_tokens)
+    resolved = HiveConfig(connector="hive" if mode == "hive_pooled" else mode).resolve_layers(
+        num_vision_layers=v["num_hidden_layers"], num_llm_layers=t["num_hidden_layers"]
+    )
+    heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
+    head_dim = d // heads
+    block = (
+        2 * text_tokens * 2 * d * heads * head_dim  # q, o
+        + 2 * vision_tokens * 2 * d * kv_heads * head_dim  # k, v over the level's tokens
+        + 4 * text_tokens * vision_tokens * heads * head_dim  # attention products
+    )
+    return len(resolved.vision_layers) * projector + len(resolved.llm_layers) * block + llm_forward_flops(pair, text_tokens)
+
+
+def paper_complexity(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS, image_size: int | None = None) -> float:
+    """Supplementary eq. (4) and (5) as printed (big-O, no constants): SA L(N^2 d/2 + N d^2), HIVE
+    L(L_s d^2 + N_t d^2)."""
+    t, v = pair.text, pair.vision
+    layers, d = t["num_hidden_layers"], t["hidden_size"]
+    if mode == "concat":
+        n = text_tokens + pair.vision_tokens(image_size)
+        return layers * (n * n * d / 2 + n * d * d)
+    if mode == "text":
+        return layers * text_tokens * d * d
+    selected = len(HiveConfig(connector="hive" if mode == "hive_pooled" else mode).resolve_layers(
+        num_vision_layers=v["num_hidden_layers"], num_llm_layers=layers).vision_layers)
+    return layers * (selected * d * d + text_tokens * d * d)

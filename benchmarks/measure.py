@@ -1,0 +1,124 @@
+"""Activation memory, step time and generation cost of the compared modes.
+
+- Activation memory: bytes of the tensors autograd saves for backward during one training forward
+  (`saved_tensors_hooks`), parameters excluded. Deterministic, works on `meta` at full scale; views
+  of one tensor count separately, the same way for every mode. On `meta` attention saves what the
+  reference (math) kernel saves, attention probabilities included: an upper bound that inflates
+  concat's quadratic term most, so a CPU-sized pair is also measured with the real kernels.
+- Step time: forward + backward, the modes interleaved round after round in one process, median.
+- Generation: prefill and per-token decode time, and the bytes each mode caches per prompt (the
+  LLM's KV cache; for HIVE also the vision K/V every block computes once per prompt).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .configs import TEXT_TOKENS, ModelPair
+from .models import build, set_stage, training_batch, training_step
+
+
+def saved_activation_bytes(pair: ModelPair, mode: str, *, stage: int, batch: int = 1, text_tokens: int = TEXT_TOKENS,
+                           device: str = "meta", image_size: int | None = None) -> int:
+    model = build(pair, mode, device=device, image_size=image_size)
+    set_stage(model, mode, stage)
+    inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size)
+    parameters = {id(p) for p in model.parameters()}
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        base = tensor._base if tensor._base is not None else tensor
+        if id(tensor) not in parameters and id(base) not in parameters:
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs)
+    return total
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(pair: ModelPair, modes: list[str], *, stage: int, batch: int, text_tokens: int = TEXT_TOKENS,
+               rounds: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               image_size: int | None = None) -> dict[str, dict]:
+    """Median training-step seconds per mode (and peak CUDA memory on GPU), modes interleaved."""
+    device = torch.device(device)
+    models, batches = {}, {}
+    for mode in modes:
+        torch.manual_seed(0)
+        models[mode] = build(pair, mode, device=device, dtype=dtype, image_size=image_size)
+        set_stage(models[mode], mode, stage)
+        batches[mode] = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device,
+                                       image_size=image_size, dtype=dtype)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    peaks: dict[str, int] = {}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for mode in modes:
+            models[mode].zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            training_step(models[mode], batches[mode])
+            synchronize(device)
+            if round_index:
+                times[mode].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                peaks[mode] = max(peaks.get(mode, 0), torch.cuda.max_memory_allocated(device))
+    return {
+        mode: {"median_s": statistics.median(values), "all_s": values, **({"peak_bytes": peaks[mode]} if peaks else {})}
+        for mode, values in times.items()
+    }
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def generation_costs(pair: ModelPair, mode: str, *, new_tokens: int = 16, text_tokens: int = TEXT_TOKENS,
+                     rounds: int = 3, device: str = "cpu") -> dict:
+    """Prefill seconds, decode seconds per token and cached bytes for one prompt (greedy, KV cache on)."""
+    torch.manual_seed(0)
+    model = build(pair, mode, device=device).eval()
+    inputs = training_batch(pair, mode, batch=1, text_tokens=text_tokens, device=device)
+    inputs.pop("labels")
+    common = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
+
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, **common)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill = statistics.median(timed(1) for _ in range(rounds))
+    full = statistics.median(timed(new_tokens + 1) for _ in range(rounds))
+    output = model(**inputs, use_cache=True)
+    kv_bytes = _cache_bytes(output.past_key_values)
+    vision_kv_bytes = 0
+    runtime = getattr(model, "hive_runtime", None)
+    if runtime is not None and runtime.context is not None:
+        for key, value in runtime.context._key_values.values():
+            vision_kv_bytes += (key.numel() + value.numel()) * key.element_size()
+    return {
+        "prefill_s": prefill,
+        "decode_s_per_token": (full - prefill) / new_tokens,
+        "text_kv_cache_bytes": kv_bytes,
+        "vision_kv_cache_bytes": vision_kv_bytes,
+        "cache_bytes": kv_bytes + vision_kv_bytes,
+        "prompt_positions": output.logits.shape[1],
+    }

@@ -1,0 +1,93 @@
+"""The benchmark harness stays honest: counts agree with the shapes, every mode runs, one command works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import run
+from benchmarks.configs import TINY
+from benchmarks.flops import count_step, hive_forward_flops, vision_tower_flops
+from benchmarks.measure import generation_costs, saved_activation_bytes, step_times
+from benchmarks.models import MODES, build, training_batch
+
+TOLERANCE = 0.01  # counted vs analytic forward FLOPs, relative
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_counted_forward_flops_match_the_analytic_formula(mode):
+    model = build(TINY, mode)
+    model.requires_grad_(False)
+    inputs = training_batch(TINY, mode, batch=1, text_tokens=20, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    vision = 0 if mode == "text" else vision_tower_flops(TINY, stage=1, batch=1)
+    counted = counter.get_total_flops() - vision
+    analytic = hive_forward_flops(TINY, mode, text_tokens=20)
+    assert abs(counted - analytic) <= TOLERANCE * analytic, (counted, analytic)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_mode_counts_a_training_step_on_meta(stage):
+    steps = {mode: count_step(TINY, mode, stage=stage, text_tokens=20) for mode in MODES}
+    assert all(step.total > 0 for step in steps.values())
+    assert steps["hive"].llm_side < steps["concat"].llm_side
+    assert (steps["hive"].vision > 0) and steps["text"].vision == 0
+    if stage == 3:  # the tower's backward is paid only when it trains
+        assert steps["hive"].vision > count_step(TINY, "hive", stage=2, text_tokens=20).vision
+
+
+def test_hive_grows_linearly_in_vision_tokens_and_concat_quadratically():
+    sizes = (32, 64, 96, 128)  # patch 8: 16, 64, 144, 256 vision tokens
+    tokens = [TINY.vision_tokens(size) for size in sizes]
+    for mode, quadratic in (("hive", False), ("concat", True)):
+        flops = [count_step(TINY, mode, stage=2, text_tokens=20, image_size=size).llm_side for size in sizes]
+        slopes = [(flops[i + 1] - flops[i]) / (tokens[i + 1] - tokens[i]) for i in range(len(sizes) - 1)]
+        if quadratic:
+            assert slopes[0] < slopes[1] < slopes[2]
+        else:
+            assert max(slopes) == pytest.approx(min(slopes), rel=1e-9)
+
+
+def test_activation_bytes_and_real_step_times_for_every_mode():
+    activation = {mode: saved_activation_bytes(TINY, mode, stage=2, text_tokens=20) for mode in MODES}
+    assert activation["text"] < activation["hive"] < activation["concat"]
+    # Real CPU kernels save less than `meta` (which saves like the reference attention), same ordering.
+    cpu = {mode: saved_activation_bytes(TINY, mode, stage=2, text_tokens=20, device="cpu") for mode in MODES}
+    assert cpu["text"] < cpu["hive"] < cpu["concat"]
+    assert all(0 < cpu[mode] <= activation[mode] for mode in MODES)
+    times = step_times(TINY, list(MODES), stage=2, batch=1, text_tokens=20, rounds=1)
+    assert set(times) == set(MODES) and all(value["median_s"] > 0 for value in times.values())
+
+
+def test_generation_costs_count_the_vision_cache_once():
+    hive = generation_costs(TINY, "hive", new_tokens=2, text_tokens=12, rounds=1)
+    concat = generation_costs(TINY, "concat", new_tokens=2, text_tokens=12, rounds=1)
+    assert hive["vision_kv_cache_bytes"] > 0 and concat["vision_kv_cache_bytes"] == 0
+    assert hive["prompt_positions"] == 12 and concat["prompt_positions"] == 12 - 1 + TINY.vision_tokens()
+    assert hive["text_kv_cache_bytes"] < concat["text_kv_cache_bytes"]
+
+
+def test_the_one_command_writes_json_table_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "PAIRS", {"1B": TINY, "7B": TINY})
+    monkeypatch.setattr(run, "PAPER_1B", TINY)
+    monkeypatch.setattr(run, "CPU_SMALL", TINY)
+    monkeypatch.setattr(run, "VISION_SWEEP", (32, 64))
+    monkeypatch.setattr(run, "TEXT_SWEEP", (16, 32))
+    monkeypatch.setattr(run, "CPU_VISION_SWEEP", (32, 64))
+    run.main(["--suite", "cpu", "--rounds", "1", "--output_dir", str(tmp_path)])
+    results = json.loads((tmp_path / "cpu.json").read_text())
+    assert set(results["flops"]["1B"]["2"]) == set(MODES)
+    table = (tmp_path / "cpu.md").read_text()
+    assert "hive/concat training FLOPs, LLM side" in table and ("met" in table or "MISSED" in table)
+    for name in ("flops_vs_vision_tokens.png", "flops_vs_text_tokens.png", "cpu_time_vs_vision_tokens.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_suite_says_it_needs_cuda():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        run.run_gpu(1)
