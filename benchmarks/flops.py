@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModel
 
 from hive_adapter import HiveConfig
 
@@ -42,20 +43,30 @@ def _count(function) -> int:
     return counter.get_total_flops()
 
 
+_VISION_FLOPS: dict[tuple, int] = {}
+
+
 def vision_tower_flops(pair: ModelPair, *, stage: int, batch: int, image_size: int | None = None) -> int:
-    """The tower's forward (all hidden states), plus its backward when it trains (stage 3)."""
-    with torch.device("meta"):
-        tower = build(pair, "hive", device="meta", image_size=image_size).vision_model
-    tower.requires_grad_(stage >= 3)
-    size = image_size or pair.vision["image_size"]
-    pixels = torch.zeros(batch, 3, size, size, device="meta")
+    """The tower's forward (all hidden states), plus its backward when it trains (stage 3).
 
-    def step():
-        states = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
-        if stage >= 3:
-            sum(state.sum() for state in states[1:]).backward()
+    The same for every mode, so counted once per (pair, trained or not, batch, image size).
+    """
+    trains = stage >= 3
+    key = (pair.name, trains, batch, image_size)
+    if key not in _VISION_FLOPS:
+        with torch.device("meta"):
+            tower = AutoModel.from_config(pair.vision_config(image_size))
+        tower.requires_grad_(trains)
+        size = image_size or pair.vision["image_size"]
+        pixels = torch.zeros(batch, 3, size, size, device="meta")
 
-    return _count(step)
+        def step():
+            states = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+            if trains:
+                sum(state.sum() for state in states[1:]).backward()
+
+        _VISION_FLOPS[key] = _count(step)
+    return _VISION_FLOPS[key]
 
 
 def count_step(pair: ModelPair, mode: str, *, stage: int, batch: int = 1, text_tokens: int = TEXT_TOKENS,

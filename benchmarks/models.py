@@ -2,8 +2,8 @@
 
 Modes: `hive` (multi-level gated cross-attention), `cascaded` (same depths, deepest level only),
 `concat` (LLaVA-style: the deepest level's tokens spliced into the LLM input) and `text` (the LLM on
-the text alone: the floor every mode pays). All are this library's classes; `text` is the bare
-`LlamaForCausalLM`.
+the text alone: the floor every mode pays). `hive_pooled` is `hive` with every level pooled to 144
+tokens. All are this library's classes; `text` is the bare `LlamaForCausalLM`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ without the command line that trained it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -190,11 +191,16 @@ class HiveLlavaProjector(nn.Module):
         return text.input_ids, text.position_ids, text.attention_mask, past_key_values, None, text.labels
 
 
-class _TextWithoutMarkers:
+@dataclass
+class TextWithoutMarkers:
     """A batch with its `<image>` markers taken out, and where they stood (see `drop_image_markers`)."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    marker_positions: torch.Tensor  # (batch, max markers): the column each marker stood at
+    marker_counts: torch.Tensor  # (batch,)
 
 
 def drop_image_markers(
@@ -204,7 +210,7 @@ def drop_image_markers(
     position_ids: torch.Tensor | None,
     *,
     padding_side: str,
-) -> _TextWithoutMarkers:
+) -> TextWithoutMarkers:
     """Remove every IMAGE_TOKEN_INDEX from a padded batch, keeping rows padded on `padding_side`.
 
     The markers are moved to the padding side (masked out, label ignored) and as many columns as every
@@ -246,7 +252,7 @@ def drop_image_markers(
     new_positions = None
     if position_ids is not None:
         new_positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0).to(position_ids.dtype)
-    return _TextWithoutMarkers(
+    return TextWithoutMarkers(
         input_ids=ids,
         attention_mask=mask,
         labels=new_labels,
@@ -257,7 +263,7 @@ def drop_image_markers(
 
 
 def layout_llava_images(
-    levels: list[torch.Tensor], text: _TextWithoutMarkers, *, has_images: bool, hive_config: HiveConfig
+    levels: list[torch.Tensor], text: TextWithoutMarkers, *, has_images: bool, hive_config: HiveConfig
 ) -> HiveVisionContext:
     """Pair images with samples the way LLaVA does: in order, `max(1, markers)` images per sample.
 
