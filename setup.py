@@ -41,6 +41,9 @@ setup(
             "hive-train=hive_adapter.train:main",
             "hive-export-vision=hive_adapter.export:main",
             "hive-llava-train=hive_adapter.integrations.llava.train:main",
+            "hive-analyze=hive_adapter.analysis.cli:main",
+            "hive-probe=hive_adapter.analysis.probe:main",
+            "hive-reproduce=hive_adapter.analysis.reproduce:main",
         ]
     },
     classifiers=[

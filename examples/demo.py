@@ -21,32 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoModel
 
 import hive_adapter  # noqa: F401  (registers model_type "hive" with AutoModel)
-from hive_adapter.data.collator import HiveCaptionCollator
+from hive_adapter.analysis.captioning import checkpoint_caption_accuracy as caption_accuracy
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
 from hive_adapter.toy import write_toy_models
-
-
-def caption_accuracy(model_dir: Path, held_out: SyntheticShapes, *, with_images: bool = True) -> float:
-    """Teacher-forced accuracy on caption tokens (the words that depend on the image)."""
-    model = AutoModel.from_pretrained(model_dir).eval()
-    collator = HiveCaptionCollator(AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir))
-    correct = total = 0
-    for start in range(0, len(held_out), 64):
-        batch = collator([held_out[i] for i in range(start, min(start + 64, len(held_out)))])
-        labels = batch.pop("labels")
-        if not with_images:
-            batch.pop("pixel_values")
-        with torch.no_grad():
-            predictions = model(**batch).logits[:, :-1].argmax(-1)
-        target = labels[:, 1:]
-        mask = target != -100
-        correct += (predictions[mask] == target[mask]).sum().item()
-        total += mask.sum().item()
-    return correct / total
 
 
 def main() -> None:

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
-    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
@@ -47,6 +45,7 @@ from .arguments import HiveArguments, hive_config_from
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
+from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .stages import StageSpec, apply_stage, parse_stages
 
@@ -174,16 +173,6 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------- model, data
-def load_vision_encoder(path: str):
-    """A vision encoder from a vision-only checkpoint or the vision half of a CLIP/SigLIP checkpoint."""
-    config = AutoConfig.from_pretrained(path)
-    vision_config = getattr(config, "vision_config", None)
-    if vision_config is None:
-        return AutoModel.from_pretrained(path)
-    vision_class = AutoModel._model_mapping[type(vision_config)]
-    return vision_class.from_pretrained(path)
-
-
 def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path, *, seed: int) -> None:
     """Vision encoder + LLM + fresh zero-gated HIVE modules (initialised from `seed`), saved as a HIVE checkpoint."""
     if not (model_args.vision_model and model_args.language_model):

@@ -1,5 +1,6 @@
 """Every Python block of the README runs as written (in a fresh interpreter, in a scratch directory)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_readme_shell_blocks_run_in_order(tmp_path):
         assert result.returncode == 0, block + result.stdout[-2000:] + result.stderr[-4000:]
     assert (tmp_path / "run" / "stage3" / "model.safetensors").is_file()
     assert (tmp_path / "vision_encoder" / "config.json").is_file()
+    gradients = json.loads((tmp_path / "analysis" / "gradients.json").read_text())
+    assert len(gradients["layers"]) == 8 and (tmp_path / "analysis" / "attention.png").is_file()
+    assert json.loads((tmp_path / "analysis" / "probe.json").read_text())["classes"] == ["circle", "cross", "square", "triangle"]
     assert (tmp_path / "run_zero3" / "stage1" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive-pretrain" / "mm_projector.bin").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive" / "model.safetensors").is_file()

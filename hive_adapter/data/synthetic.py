@@ -82,21 +82,33 @@ class SyntheticShapes:
             position=rng.choice(list(POSITIONS)),
         )
 
-    def image(self, index: int) -> Image.Image:
+    def _layout(self, index: int) -> tuple[random.Random, int, float, float, float]:
+        """The random stream of sample `index` and the geometry it draws first: background shade, centre, radius."""
         sample = self.sample(index)
         rng = random.Random((self.seed * 1_000_003 + index) * 7 + 1)
         side = self.image_size
         shade = rng.randint(225, 250)
-        image = Image.new("RGB", (side, side), (shade, shade, shade))
-        pen = ImageDraw.Draw(image)
         cx, cy = POSITIONS[sample.position]
         cx = (cx + rng.uniform(-0.06, 0.06)) * side
         cy = (cy + rng.uniform(-0.06, 0.06)) * side
         radius = side * rng.uniform(0.14, 0.2)
-        colour = COLOURS[sample.colour]
-        mask = Image.new("L", (side, side), 0)
-        _draw_shape(ImageDraw.Draw(mask), sample.shape, cx, cy, radius)
-        fill = Image.new("RGB", (side, side), colour)
+        return rng, shade, cx, cy, radius
+
+    def object_mask(self, index: int) -> Image.Image:
+        """Mode "L" mask of the shape in image `index` (255 on the object): where the caption's object is."""
+        _, _, cx, cy, radius = self._layout(index)
+        mask = Image.new("L", (self.image_size, self.image_size), 0)
+        _draw_shape(ImageDraw.Draw(mask), self.sample(index).shape, cx, cy, radius)
+        return mask
+
+    def image(self, index: int) -> Image.Image:
+        sample = self.sample(index)
+        rng, shade, _, _, _ = self._layout(index)
+        side = self.image_size
+        image = Image.new("RGB", (side, side), (shade, shade, shade))
+        pen = ImageDraw.Draw(image)
+        mask = self.object_mask(index)
+        fill = Image.new("RGB", (side, side), COLOURS[sample.colour])
         _apply_texture(ImageDraw.Draw(fill), sample.texture, side, (shade, shade, shade))
         image.paste(fill, (0, 0), mask)
         pen.point([(rng.randrange(side), rng.randrange(side)) for _ in range(side)], fill=(200, 200, 200))

@@ -1,0 +1,73 @@
+"""Cross-attention maps: where each text token looks in the image, per HIVE layer (supplementary §9.2).
+
+The weights of every gated cross-attention block are recorded for one forward pass, averaged over
+heads, and laid back onto the image's (pooled) patch grid. With `level_mapping="all"` a block sees
+every level; its weights are summed over levels per location. Only connectors with cross-attention
+have maps (`hive`, `cascaded`); `concat` is self-attention over spliced tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMaps:
+    """maps: (blocks, text, grid_h, grid_w) head-averaged weights of one image-text pair; row j is the
+    query at text position j (which predicts token j + 1)."""
+
+    maps: torch.Tensor
+    llm_layers: list[int]
+    token_ids: list[int]
+
+    def predicting(self, position: int) -> torch.Tensor:
+        """(blocks, grid_h, grid_w): where the model looks while producing the token at `position`."""
+        if not 1 <= position < self.maps.shape[1]:
+            raise ValueError(f"position {position}: a produced token is at 1..{self.maps.shape[1] - 1}")
+        return self.maps[:, position - 1]
+
+
+def key_grid(tokens: int, patch_grid: tuple[int, int]) -> tuple[int, int]:
+    """The 2-D layout of one image's keys: the patch grid, or the square it was pooled to."""
+    if tokens == patch_grid[0] * patch_grid[1]:
+        return patch_grid
+    side = math.isqrt(tokens)
+    pooled = (min(side, patch_grid[0]), min(side, patch_grid[1]))
+    if pooled[0] * pooled[1] != tokens:
+        raise ValueError(f"{tokens} keys per image do not form a grid for a {patch_grid[0]}x{patch_grid[1]} patch grid")
+    return pooled
+
+
+@torch.no_grad()
+def cross_attention_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AttentionMaps:
+    """Record every HIVE block's attention for one (image, text) pair (batch of one)."""
+    if model.hive_config.connector == "concat":
+        raise ValueError(
+            "connector='concat' has no cross-attention (its image tokens go through self-attention); "
+            "attention maps exist for 'hive' and 'cascaded' models"
+        )
+    input_ids, pixel_values = batch["input_ids"], batch.get("pixel_values")
+    if pixel_values is None or pixel_values.ndim != 4 or input_ids.shape[0] != 1 or pixel_values.shape[0] != 1:
+        raise ValueError(
+            "cross_attention_maps takes one image (1, channels, height, width) and one text row; got "
+            f"input_ids {tuple(input_ids.shape)}, pixel_values {None if pixel_values is None else tuple(pixel_values.shape)}"
+        )
+    runtime = model.hive_runtime
+    runtime.clear()
+    context = model.hive_build_context(input_ids, pixel_values, batch_size=1, device=input_ids.device)
+    context.record_attention = True
+    with runtime.generation(context):  # pinned: the forward below reuses this context
+        model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
+    patch = model.hive_vision_shape.patch_size
+    grid = key_grid(context.tokens_per_image, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch))
+    layers = model.hive_layers.llm_layers
+    maps = []
+    for block in range(len(layers)):
+        weights = context.attention_maps[block][0].float().mean(0)  # (text, keys), heads averaged
+        levels = weights.shape[-1] // context.tokens_per_image  # > 1 with level_mapping="all"
+        weights = weights.reshape(weights.shape[0], levels, *grid).sum(1)  # (text, grid_h, grid_w)
+        maps.append(weights)
+    return AttentionMaps(maps=torch.stack(maps).cpu(), llm_layers=list(layers), token_ids=input_ids[0].tolist())

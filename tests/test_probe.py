@@ -1,0 +1,126 @@
+"""Linear probe (Table 4) and the small-scale rerun of the comparison."""
+
+import json
+import random
+
+import pytest
+from hive_checkpoints import save_hive_checkpoint, toy_models
+from PIL import Image
+
+from hive_adapter.analysis import ProbeConfig, built_in, image_folder, linear_probe, load_frozen_encoder
+from hive_adapter.analysis.augment import Table4Augment
+from hive_adapter.analysis.probe import main as probe_main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return toy_models(tmp_path_factory.mktemp("toy"))
+
+
+def write_easy_split(root, per_class):
+    """Red things vs blue things on noisy grey: any encoder separates them."""
+    rng = random.Random(0)
+    for split, count in (("train", per_class), ("test", per_class // 2)):
+        for name, colour in (("blue", (30, 60, 220)), ("red", (220, 40, 30))):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                image = Image.new("RGB", (32, 32), tuple(rng.randint(150, 230) for _ in range(3)))
+                left, top = rng.randint(0, 16), rng.randint(0, 16)
+                image.paste(colour, (left, top, left + 14, top + 14))
+                image.save(root / split / name / f"{index:03d}.png")
+    return root / "train", root / "test"
+
+
+def test_table4_augmentation_crops_within_its_scale_and_ratio():
+    augment = Table4Augment(size=(32, 32))
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = augment.crop_box(64, 48, rng)
+        width, height = right - left, bottom - top
+        assert 0 <= left < right <= 64 and 0 <= top < bottom <= 48
+        assert 0.4 * 64 * 48 * 0.9 <= width * height <= 64 * 48
+        assert 0.75 * 0.9 <= width / height <= 1.33 * 1.1
+    image = Image.new("RGB", (64, 48), (10, 200, 30))
+    out = augment(image, random.Random(1))
+    assert out.size == (32, 32) and out.mode == "RGB"
+    assert augment(image, random.Random(1)).tobytes() == out.tobytes()  # seeded: reproducible
+
+
+def test_probe_separates_an_easy_split_from_the_command_line(models, tmp_path, capsys):
+    train, test = write_easy_split(tmp_path / "data", per_class=24)
+    output = tmp_path / "probe.json"
+    probe_main([str(models[0]), "--train", str(train), "--test", str(test), "--epochs", "100", "--batch_size", "16",
+                "--output", str(output)])  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["classes"] == ["blue", "red"]
+    assert report["test_images"] == 24 and report["train_images"] == 48
+    assert report["test_accuracy"] >= 0.8, report  # chance is 0.5 (a random tiny encoder gets 0.875)
+    assert report["config"]["augment"] is True and report["config"]["learning_rate"] == 2e-4
+    assert "top-1 accuracy" in capsys.readouterr().out
+
+
+def test_probe_on_the_bundled_digits_beats_chance(models):
+    encoder, processor = load_frozen_encoder(models[0])
+    train, test = built_in("digits")
+    assert len(train) + len(test) == 1797 and train.classes == [str(d) for d in range(10)]
+    result = linear_probe(encoder, processor, train, test, ProbeConfig(epochs=60, batch_size=64, augment=False))
+    assert result.test_accuracy > 0.3, result  # chance 0.1, even for a random tiny encoder
+    assert result.steps == 60 * 23
+
+
+def test_probe_reads_hive_checkpoints_and_full_clip_models(models, tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    hive_dir = save_hive_checkpoint(models, tmp_path / "hive")
+    encoder, _ = load_frozen_encoder(hive_dir)
+    assert type(encoder).__name__ == "SiglipVisionModel"
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+    clip = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=8).to_dict(),
+    ))  # fmt: skip
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    encoder, processor = load_frozen_encoder(tmp_path / "clip")
+    assert type(encoder).__name__ == "CLIPVisionModel"
+    train, test = built_in("shapes", size=16)
+    assert linear_probe(encoder, processor, train, test, ProbeConfig(epochs=2, batch_size=8)).train_images == 16
+
+
+def test_probe_names_bad_inputs(models, tmp_path):
+    train, test = write_easy_split(tmp_path / "data", per_class=2)
+    (test / "green").mkdir()
+    (test / "green" / "x.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"classes \['green'\] are not among the training classes"):
+        image_folder(test, classes=["blue", "red"])
+    (train / "empty").mkdir()
+    with pytest.raises(ValueError, match="class 'empty' holds no images"):
+        image_folder(train)
+    with pytest.raises(ValueError, match="features='max'"):
+        ProbeConfig(features="max")
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_frozen_encoder(tmp_path)
+    with pytest.raises(SystemExit):
+        probe_main([str(models[0]), "--dataset", "digits", "--train", str(train)])
+
+
+def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
+    from hive_adapter.analysis.reproduce import main as reproduce
+
+    out = tmp_path / "out"
+    reproduce(["--output_dir", str(out), "--train_size", "32", "--held_out_size", "8", "--gradient_samples", "2",
+               "--probe_size", "16", "--probe_epochs", "2", "--connectors", "hive,concat"])  # fmt: skip
+    report = json.loads((out / "reproduce.json").read_text())
+    assert set(report["results"]) == {"hive", "concat"}
+    for row in report["results"].values():
+        assert len(row["grad_norm"]) == 8 and len(row["object_share"]) == 8  # the toy encoder's 8 layers
+        assert 0 <= row["probe"]["digits"] <= 1 and row["gflops"] > row["gflops_without_tower"] > 0
+        assert set(row["losses"]) == {"1", "2", "3"}
+    table = (out / "reproduce.md").read_text()
+    assert "| hive |" in table and "| concat |" in table and "hive-reproduce --output_dir" in table
+    for figure in ("gradient_norms.png", "gradient_object_share.png", "gradient_maps.png", "attention_maps.png"):
+        assert (out / figure).stat().st_size > 1000
