@@ -8,16 +8,22 @@ CONSTRAINTS := requirements/constraints.txt
 LLAVA_VENV ?= .venv-llava
 LLAVA_PY := $(LLAVA_VENV)/bin/python
 LLAVA_CONSTRAINTS := requirements/llava-constraints.txt
+# lmms-eval 0.7.3 (evaluation, the paper protocol) in its own venv: it pulls ~80 packages the library does not need.
+EVAL_VENV ?= .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
+EVAL_CONSTRAINTS := requirements/eval-constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup setup-llava test test-main test-llava demo quickstart bench clean
+.PHONY: setup setup-llava setup-eval test test-main test-llava test-eval demo quickstart bench protocol clean
 
 setup: $(VENV)/.installed
 
 setup-llava: $(LLAVA_VENV)/.installed
+
+setup-eval: $(EVAL_VENV)/.installed
 
 $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,13 +46,31 @@ $(LLAVA_VENV)/.installed: setup.py $(LLAVA_CONSTRAINTS)
 	$(LLAVA_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-test: test-main test-llava
+$(EVAL_VENV)/.installed: setup.py $(EVAL_CONSTRAINTS)
+	test -x $(EVAL_PY) || $(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -m pip install -q -c $(EVAL_CONSTRAINTS) torch==2.13.0
+	$(EVAL_PY) -m pip install -q -c $(EVAL_CONSTRAINTS) -e ".[analysis,llava,eval]" pytest lmms-eval==0.7.3
+	# lmms-eval's torchvision requirement brings a CUDA build that cannot load with CPU torch; its core does not use it
+	$(EVAL_PY) -m pip uninstall -y -q torchvision
+	# transformers' SentencePiece conversion needs protobuf 7 (wandb's <7 pin only matters for wandb reporting)
+	$(EVAL_PY) -m pip install -q --no-deps protobuf==7.36.2
+	$(EVAL_PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
+	touch $@
+
+test: test-main test-llava test-eval
 
 test-main: setup
-	$(PY) -m pytest -q tests --ignore=tests/transformers437
+	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval
 
 test-llava: setup-llava
 	$(LLAVA_PY) -m pytest -q tests/transformers437
+
+test-eval: setup-eval
+	$(EVAL_PY) -m pytest -q tests/lmms_eval
+
+protocol: setup-eval
+	PATH=$(CURDIR)/$(EVAL_VENV)/bin:$$PATH $(EVAL_PY) examples/paper_protocol/run.py --output_dir outputs/protocol \
+		--stage1_batch 32 --stage2_batch 16
 
 demo: setup
 	$(PY) examples/demo.py --output_dir outputs/demo
@@ -58,4 +82,4 @@ bench: setup
 	$(PY) -m benchmarks.run --suite all
 
 clean:
-	rm -rf $(VENV) $(LLAVA_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) build *.egg-info .pytest_cache

@@ -34,6 +34,9 @@ setup(
         "llava": ["sentencepiece", "protobuf", "accelerate>=0.21"],
         "flash": ["flash-attn>=2.5"],
         "analysis": ["matplotlib", "scikit-learn"],
+        # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
+        # (see README, "Evaluate")
+        "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
         "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece", "protobuf", "matplotlib", "scikit-learn"],
     },
     entry_points={
@@ -44,7 +47,10 @@ setup(
             "hive-analyze=hive_adapter.analysis.cli:main",
             "hive-probe=hive_adapter.analysis.probe:main",
             "hive-reproduce=hive_adapter.analysis.reproduce:main",
-        ]
+            "hive-eval-tasks=hive_adapter.evaluation.tasks:main",
+        ],
+        # lmms-eval >= 0.7 discovers models through this group (`lmms-eval --model hive`)
+        "lmms_eval.models": ["hive=hive_adapter.evaluation.plugin:manifest"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -173,6 +173,17 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------- model, data
+def with_pad_token(tokenizer):
+    """Batches need a pad token; LMs without one (Llama, Vicuna) pad with unk, as LLaVA does, else with eos."""
+    if tokenizer.pad_token is None:
+        replacement = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        if replacement is None:
+            raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+        tokenizer.pad_token = replacement
+        say(f"the tokenizer has no pad token: padding with {replacement!r} (masked out of the loss)")
+    return tokenizer
+
+
 def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path, *, seed: int) -> None:
     """Vision encoder + LLM + fresh zero-gated HIVE modules (initialised from `seed`), saved as a HIVE checkpoint."""
     if not (model_args.vision_model and model_args.language_model):
@@ -181,7 +192,7 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
     vision = load_vision_encoder(model_args.vision_model)
     language = AutoModelForCausalLM.from_pretrained(model_args.language_model)
     model = HiveForConditionalGeneration.from_vision_text(vision, language, hive_config_from(hive_args))
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model))
     image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor or model_args.vision_model)
     tmp = directory.with_name(directory.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +329,7 @@ def run_stage(
     counts = apply_stage(model, stage)
     if base_args.gradient_checkpointing:
         model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(previous)
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
     image_processor = AutoImageProcessor.from_pretrained(previous)
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
     trainer = Trainer(
