@@ -192,4 +192,6 @@ class HiveCrossAttentionBlock(nn.Module):
         if self.hive_ffn is not None:
             fed = self.hive_ffn(self.hive_ffn_norm(hidden).to(self.hive_ffn[0].weight.dtype))
             hidden = hidden + torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype) * keep
+        if weights is not None:  # (batch, heads, text, keys): a row that sees no image attended to nothing
+            weights = weights * has_media[:, None, :, None].to(weights.dtype)
         return hidden, weights

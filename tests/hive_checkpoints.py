@@ -39,3 +39,39 @@ def save_hive_checkpoint(models: tuple[Path, Path], directory: Path, *, connecto
     AutoTokenizer.from_pretrained(language_dir).save_pretrained(directory)
     AutoImageProcessor.from_pretrained(vision_dir).save_pretrained(directory)
     return directory
+
+
+@torch.no_grad()
+def save_llava_hf_with_adapter(directory: Path) -> tuple[Path, Path]:
+    """A tiny llava-hf base (model + LlavaProcessor, word tokenizer with `<image>`) and a HIVE adapter for it."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from hive_adapter.toy import word_tokenizer
+
+    tokenizer = word_tokenizer(caption_vocabulary() + ["what", "shape", "is", "colour", "?"])
+    torch.manual_seed(0)
+    base = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=len(tokenizer)),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    ))  # fmt: skip
+    base.save_pretrained(directory / "base")
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+    ).save_pretrained(directory / "base")  # fmt: skip
+    model = hive.get_hive_model(base, hive.HiveConfig(vision_layers=[1, 3], llm_layers=[0, 1], tokens_per_level=4))
+    for name, param in model.named_parameters():
+        if name.endswith("hive_attn_gate"):
+            param.fill_(0.5)
+    model.save_pretrained(directory / "adapter")
+    return directory / "base", directory / "adapter"

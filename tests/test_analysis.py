@@ -6,7 +6,7 @@ import random
 import numpy
 import pytest
 import torch
-from hive_checkpoints import save_hive_checkpoint, toy_models
+from hive_checkpoints import save_hive_checkpoint, save_llava_hf_with_adapter, toy_models
 from PIL import Image
 
 from hive_adapter.analysis import (
@@ -221,3 +221,17 @@ def test_hive_analyze_gradients_and_attention_write_png_and_json(checkpoints, tm
         run("attention", "concat", "--output", tmp_path / "c.png")
     with pytest.raises(SystemExit, match="no-such.png does not exist"):
         analyze(["gradients", str(checkpoints["hive"]), str(tmp_path / "no-such.png"), caption])
+
+
+def test_analysis_of_a_hive_adapter_on_a_llava_hf_base(tmp_path):
+    base, adapter = save_llava_hf_with_adapter(tmp_path)
+    loaded = load_hive(base, adapter=adapter)
+    marker_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
+    batch = caption_batch(loaded, *pairs([0]), prompt=PROMPT)
+    assert (batch["input_ids"][0] == marker_id).sum() == 1  # one marker, not one token per patch
+    flow = gradient_flow(loaded.model, batch)
+    assert flow.patch_maps.shape == (1, 4, 4, 4) and (flow.layer_norms[0] > 0).all()  # CLIP's CLS token dropped
+    maps = cross_attention_maps(loaded.model, batch)
+    marker = (batch["input_ids"][0] == marker_id).nonzero().item()
+    assert maps.maps[:, :marker].abs().max() == 0  # text before the image sees nothing
+    torch.testing.assert_close(maps.maps[:, marker:].sum((-1, -2)), torch.ones(2, maps.maps.shape[1] - marker))

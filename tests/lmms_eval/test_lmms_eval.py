@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hive_checkpoints import save_hive_checkpoint, toy_models
+from hive_checkpoints import save_hive_checkpoint, save_llava_hf_with_adapter, toy_models
 from PIL import Image
 
 from hive_adapter.evaluation.backends import GenerationSettings, HiveBackend, score_continuation
@@ -87,40 +87,7 @@ def test_hive_checkpoint_through_the_cli_matches_direct_generation(tasks, checkp
 
 
 def test_adapter_on_a_llava_hf_base(tasks, tmp_path):
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    import hive_adapter as hive
-    from hive_adapter.data.synthetic import caption_vocabulary
-    from hive_adapter.toy import word_tokenizer
-
-    tokenizer = word_tokenizer(caption_vocabulary() + ["what", "shape", "is", "colour", "?"])
-    torch.manual_seed(0)
-    base = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-                                       image_size=32, patch_size=8),
-        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=len(tokenizer)),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    ))  # fmt: skip
-    base.save_pretrained(tmp_path / "base")
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-    )  # fmt: skip
-    processor.save_pretrained(tmp_path / "base")
-    model = hive.get_hive_model(base, hive.HiveConfig(vision_layers=[1, 3], llm_layers=[0, 1], tokens_per_level=4))
-    for name, param in model.named_parameters():
-        if name.endswith("hive_attn_gate"):
-            param.data.fill_(0.5)
-    model.save_pretrained(tmp_path / "adapter")
-
+    base, adapter = save_llava_hf_with_adapter(tmp_path)
     results, samples, log = lmms_eval(
         tmp_path / "out", tasks, f"pretrained={tmp_path / 'base'},adapter={tmp_path / 'adapter'}"
     )
@@ -128,7 +95,7 @@ def test_adapter_on_a_llava_hf_base(tasks, tmp_path):
     assert len(samples["hive_demo_vqa"]) == 8
     assert all(isinstance(sample["filtered_resps"], str) for sample in samples["hive_demo_vqa"])
     # the base places images at markers: the prompt gets one in front of the question
-    backend = HiveBackend(load_hive(tmp_path / "base", adapter=tmp_path / "adapter"))
+    backend = HiveBackend(load_hive(base, adapter=adapter))
     assert backend.prompt("what shape is it ?", 1) == "<image>\nwhat shape is it ?"
 
 
