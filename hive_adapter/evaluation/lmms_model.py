@@ -79,34 +79,34 @@ class HiveLmms(lmms):
         return list(visuals)
 
     def generate_until(self, requests: List[Instance]) -> List[str]:
-        """Greedy (or sampled) answers, batched by generation settings and image count."""
+        """Greedy (or sampled) answers, batched: same generation settings and image count per batch.
+
+        Images are counted up front and decoded again per batch, so a benchmark's pictures are never
+        all held in memory at once.
+        """
         arguments = [request.args for request in requests]
-        # order: same generation kwargs together, then by image count, so a batch is uniform
-        images = {index: self._doc_images(args[2:6]) for index, args in enumerate(arguments)}
-        order = sorted(
-            range(len(arguments)),
-            key=lambda i: (json.dumps(arguments[i][1], sort_keys=True, default=str), len(images[i])),
-        )
+
+        def group(index: int) -> tuple[str, int]:
+            settings = json.dumps(arguments[index][1], sort_keys=True, default=str)
+            return settings, len(self._doc_images(arguments[index][2:6]))
+
+        groups = {index: group(index) for index in range(len(arguments))}
         answers: list[str | None] = [None] * len(arguments)
         progress = tqdm(total=len(arguments), disable=self.rank != 0, desc="hive: generating")
         batch: list[int] = []
 
         def flush() -> None:
             settings = GenerationSettings.from_task(arguments[batch[0]][1], default_max_new_tokens=self.max_new_tokens)
-            outputs = self.backend.generate([arguments[i][0] for i in batch], [images[i] for i in batch], settings)
+            images = [self._doc_images(arguments[index][2:6]) for index in batch]
+            outputs = self.backend.generate([arguments[index][0] for index in batch], images, settings)
             for index, text in zip(batch, outputs):
                 answers[index] = text
                 self.cache_hook.add_partial("generate_until", (arguments[index][0], arguments[index][1]), text)
             progress.update(len(batch))
             batch.clear()
 
-        for index in order:
-            same = batch and (
-                json.dumps(arguments[batch[0]][1], sort_keys=True, default=str)
-                == json.dumps(arguments[index][1], sort_keys=True, default=str)
-                and len(images[batch[0]]) == len(images[index])
-            )
-            if batch and (not same or len(batch) == self.batch_size):
+        for index in sorted(groups, key=groups.get):
+            if batch and (groups[batch[0]] != groups[index] or len(batch) == self.batch_size):
                 flush()
             batch.append(index)
         if batch:
