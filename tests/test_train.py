@@ -240,3 +240,16 @@ def test_word_tokenizer_round_trips():
     ids = tokenizer("a red striped circle in the top left", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == "a red striped circle in the top left"
     assert tokenizer.unk_token_id not in ids
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_unk_then_eos():
+    from hive_adapter.train import with_pad_token
+
+    tokenizer = word_tokenizer(caption_vocabulary())
+    tokenizer.pad_token = None
+    assert with_pad_token(tokenizer).pad_token == "<unk>"  # as LLaVA pads Vicuna
+    tokenizer.pad_token = tokenizer.unk_token = None
+    assert with_pad_token(tokenizer).pad_token == "<eos>"
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="no pad, unk or eos token"):
+        with_pad_token(tokenizer)
