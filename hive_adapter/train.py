@@ -45,6 +45,7 @@ from .arguments import HiveArguments, hive_config_from
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
+from .distributed import barrier, init_distributed, is_main_process, shutdown_distributed, world_size
 from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .stages import StageSpec, apply_stage, parse_stages
@@ -135,41 +136,11 @@ def parse_arguments(argv: list[str]):
     return model_args, hive_args, data_args, stage_args, training_args, resolve_deepspeed(deepspeed), explicit_flags(argv)
 
 
-# ---------------------------------------------------------------------- distributed helpers
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def init_distributed(use_deepspeed: bool) -> None:
-    """Start the process group (gloo on CPU). Must precede loading under ZeRO-3.
-
-    Parsing TrainingArguments may already have started torch.distributed (through accelerate); DeepSpeed's
-    own communication layer still needs `deepspeed.init_distributed`, which adopts the existing group.
-    """
-    if world_size() == 1:
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if use_deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend)
-    elif not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
-
-
+# ---------------------------------------------------------------------- output
 def say(message: str) -> None:
     """CLI output, from the main process only."""
     if is_main_process():
         print(f"[hive-train] {message}", flush=True)
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 # ---------------------------------------------------------------------- model, data
@@ -471,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"  stage {report['stage']}: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {report['global_steps']} steps"
             )
         print(f"  final model: {previous}")
+    shutdown_distributed()
 
 
 def _reset_accelerate_state() -> None:

@@ -61,6 +61,10 @@ def main(attn_implementation: str | None = None) -> None:
 
     train(attn_implementation=attn_implementation)
 
+    from hive_adapter.distributed import shutdown_distributed
+
+    shutdown_distributed()
+
 
 if __name__ == "__main__":
     main()
