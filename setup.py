@@ -41,9 +41,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hive-train=hive_adapter.train:main",
+            "hive-train=hive_adapter.train:cli",
             "hive-export-vision=hive_adapter.export:main",
-            "hive-llava-train=hive_adapter.integrations.llava.train:main",
+            "hive-llava-train=hive_adapter.integrations.llava.train:cli",
             "hive-analyze=hive_adapter.analysis.cli:main",
             "hive-probe=hive_adapter.analysis.probe:main",
             "hive-reproduce=hive_adapter.analysis.reproduce:main",

@@ -5,7 +5,10 @@ Only torch is imported here, so LLaVA's pinned transformers world can use it too
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -43,10 +46,25 @@ def barrier() -> None:
 def shutdown_distributed() -> None:
     """Wait for every rank, then tear the process group down before the interpreter exits.
 
-    Left to interpreter shutdown, the communication threads of a gloo group can still be joinable when their
-    destructors run, and a rank then aborts ("terminate called without an active exception", exit -6) after
-    its work is saved, failing the launcher's run.
+    Entry points that launch ranks end with `exit_rank` after this (see there for why that is needed too).
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_rank(code: int = 0) -> NoReturn:
+    """End a rank of a multi-process run, after its work is saved and `shutdown_distributed` has run.
+
+    `destroy_process_group` only forgets the groups; the C++ objects, with their gloo worker and transport
+    threads, live as long as something references them. After a DeepSpeed run something always does: every
+    engine and every ZeRO-3 parameter (`ds_process_group`), kept alive from autograd's C++ graph where the
+    garbage collector cannot reach. With those threads still running while the interpreter finalizes, a
+    rank can abort there ("terminate called without an active exception", exit -6) with its work already
+    saved, and the launcher reports the whole run failed. So the rank leaves without finalization; exit
+    handlers run and output is flushed first, as on a normal exit.
+    """
+    atexit._run_exitfuncs()  # logging.shutdown, and whatever the user's callbacks registered
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

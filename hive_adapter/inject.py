@@ -188,7 +188,20 @@ def _hook_stack(injection: HiveInjection, model: nn.Module, runtime: HiveRuntime
         if function is not None and not hasattr(function, "hive_original"):
             module._gradient_checkpointing_func = hive_aware_checkpoint(function)
 
+    def after_stack_forward(module, args, kwargs, output):
+        # A training step's context (every level's media and the graph they carry) must not outlive the
+        # forward: kept here it would stay alive through backward, the optimizer step and the next batch's
+        # vision forward. Nor can anything continue from a forward that returned no cache.
+        if runtime.pinned:  # generate() owns the context and clears it itself
+            return
+        training_step = module.training and torch.is_grad_enabled()
+        # tuples (transformers < 4.48, return_dict=False) do not say whether they hold a cache: keep it
+        no_cache = not isinstance(output, tuple) and getattr(output, "past_key_values", None) is None
+        if training_step or no_cache:
+            runtime.context = None
+
     injection.hook_handles.append(stack.register_forward_pre_hook(before_stack_forward, with_kwargs=True))
+    injection.hook_handles.append(stack.register_forward_hook(after_stack_forward, with_kwargs=True))
 
 
 def inject_hive(

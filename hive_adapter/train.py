@@ -45,7 +45,14 @@ from .arguments import HiveArguments, hive_config_from
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
-from .distributed import barrier, init_distributed, is_main_process, shutdown_distributed, world_size
+from .distributed import (
+    barrier,
+    exit_rank,
+    init_distributed,
+    is_main_process,
+    shutdown_distributed,
+    world_size,
+)
 from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .stages import StageSpec, apply_stage, parse_stages
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if is_main_process() else logging.WARN
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if is_main_process() else logging.WARNING
     )
     stages = parse_stages(stage_args.stage)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
@@ -456,5 +463,12 @@ def _reset_accelerate_state() -> None:
         pass
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`hive-train` and `python -m hive_adapter.train`: `main`, then a clean end for launched ranks."""
     main()
+    if world_size() > 1:
+        exit_rank(0)
+
+
+if __name__ == "__main__":
+    cli()

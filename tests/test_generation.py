@@ -159,3 +159,30 @@ def test_a_generated_marker_token_is_text():
     ]
     assert runs[0][0, 6] == IMAGE_TOKEN
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_training_step_does_not_keep_its_vision_context_but_a_cached_prompt_does(kind):
+    """The context of a training forward (media tensors and their autograd graph) is gone once the forward
+    returns, instead of living on through backward, the optimizer step and the next batch's vision forward;
+    a forward that returns a cache keeps its context for the decoding steps that follow."""
+    model = MODELS[kind]()
+    runtime = model.hive_runtime
+    ids, mask = left_padded_prompts()
+    pixels = vision_inputs("clip", 2)
+
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids, **pixels).loss
+    assert runtime.context is None
+    loss.backward()  # backward needs nothing from the runtime
+    assert all(p.grad is not None for n, p in model.named_parameters() if "hive_" in n and p.requires_grad)
+
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **pixels)
+        assert runtime.context is not None
+        step = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=ids, attention_mask=mask[:, :-1], use_cache=False, **pixels)
+    assert runtime.context is None  # nothing can continue from a forward without a cache

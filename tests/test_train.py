@@ -253,3 +253,23 @@ def test_a_tokenizer_without_a_pad_token_pads_with_unk_then_eos():
     tokenizer.pad_token = tokenizer.eos_token = None
     with pytest.raises(ValueError, match="no pad, unk or eos token"):
         with_pad_token(tokenizer)
+
+
+def test_a_launched_rank_ends_with_its_exit_handlers_run_and_its_output_flushed(tmp_path):
+    """`exit_rank` (the end of every launched hive-train / LLaVA rank) skips interpreter finalization but
+    loses nothing on the way: buffered output, the log file's last record and atexit handlers all land."""
+    script = """
+import atexit, logging, sys
+from hive_adapter.distributed import exit_rank
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+atexit.register(lambda: print("exit handler ran"))
+logging.getLogger("rank").info("last record")
+print("buffered, no newline", end="")
+exit_rank(3)
+print("never printed")
+"""
+    log = tmp_path / "rank.log"
+    result = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, no newlineexit handler ran\n"
+    assert "last record" in log.read_text()

@@ -66,5 +66,15 @@ def main(attn_implementation: str | None = None) -> None:
     shutdown_distributed()
 
 
+def cli(attn_implementation: str | None = None) -> None:
+    """`hive-llava-train`, `python -m hive_adapter.integrations.llava.train`, `train_mem.py`: `main`, then a
+    clean end for launched ranks (see `hive_adapter.distributed.exit_rank`)."""
+    main(attn_implementation)
+    from hive_adapter.distributed import exit_rank, world_size
+
+    if world_size() > 1:
+        exit_rank(0)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

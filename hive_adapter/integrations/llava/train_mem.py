@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hive_adapter.integrations.llava.train import main
+from hive_adapter.integrations.llava.train import cli
 
 if __name__ == "__main__":
-    main(attn_implementation="flash_attention_2")
+    cli(attn_implementation="flash_attention_2")
