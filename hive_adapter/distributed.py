@@ -68,3 +68,10 @@ def exit_rank(code: int = 0) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+def exit_if_launched() -> None:
+    """The last call of a training entry point: a launched rank (world size > 1) ends through `exit_rank`;
+    a single process returns normally."""
+    if world_size() > 1:
+        exit_rank(0)

@@ -198,7 +198,7 @@ def _hook_stack(injection: HiveInjection, model: nn.Module, runtime: HiveRuntime
         # tuples (transformers < 4.48, return_dict=False) do not say whether they hold a cache: keep it
         no_cache = not isinstance(output, tuple) and getattr(output, "past_key_values", None) is None
         if training_step or no_cache:
-            runtime.context = None
+            runtime.set_context(None)
 
     injection.hook_handles.append(stack.register_forward_pre_hook(before_stack_forward, with_kwargs=True))
     injection.hook_handles.append(stack.register_forward_hook(after_stack_forward, with_kwargs=True))

@@ -47,7 +47,7 @@ from .data.datasets import ImageCaptionDataset, read_records
 from .data.synthetic import SyntheticShapes
 from .distributed import (
     barrier,
-    exit_rank,
+    exit_if_launched,
     init_distributed,
     is_main_process,
     shutdown_distributed,
@@ -466,8 +466,7 @@ def _reset_accelerate_state() -> None:
 def cli() -> None:
     """`hive-train` and `python -m hive_adapter.train`: `main`, then a clean end for launched ranks."""
     main()
-    if world_size() > 1:
-        exit_rank(0)
+    exit_if_launched()
 
 
 if __name__ == "__main__":

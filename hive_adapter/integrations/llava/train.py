@@ -68,12 +68,11 @@ def main(attn_implementation: str | None = None) -> None:
 
 def cli(attn_implementation: str | None = None) -> None:
     """`hive-llava-train`, `python -m hive_adapter.integrations.llava.train`, `train_mem.py`: `main`, then a
-    clean end for launched ranks (see `hive_adapter.distributed.exit_rank`)."""
+    clean end for launched ranks (`hive_adapter.distributed.exit_if_launched`)."""
     main(attn_implementation)
-    from hive_adapter.distributed import exit_rank, world_size
+    from hive_adapter.distributed import exit_if_launched
 
-    if world_size() > 1:
-        exit_rank(0)
+    exit_if_launched()
 
 
 if __name__ == "__main__":
