@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup setup-llava setup-eval test test-main test-llava test-eval demo quickstart bench protocol clean
+.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo quickstart bench protocol clean
 
 setup: $(VENV)/.installed
 
@@ -57,7 +57,16 @@ $(EVAL_VENV)/.installed: setup.py $(EVAL_CONSTRAINTS)
 	$(EVAL_PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
 	touch $@
 
-test: test-main test-llava test-eval
+test: lint test-main test-llava test-eval
+
+# ruff (pinned in requirements/constraints.txt, settings in pyproject.toml): runs first in `make test`.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 test-main: setup
 	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval

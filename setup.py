@@ -13,7 +13,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["hive_adapter", "hive_adapter.*"]),
     package_data={"hive_adapter": ["deepspeed/*.json"]},
     install_requires=[
@@ -37,7 +37,7 @@ setup(
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
-        "dev": ["pytest>=7", "accelerate>=0.21", "sentencepiece", "protobuf", "matplotlib", "scikit-learn"],
+        "dev": ["pytest>=7", "ruff", "accelerate>=0.21", "sentencepiece", "protobuf", "matplotlib", "scikit-learn"],
     },
     entry_points={
         "console_scripts": [

@@ -69,8 +69,15 @@ def vision_tower_flops(pair: ModelPair, *, stage: int, batch: int, image_size: i
     return _VISION_FLOPS[key]
 
 
-def count_step(pair: ModelPair, mode: str, *, stage: int, batch: int = 1, text_tokens: int = TEXT_TOKENS,
-               image_size: int | None = None) -> StepFlops:
+def count_step(
+    pair: ModelPair,
+    mode: str,
+    *,
+    stage: int,
+    batch: int = 1,
+    text_tokens: int = TEXT_TOKENS,
+    image_size: int | None = None,
+) -> StepFlops:
     """FLOPs of one training step of `mode` at `stage` (forward + backward), on `meta`."""
     model = build(pair, mode, device="meta", image_size=image_size)
     set_stage(model, mode, stage)
@@ -93,8 +100,9 @@ def llm_forward_flops(pair: ModelPair, tokens: int) -> int:
     return t["num_hidden_layers"] * per_layer + 2 * tokens * d * t["vocab_size"]
 
 
-def hive_forward_flops(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS,
-                       image_size: int | None = None) -> int:
+def hive_forward_flops(
+    pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS, image_size: int | None = None
+) -> int:
     """The LLM side of one forward (one sample) for `mode`, counted from the shapes alone."""
     t, v = pair.text, pair.vision
     d = t["hidden_size"]
@@ -116,10 +124,16 @@ def hive_forward_flops(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TO
         + 2 * vision_tokens * 2 * d * kv_heads * head_dim  # k, v over the level's tokens
         + 4 * text_tokens * vision_tokens * heads * head_dim  # attention products
     )
-    return len(resolved.vision_layers) * projector + len(resolved.llm_layers) * block + llm_forward_flops(pair, text_tokens)
+    return (
+        len(resolved.vision_layers) * projector
+        + len(resolved.llm_layers) * block
+        + llm_forward_flops(pair, text_tokens)
+    )
 
 
-def paper_complexity(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS, image_size: int | None = None) -> float:
+def paper_complexity(
+    pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKENS, image_size: int | None = None
+) -> float:
     """Supplementary eq. (4) and (5) as printed (big-O, no constants): SA L(N^2 d/2 + N d^2), HIVE
     L(L_s d^2 + N_t d^2)."""
     t, v = pair.text, pair.vision
@@ -129,6 +143,9 @@ def paper_complexity(pair: ModelPair, mode: str, *, text_tokens: int = TEXT_TOKE
         return layers * (n * n * d / 2 + n * d * d)
     if mode == "text":
         return layers * text_tokens * d * d
-    selected = len(HiveConfig(connector="hive" if mode == "hive_pooled" else mode).resolve_layers(
-        num_vision_layers=v["num_hidden_layers"], num_llm_layers=layers).vision_layers)
+    selected = len(
+        HiveConfig(connector="hive" if mode == "hive_pooled" else mode)
+        .resolve_layers(num_vision_layers=v["num_hidden_layers"], num_llm_layers=layers)
+        .vision_layers
+    )
     return layers * (selected * d * d + text_tokens * d * d)

@@ -21,8 +21,16 @@ from .configs import TEXT_TOKENS, ModelPair
 from .models import build, set_stage, training_batch, training_step
 
 
-def saved_activation_bytes(pair: ModelPair, mode: str, *, stage: int, batch: int = 1, text_tokens: int = TEXT_TOKENS,
-                           device: str = "meta", image_size: int | None = None) -> int:
+def saved_activation_bytes(
+    pair: ModelPair,
+    mode: str,
+    *,
+    stage: int,
+    batch: int = 1,
+    text_tokens: int = TEXT_TOKENS,
+    device: str = "meta",
+    image_size: int | None = None,
+) -> int:
     model = build(pair, mode, device=device, image_size=image_size)
     set_stage(model, mode, stage)
     inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size)
@@ -46,9 +54,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_times(pair: ModelPair, modes: list[str], *, stage: int, batch: int, text_tokens: int = TEXT_TOKENS,
-               rounds: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               image_size: int | None = None) -> dict[str, dict]:
+def step_times(
+    pair: ModelPair,
+    modes: list[str],
+    *,
+    stage: int,
+    batch: int,
+    text_tokens: int = TEXT_TOKENS,
+    rounds: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+) -> dict[str, dict]:
     """Median training-step seconds per mode (and peak CUDA memory on GPU), modes interleaved."""
     device = torch.device(device)
     models, batches = {}, {}
@@ -56,8 +73,9 @@ def step_times(pair: ModelPair, modes: list[str], *, stage: int, batch: int, tex
         torch.manual_seed(0)
         models[mode] = build(pair, mode, device=device, dtype=dtype, image_size=image_size)
         set_stage(models[mode], mode, stage)
-        batches[mode] = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device,
-                                       image_size=image_size, dtype=dtype)
+        batches[mode] = training_batch(
+            pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size, dtype=dtype
+        )
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     peaks: dict[str, int] = {}
     for round_index in range(rounds + 1):  # round 0 warms up
@@ -90,8 +108,15 @@ def _cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def generation_costs(pair: ModelPair, mode: str, *, new_tokens: int = 16, text_tokens: int = TEXT_TOKENS,
-                     rounds: int = 3, device: str = "cpu") -> dict:
+def generation_costs(
+    pair: ModelPair,
+    mode: str,
+    *,
+    new_tokens: int = 16,
+    text_tokens: int = TEXT_TOKENS,
+    rounds: int = 3,
+    device: str = "cpu",
+) -> dict:
     """Prefill seconds, decode seconds per token and cached bytes for one prompt (greedy, KV cache on)."""
     torch.manual_seed(0)
     model = build(pair, mode, device=device).eval()

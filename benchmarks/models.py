@@ -20,8 +20,14 @@ MODES = ("hive", "hive_pooled", "cascaded", "concat", "text")
 POOLED_TOKENS = 144  # `hive_pooled`: every level average-pooled to a 12x12 grid before its projector
 
 
-def build(pair: ModelPair, mode: str, *, device: str | torch.device = "meta", image_size: int | None = None,
-          dtype: torch.dtype | None = None):
+def build(
+    pair: ModelPair,
+    mode: str,
+    *,
+    device: str | torch.device = "meta",
+    image_size: int | None = None,
+    dtype: torch.dtype | None = None,
+):
     """The model of `mode` for `pair`, its weights on `device` (random where real)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
@@ -30,9 +36,13 @@ def build(pair: ModelPair, mode: str, *, device: str | torch.device = "meta", im
             model = LlamaForCausalLM(pair.text_config())
         else:
             pooled = mode == "hive_pooled"
-            config = HiveConfig(connector="hive" if pooled else mode, vision_config=pair.vision_config(image_size),
-                                text_config=pair.text_config(), image_token_id=IMAGE_TOKEN_ID,
-                                tokens_per_level=POOLED_TOKENS if pooled else None)
+            config = HiveConfig(
+                connector="hive" if pooled else mode,
+                vision_config=pair.vision_config(image_size),
+                text_config=pair.text_config(),
+                image_token_id=IMAGE_TOKEN_ID,
+                tokens_per_level=POOLED_TOKENS if pooled else None,
+            )
             model = HiveForConditionalGeneration(config)
     if dtype is not None:
         model.to(dtype)
@@ -54,8 +64,16 @@ def sequence_length(pair: ModelPair, mode: str, text_tokens: int, image_size: in
     return text_tokens
 
 
-def training_batch(pair: ModelPair, mode: str, *, batch: int, text_tokens: int, device, image_size: int | None = None,
-                   dtype: torch.dtype = torch.float32) -> dict:
+def training_batch(
+    pair: ModelPair,
+    mode: str,
+    *,
+    batch: int,
+    text_tokens: int,
+    device,
+    image_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """One image per sample, its marker in front of the text; labels on every text token.
 
     On `meta` a ready 4-D causal mask is passed (transformers' mask builder reads tensor values,

@@ -70,7 +70,9 @@ def activation_tables(pairs: dict[str, ModelPair], stages=(1, 2)) -> dict:
     jobs = [(name, stage, mode) for name in pairs for stage in stages for mode in MODES]
     out = {}
     for name, stage, mode in tqdm(jobs, desc="activation bytes (meta)"):
-        out.setdefault(name, {}).setdefault(str(stage), {})[mode] = saved_activation_bytes(pairs[name], mode, stage=stage)
+        out.setdefault(name, {}).setdefault(str(stage), {})[mode] = saved_activation_bytes(
+            pairs[name], mode, stage=stage
+        )
     return out
 
 
@@ -107,13 +109,16 @@ def run_cpu(rounds: int) -> dict:
     results["flops"] = flops_tables(PAIRS)
     results["activation_bytes"] = activation_tables(PAIRS)
     results["activation_bytes_cpu_small"] = {
-        mode: saved_activation_bytes(CPU_SMALL, mode, stage=2, device="cpu") for mode in tqdm(MODES, desc="activation bytes (CPU)")
+        mode: saved_activation_bytes(CPU_SMALL, mode, stage=2, device="cpu")
+        for mode in tqdm(MODES, desc="activation bytes (CPU)")
     }
     results["scaling_1B"] = scaling(PAPER_1B)
     print("timing a training step on CPU (interleaved rounds)...", flush=True)
     results["cpu_step_time"] = step_times(CPU_SMALL, list(MODES), stage=2, batch=2, rounds=rounds)
     results["cpu_time_scaling"] = cpu_time_scaling(CPU_SMALL, rounds=max(2, rounds // 2))
-    results["generation"] = {mode: generation_costs(CPU_SMALL, mode) for mode in tqdm(("hive", "concat"), desc="generation")}
+    results["generation"] = {
+        mode: generation_costs(CPU_SMALL, mode) for mode in tqdm(("hive", "concat"), desc="generation")
+    }
     return results
 
 
@@ -122,8 +127,9 @@ def run_gpu(rounds: int) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("--suite gpu needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
     results = {"suite": "gpu", "environment": environment(), "text_tokens": TEXT_TOKENS, "pair": PAPER_1B.name}
-    results["step_time_bf16_sdpa"] = step_times(PAPER_1B, list(MODES), stage=2, batch=8, rounds=rounds,
-                                                device="cuda", dtype=torch.bfloat16)
+    results["step_time_bf16_sdpa"] = step_times(
+        PAPER_1B, list(MODES), stage=2, batch=8, rounds=rounds, device="cuda", dtype=torch.bfloat16
+    )
     results["generation"] = {mode: generation_costs(PAPER_1B, mode, device="cuda") for mode in ("hive", "concat")}
     return results
 
@@ -147,10 +153,14 @@ def headline(results: dict) -> list[tuple[str, float, str]]:
         rows += [
             (f"{mode}/concat training FLOPs, LLM side (1B, stage 2)", f, _verdict(f, TARGETS["flops"])),
             (f"{mode}/concat activation bytes (1B, stage 2, meta)", a, _verdict(a, TARGETS["activation"])),
-            (f"{mode}/concat activation bytes (CPU-small, real kernels)",
-             ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-             _verdict(ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-                      TARGETS["activation"])),
+            (
+                f"{mode}/concat activation bytes (CPU-small, real kernels)",
+                ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
+                _verdict(
+                    ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
+                    TARGETS["activation"],
+                ),
+            ),
             (f"{mode}/text-only training FLOPs, LLM side (1B, stage 2)", o, _verdict(o, TARGETS["overhead"])),
             (f"{mode}/concat step time (CPU-small, stage 2)", t, "measured (paper: 1/3.43 = 0.29 on GPU)"),
         ]
@@ -163,8 +173,12 @@ def _verdict(value: float, target: float) -> str:
 
 def markdown(results: dict) -> str:
     if results["suite"] == "gpu":
-        lines = [f"GPU: {results['environment'].get('cuda_device')}, bf16, 1B shape, batch 8, stage 2", "",
-                 "| mode | median step (s) | peak memory (GB) |", "| --- | ---: | ---: |"]
+        lines = [
+            f"GPU: {results['environment'].get('cuda_device')}, bf16, 1B shape, batch 8, stage 2",
+            "",
+            "| mode | median step (s) | peak memory (GB) |",
+            "| --- | ---: | ---: |",
+        ]
         for mode, value in results["step_time_bf16_sdpa"].items():
             lines.append(f"| {mode} | {value['median_s']:.3f} | {value.get('peak_bytes', 0) / 1e9:.2f} |")
         return "\n".join(lines) + "\n"
@@ -180,9 +194,13 @@ def markdown(results: dict) -> str:
         "| --- | ---: | --- |",
     ]
     lines += [f"| {what} | {value:.3f} | {verdict} |" for what, value, verdict in headline(results)]
-    lines += ["", "**Training-step TFLOPs per sample (counted on `meta`; LLM side = all but the vision tower):**", "",
-              "| config | stage | mode | LLM side | vision tower | end to end | analytic LLM fwd x3 | §8.1 eq. ratio to concat |",
-              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "**Training-step TFLOPs per sample (counted on `meta`; LLM side = all but the vision tower):**",
+        "",
+        "| config | stage | mode | LLM side | vision tower | end to end | analytic LLM fwd x3 | §8.1 eq. ratio to concat |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, stages in results["flops"].items():
         for stage, modes in stages.items():
             for mode, row in modes.items():
@@ -191,27 +209,49 @@ def markdown(results: dict) -> str:
                     f"| {name} | {stage} | {mode} | {row['llm_side'] / 1e12:.3f} | {row['vision'] / 1e12:.3f} | "
                     f"{row['total'] / 1e12:.3f} | {3 * row['analytic_llm_forward'] / 1e12:.3f} | {paper:.3f} |"
                 )
-    lines += ["", "**Activation bytes saved for backward (GB per sample):**", "", "| config | stage | " +
-              " | ".join(MODES) + " |", "| --- | ---: |" + " ---: |" * len(MODES)]
+    lines += [
+        "",
+        "**Activation bytes saved for backward (GB per sample):**",
+        "",
+        "| config | stage | " + " | ".join(MODES) + " |",
+        "| --- | ---: |" + " ---: |" * len(MODES),
+    ]
     for name, stages in results["activation_bytes"].items():
         for stage, modes in stages.items():
             lines.append(f"| {name} | {stage} | " + " | ".join(f"{modes[m] / 1e9:.3f}" for m in MODES) + " |")
     cpu_bytes = results["activation_bytes_cpu_small"]
     lines.append("| CPU-small, real CPU kernels | 2 | " + " | ".join(f"{cpu_bytes[m] / 1e9:.3f}" for m in MODES) + " |")
-    lines += ["", "On `meta` attention saves what the reference (math) kernel saves, attention probabilities included; "
-              "the CPU-small row is measured with the real kernels."]
+    lines += [
+        "",
+        "On `meta` attention saves what the reference (math) kernel saves, attention probabilities included; "
+        "the CPU-small row is measured with the real kernels.",
+    ]
     times = results["cpu_step_time"]
-    lines += ["", f"**CPU step time ({results['pairs']['cpu']}, batch 2, stage 2, median of interleaved rounds):**", "",
-              "| mode | seconds | / concat | / text-only |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"**CPU step time ({results['pairs']['cpu']}, batch 2, stage 2, median of interleaved rounds):**",
+        "",
+        "| mode | seconds | / concat | / text-only |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for mode, value in times.items():
-        lines.append(f"| {mode} | {value['median_s']:.3f} | {ratio(value['median_s'], times['concat']['median_s']):.3f} | "
-                     f"{ratio(value['median_s'], times['text']['median_s']):.3f} |")
+        lines.append(
+            f"| {mode} | {value['median_s']:.3f} | {ratio(value['median_s'], times['concat']['median_s']):.3f} | "
+            f"{ratio(value['median_s'], times['text']['median_s']):.3f} |"
+        )
     generation = results["generation"]
-    lines += ["", "**Generation (CPU-small, one prompt, greedy, KV cache):**", "",
-              "| mode | prefill (ms) | decode (ms/token) | cached bytes (text KV + vision KV) |", "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "**Generation (CPU-small, one prompt, greedy, KV cache):**",
+        "",
+        "| mode | prefill (ms) | decode (ms/token) | cached bytes (text KV + vision KV) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for mode, value in generation.items():
-        lines.append(f"| {mode} | {value['prefill_s'] * 1e3:.1f} | {value['decode_s_per_token'] * 1e3:.2f} | "
-                     f"{value['text_kv_cache_bytes']:,} + {value['vision_kv_cache_bytes']:,} |")
+        lines.append(
+            f"| {mode} | {value['prefill_s'] * 1e3:.1f} | {value['decode_s_per_token'] * 1e3:.2f} | "
+            f"{value['text_kv_cache_bytes']:,} + {value['vision_kv_cache_bytes']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -223,14 +263,21 @@ def plots(results: dict, directory: Path) -> list[Path]:
 
     written = []
     scaling_1b = results["scaling_1B"]
-    for key, axis, name in (("vision", "vision tokens per image", "flops_vs_vision_tokens.png"),
-                            ("text", "text tokens", "flops_vs_text_tokens.png")):
+    for key, axis, name in (
+        ("vision", "vision tokens per image", "flops_vs_vision_tokens.png"),
+        ("text", "text tokens", "flops_vs_text_tokens.png"),
+    ):
         figure, ax = plt.subplots(figsize=(5.5, 4))
         x = scaling_1b[f"{key}_tokens"]
         for mode, values in scaling_1b[f"llm_side_flops_by_{key}_tokens"].items():
             ax.plot(x, [v / 1e12 for v in values], marker="o", label=mode)
-        ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="training TFLOPs per sample, LLM side",
-               title="1B shape, stage 2")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel=axis,
+            ylabel="training TFLOPs per sample, LLM side",
+            title="1B shape, stage 2",
+        )
         ax.legend()
         ax.grid(alpha=0.3)
         figure.tight_layout()
@@ -269,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         (args.output_dir / f"{suite}.md").write_text(table)
         written = plots(results, args.output_dir) if suite == "cpu" else []
         print(table)
-        print("wrote", ", ".join(str(p) for p in [args.output_dir / f"{suite}.json", args.output_dir / f"{suite}.md", *written]))
+        print(
+            "wrote",
+            ", ".join(str(p) for p in [args.output_dir / f"{suite}.json", args.output_dir / f"{suite}.md", *written]),
+        )
 
 
 if __name__ == "__main__":

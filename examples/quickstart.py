@@ -72,12 +72,24 @@ def main() -> None:
     rng = random.Random(0)
 
     vision = SiglipVisionModel(
-        SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                           image_size=32, patch_size=4)
+        SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        )
     )
     language = LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(WORDS))
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(WORDS),
+        )
     )
     config = hive.HiveConfig(vision_layers=[1, 3, 5, 7], llm_layers=[0, 1, 2, 3], tokens_per_level=16)
     model = hive.HiveForConditionalGeneration.from_vision_text(vision, language, config)

@@ -53,9 +53,7 @@ def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tup
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return path, layers
     if layers_path:
-        raise ValueError(
-            f"layers_path={layers_path!r}: {type(model).__name__} has no non-empty nn.ModuleList there"
-        )
+        raise ValueError(f"layers_path={layers_path!r}: {type(model).__name__} has no non-empty nn.ModuleList there")
     raise ValueError(
         f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(LAYER_PATHS)}. "
         "Pass HiveConfig(layers_path='dotted.path.to.layers')."

@@ -15,12 +15,17 @@ from .config import HiveConfig
 class HiveArguments:
     vision_connector: str = field(
         default="hive",
-        metadata={"help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."},
+        metadata={
+            "help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."
+        },
     )
     hive_vision_layers: str | None = field(
-        default=None, metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%%, shallow to deep)."}
+        default=None,
+        metadata={"help": "Comma-separated encoder layers, e.g. 1,3,5,7 (default: ~25%%, shallow to deep)."},
     )
-    hive_llm_layers: str | None = field(default=None, metadata={"help": "Comma-separated decoder layers, e.g. 0,2,4,6."})
+    hive_llm_layers: str | None = field(
+        default=None, metadata={"help": "Comma-separated decoder layers, e.g. 0,2,4,6."}
+    )
     hive_level_mapping: str = field(default="paired", metadata={"help": "paired | all."})
     hive_tokens_per_level: int | None = field(default=None, metadata={"help": "Pool each level to N tokens (square)."})
     hive_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp2x_gelu."})

@@ -63,10 +63,14 @@ def _normalise(indices: list[int], num_layers: int, name: str, what: str) -> lis
     out = []
     for index in indices:
         if not -num_layers <= index < num_layers:
-            raise ValueError(f"{name}={list(indices)}: index {index} is out of range, the {what} has {num_layers} layers")
+            raise ValueError(
+                f"{name}={list(indices)}: index {index} is out of range, the {what} has {num_layers} layers"
+            )
         out.append(index % num_layers)
     if len(set(out)) != len(out):
-        raise ValueError(f"{name}={list(indices)}: the same layer is listed twice (after resolving negative indices: {out})")
+        raise ValueError(
+            f"{name}={list(indices)}: the same layer is listed twice (after resolving negative indices: {out})"
+        )
     if out != sorted(out):
         raise ValueError(f"{name}={list(indices)}: list layers shallow to deep (ascending), HIVE pairs them in order")
     return out

@@ -49,7 +49,9 @@ def cross_attention_kernel(config: HiveConfig, text_config) -> str:
     return implementation if implementation in ("eager", "flash_attention_2") else "sdpa"
 
 
-def build_level_encoder(config: HiveConfig, resolved: ResolvedLayers, vision: VisionShape, text: TextShape) -> HiveLevelEncoder:
+def build_level_encoder(
+    config: HiveConfig, resolved: ResolvedLayers, vision: VisionShape, text: TextShape
+) -> HiveLevelEncoder:
     """One projector per selected vision level (plus level embeddings when every block sees every level)."""
     return HiveLevelEncoder(
         num_levels=len(resolved.vision_layers),
@@ -241,7 +243,7 @@ class HiveMixin:
             if pixel_values.ndim != 3 or pixel_values.shape[-1] != channels * shape.patch_size**2:
                 raise ValueError(
                     f"pixel_values of shape {tuple(pixel_values.shape)}: this encoder takes patchified pixels of shape "
-                    f"(images, patches, {channels * shape.patch_size ** 2})"
+                    f"(images, patches, {channels * shape.patch_size**2})"
                 )
             return
         if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
@@ -620,8 +622,12 @@ def _splice_on_meta(embeddings, images, attention_mask, labels, *, batch: int, t
     if attention_mask.ndim == 4:  # a ready 4-D mask for the spliced length (what meta FLOP counting passes)
         out_mask = attention_mask
     else:
-        out_mask = torch.cat([attention_mask.new_ones(batch, per_sample * tokens), attention_mask[:, per_sample:]], dim=1)
+        out_mask = torch.cat(
+            [attention_mask.new_ones(batch, per_sample * tokens), attention_mask[:, per_sample:]], dim=1
+        )
     out_labels = None
     if labels is not None:
-        out_labels = torch.cat([labels.new_full((batch, per_sample * tokens), IGNORE_INDEX), labels[:, per_sample:]], dim=1)
+        out_labels = torch.cat(
+            [labels.new_full((batch, per_sample * tokens), IGNORE_INDEX), labels[:, per_sample:]], dim=1
+        )
     return out_embeds, out_mask, out_labels

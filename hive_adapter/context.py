@@ -42,7 +42,7 @@ class HiveVisionContext:
     record_attention: bool = False
     attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)
     _key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _expanded: dict[int, "HiveVisionContext"] = field(default_factory=dict, repr=False)
+    _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_images(
@@ -55,7 +55,7 @@ class HiveVisionContext:
         marker_positions: torch.Tensor,
         prompt_length: int,
         media_attention: str,
-    ) -> "HiveVisionContext":
+    ) -> HiveVisionContext:
         """Lay projected images out per sample.
 
         levels: each (images, tokens, hidden), as the level encoder returns them; token_mask: (images,
@@ -86,7 +86,7 @@ class HiveVisionContext:
     def batch_size(self) -> int:
         return self.image_valid.shape[0]
 
-    def for_batch(self, batch_size: int) -> "HiveVisionContext":
+    def for_batch(self, batch_size: int) -> HiveVisionContext:
         """This context for a batch that `generate` expanded (beams, several sequences per prompt).
 
         transformers expands inputs with `repeat_interleave`, so sample `b` becomes rows

@@ -91,7 +91,9 @@ class HiveCrossAttention(nn.Module):
                 query, key, value, attn_mask=visible[:, None], enable_gqa=self.num_heads != self.num_kv_heads
             )
             weights = None
-        output = output.transpose(1, 2).reshape(batch, text, self.num_heads * self.head_dim)  # (batch, text, heads*head_dim)
+        output = output.transpose(1, 2).reshape(
+            batch, text, self.num_heads * self.head_dim
+        )  # (batch, text, heads*head_dim)
         return self.hive_o_proj(output), weights
 
     def _eager(self, query, key, value, visible):
@@ -186,7 +188,9 @@ class HiveCrossAttentionBlock(nn.Module):
         """hidden (batch, text, hidden) -> same shape; `has_media` (batch, text) bool."""
         # A row that sees nothing attends everywhere (no empty softmax); its output is zeroed below.
         safe_visible = visible | ~has_media[..., None]
-        attended, weights = self.attn(self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights)
+        attended, weights = self.attn(
+            self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights
+        )
         keep = has_media[..., None].to(hidden.dtype)  # (batch, text, 1)
         hidden = hidden + torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype) * keep
         if self.hive_ffn is not None:

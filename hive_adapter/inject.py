@@ -30,7 +30,9 @@ class HiveBlockCall:
     not a module: it never registers the block a second time.
     """
 
-    def __init__(self, *, block: HiveCrossAttentionBlock, block_index: int, level_index: int | None, runtime: HiveRuntime):
+    def __init__(
+        self, *, block: HiveCrossAttentionBlock, block_index: int, level_index: int | None, runtime: HiveRuntime
+    ):
         self.block = block
         self.block_index = block_index
         self.level_index = level_index
@@ -94,7 +96,9 @@ class HiveDecoderLayer(nn.Module):
         self.base_layer = base_layer
         self.hive_block = hive_block
         self.placement = placement
-        self.hive_call = HiveBlockCall(block=hive_block, block_index=block_index, level_index=level_index, runtime=runtime)
+        self.hive_call = HiveBlockCall(
+            block=hive_block, block_index=block_index, level_index=level_index, runtime=runtime
+        )
 
     def forward(self, *args, **kwargs):
         if self.placement == "before":
@@ -217,7 +221,7 @@ def inject_hive(
 ) -> HiveInjection:
     """Wrap `layers[i]` for every `i` in `llm_layers` (the block becomes the wrapper's child)."""
     injection = HiveInjection(layers=layers, layers_path=layers_path)
-    for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block)):
+    for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block, strict=True)):
         original = layers[layer_index]
         if isinstance(original, HiveDecoderLayer) or hasattr(original, "hive_call"):
             raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")
@@ -277,7 +281,7 @@ def attach_hive_hooks(
     if len(blocks) != len(llm_layers):
         raise ValueError(f"{len(blocks)} HIVE blocks for {len(llm_layers)} decoder layers {list(llm_layers)}")
     injection = HiveInjection(layers=layers, layers_path=layers_path)
-    for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block)):
+    for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block, strict=True)):
         layer = layers[layer_index]
         if isinstance(layer, HiveDecoderLayer) or hasattr(layer, "hive_call"):
             raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")

@@ -103,7 +103,7 @@ class HiveLevelEncoder(nn.Module):
         Returns a list of (images, n, text_width) and the (images, n) mask of real tokens (None: all real).
         """
         outputs = []
-        for index, (states, projector) in enumerate(zip(level_states, self.projectors)):
+        for index, (states, projector) in enumerate(zip(level_states, self.projectors, strict=True)):
             states, token_mask = self._select(states, grids, patch_mask)
             projected = projector(states.to(projector.layers[0].weight.dtype))
             if self.level_embedding is not None:

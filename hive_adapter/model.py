@@ -180,7 +180,7 @@ class HiveModel(HiveMixin, nn.Module):
     @classmethod
     def from_pretrained(
         cls, base_model: nn.Module, adapter_directory: str | os.PathLike, *, is_trainable: bool = False
-    ) -> "HiveModel":
+    ) -> HiveModel:
         """Wrap `base_model` with the adapter saved in `adapter_directory` (strict: every key must match)."""
         directory = Path(adapter_directory)
         config = load_adapter_config(directory)

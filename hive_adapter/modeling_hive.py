@@ -37,7 +37,13 @@ class HivePreTrainedModel(PreTrainedModel):
     _supports_flash_attn_2 = True
     _supports_cache_class = True
     # Gates and norms stay float32 under bf16/fp16 loading (DESIGN: numerically sensitive, tiny).
-    _keep_in_fp32_modules_strict = ["hive_attn_gate", "hive_ffn_gate", "hive_attn_norm", "hive_media_norm", "hive_ffn_norm"]
+    _keep_in_fp32_modules_strict = [
+        "hive_attn_gate",
+        "hive_ffn_gate",
+        "hive_attn_norm",
+        "hive_media_norm",
+        "hive_ffn_norm",
+    ]
     _keep_in_fp32_modules = _keep_in_fp32_modules_strict
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -87,7 +93,7 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         language_model: PreTrainedModel,
         config: HiveConfig | None = None,
         **overrides: Any,
-    ) -> "HiveForConditionalGeneration":
+    ) -> HiveForConditionalGeneration:
         """Compose existing (e.g. pretrained) models; their weights are kept, only HIVE's are new."""
         if config is None:
             config = HiveConfig(**overrides)
@@ -184,4 +190,3 @@ def _register_auto_classes() -> None:
             auto_class.register(HiveConfig, HiveForConditionalGeneration)
         except ValueError:  # already registered by an earlier import
             pass
-

@@ -72,7 +72,8 @@ class ModelArguments:
     )
     language_model: str | None = field(default=None, metadata={"help": "HF causal LM directory (Llama, Qwen, ...)."})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Start from an existing HIVE checkpoint (e.g. out/stage1) instead of composing."}
+        default=None,
+        metadata={"help": "Start from an existing HIVE checkpoint (e.g. out/stage1) instead of composing."},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: the LM's)."})
     image_processor: str | None = field(
@@ -83,9 +84,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(
-        default=None, metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."}
+        default=None,
+        metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."},
     )
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the data file's image paths are relative to."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the data file's image paths are relative to."}
+    )
     data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
     synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
@@ -102,7 +106,8 @@ class StageArguments:
         default=None, metadata={"help": "Samples per optimiser step over all ranks (default: Table 3, 256/256/1024)."}
     )
     verify_rank_consistency: bool = field(
-        default=False, metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."}
+        default=False,
+        metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."},
     )
 
 
@@ -140,7 +145,15 @@ def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments))
     parser.prog = "hive-train"
     model_args, hive_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, hive_args, data_args, stage_args, training_args, resolve_deepspeed(deepspeed), explicit_flags(argv)
+    return (
+        model_args,
+        hive_args,
+        data_args,
+        stage_args,
+        training_args,
+        resolve_deepspeed(deepspeed),
+        explicit_flags(argv),
+    )
 
 
 # ---------------------------------------------------------------------- output
@@ -397,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if is_main_process() else logging.WARNING
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if is_main_process() else logging.WARNING,
     )
     stages = parse_stages(stage_args.stage)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import build_llava
 
 import hive_adapter as hive
 from hive_adapter.config import spread_layers
-from tiny_models import build_llava
 
 
 def test_defaults_pick_a_quarter_of_vision_layers_spread_shallow_to_deep():
@@ -36,9 +36,9 @@ def test_all_mapping_lets_every_depth_see_every_level():
 
 
 def test_cascaded_feeds_every_depth_from_the_deepest_level():
-    resolved = hive.HiveConfig(vision_layers=[0, 1, 2, 3], llm_layers=[0, 1, 2, 3], connector="cascaded").resolve_layers(
-        num_vision_layers=4, num_llm_layers=4
-    )
+    resolved = hive.HiveConfig(
+        vision_layers=[0, 1, 2, 3], llm_layers=[0, 1, 2, 3], connector="cascaded"
+    ).resolve_layers(num_vision_layers=4, num_llm_layers=4)
     assert resolved.vision_layers == (3,)
     assert resolved.llm_layers == (0, 1, 2, 3)
     assert resolved.level_of_block == (0, 0, 0, 0)
@@ -76,8 +76,14 @@ def test_bad_values_are_named_at_construction(kwargs, fragment):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        (dict(vision_layers=[1, 9], llm_layers=[0, 1]), "vision_layers=[1, 9]: index 9 is out of range, the vision encoder has 4"),
-        (dict(vision_layers=[1, 2], llm_layers=[0, 40]), "llm_layers=[0, 40]: index 40 is out of range, the language model has 4"),
+        (
+            dict(vision_layers=[1, 9], llm_layers=[0, 1]),
+            "vision_layers=[1, 9]: index 9 is out of range, the vision encoder has 4",
+        ),
+        (
+            dict(vision_layers=[1, 2], llm_layers=[0, 40]),
+            "llm_layers=[0, 40]: index 40 is out of range, the language model has 4",
+        ),
         (dict(vision_layers=[2, 1], llm_layers=[0, 1]), "ascending"),
         (dict(vision_layers=[3, -1], llm_layers=[0, 1]), "the same layer is listed twice"),
         (dict(layers_path="model.nothing"), "layers_path='model.nothing'"),

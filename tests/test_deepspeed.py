@@ -72,5 +72,9 @@ def test_two_rank_training_saves_one_consolidated_model(single_process_run, zero
     trained = {part for part, c in counts.items() if c["trainable"]}
     assert trained == ({"hive"} if stages[-1] == "1" else {"hive", "llm"})
     stage1 = AutoModel.from_pretrained(out / "stage1")
-    moved = {name for (name, a), (_, b) in zip(stage1.named_parameters(), stage0.named_parameters()) if not torch.equal(a, b)}
+    moved = {
+        name
+        for (name, a), (_, b) in zip(stage1.named_parameters(), stage0.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
     assert moved and all("hive_" in name for name in moved)

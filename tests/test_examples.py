@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_trains_saves_and_reloads(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "AutoModel reload gives identical logits: True" in result.stdout

@@ -5,9 +5,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
-
-import hive_adapter as hive
 from tiny_models import (
     IMAGE_TOKEN,
     TEXT_BUILDERS,
@@ -18,6 +15,9 @@ from tiny_models import (
     text_ids,
     vision_inputs,
 )
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+import hive_adapter as hive
 
 PAIRS = list(itertools.product(VISION_BUILDERS, TEXT_BUILDERS))
 
@@ -53,7 +53,9 @@ def test_from_vision_text_keeps_the_given_weights():
     model = hive.HiveForConditionalGeneration.from_vision_text(vision, text, hive.HiveConfig())
     for key, value in model.vision_model.state_dict().items():
         torch.testing.assert_close(value, vision_state[key], rtol=0, atol=0)
-    text_now = {k.replace("base_layer.", ""): v for k, v in model.language_model.state_dict().items() if "hive_" not in k}
+    text_now = {
+        k.replace("base_layer.", ""): v for k, v in model.language_model.state_dict().items() if "hive_" not in k
+    }
     assert text_now.keys() == text_state.keys()
     for key, value in text_now.items():
         torch.testing.assert_close(value, text_state[key], rtol=0, atol=0)
@@ -80,7 +82,7 @@ def test_save_and_auto_load_give_identical_outputs(tmp_path, auto_class):
     with torch.no_grad():
         got = loaded(input_ids=ids, **pixels).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
@@ -90,18 +92,24 @@ def test_a_config_alone_builds_a_random_model():
     )
     model = AutoModel.from_config(config)
     assert isinstance(model, hive.HiveForConditionalGeneration)
-    assert [i for i, layer in enumerate(model.language_model.model.layers) if isinstance(layer, hive.HiveDecoderLayer)] == [0, 3]
+    assert [
+        i for i, layer in enumerate(model.language_model.model.layers) if isinstance(layer, hive.HiveDecoderLayer)
+    ] == [0, 3]
     assert all(p.item() == 0 for n, p in model.named_parameters() if n.endswith("hive_attn_gate"))
 
 
 def test_bad_sub_model_pairing_is_named():
     with pytest.raises(ValueError, match="llm_layers=\\[0, 7\\]: index 7 is out of range, the language model has 4"):
         hive.HiveConfig(
-            vision_config=build_vision("clip").config, text_config=build_text("llama").config,
-            vision_layers=[1, 2], llm_layers=[0, 7],
+            vision_config=build_vision("clip").config,
+            text_config=build_text("llama").config,
+            vision_layers=[1, 2],
+            llm_layers=[0, 7],
         )
     with pytest.raises(ValueError, match="without an LM head"):
-        hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama").model, hive.HiveConfig())
+        hive.HiveForConditionalGeneration.from_vision_text(
+            build_vision("clip"), build_text("llama").model, hive.HiveConfig()
+        )
 
 
 def test_exported_vision_encoder_is_a_plain_hf_model(tmp_path):
@@ -170,7 +178,11 @@ def test_gradients_reach_each_level_in_the_full_model():
     set_gates(model, 0.5)
     ids = text_ids(2, 8)
     model(input_ids=ids, **vision_inputs("clip", 2), labels=ids).loss.backward()
-    layers = model.vision_model.vision_model.encoder.layers if hasattr(model.vision_model, "vision_model") else model.vision_model.encoder.layers
+    layers = (
+        model.vision_model.vision_model.encoder.layers
+        if hasattr(model.vision_model, "vision_model")
+        else model.vision_model.encoder.layers
+    )
     grads = [sum(p.grad.abs().sum() for p in layer.parameters() if p.grad is not None) for layer in layers]
     assert grads[0] > 0 and grads[2] > 0  # both selected levels (and what feeds them) are reached
     assert grads[3] == 0  # the layer above the deepest selected level has no path to the loss

@@ -2,18 +2,23 @@
 
 import pytest
 import torch
+from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import hive_adapter as hive
-from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 NEW_TOKENS = 6
 
 
 def full_model(connector="hive", **overrides):
     config = hive.HiveConfig(
-        vision_layers=[1, 3], llm_layers=[0, 2], image_token_id=IMAGE_TOKEN, use_ffn=True, connector=connector,
-        tokens_per_level=4, **overrides,
+        vision_layers=[1, 3],
+        llm_layers=[0, 2],
+        image_token_id=IMAGE_TOKEN,
+        use_ffn=True,
+        connector=connector,
+        tokens_per_level=4,
+        **overrides,
     )
     model = hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama"), config)
     return prepared(model)
@@ -78,11 +83,14 @@ def test_left_padded_batch_matches_each_prompt_alone(kind):
     model = MODELS[kind]()
     ids, mask = left_padded_prompts()
     pixels = vision_inputs("clip", 2)["pixel_values"]
-    batched = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=NEW_TOKENS,
-                             do_sample=False)
+    batched = model.generate(
+        input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=NEW_TOKENS, do_sample=False
+    )
     for row, start in ((0, 0), (1, 3)):
         alone = model.generate(
-            input_ids=ids[row : row + 1, start:], pixel_values=pixels[row : row + 1], max_new_tokens=NEW_TOKENS,
+            input_ids=ids[row : row + 1, start:],
+            pixel_values=pixels[row : row + 1],
+            max_new_tokens=NEW_TOKENS,
             do_sample=False,
         )
         assert torch.equal(batched[row, -NEW_TOKENS:], alone[0, -NEW_TOKENS:]), row
@@ -97,10 +105,13 @@ def test_vision_encoder_and_kv_projections_run_once_per_prompt(kind, use_cache):
     handles = [tower.register_forward_hook(lambda *a: calls.__setitem__("tower", calls["tower"] + 1))]
     blocks = [m for m in model.modules() if isinstance(m, hive.HiveCrossAttention)]
     for block in blocks:
-        handles.append(block.hive_k_proj.register_forward_hook(lambda *a: calls.__setitem__("k_proj", calls["k_proj"] + 1)))
+        handles.append(
+            block.hive_k_proj.register_forward_hook(lambda *a: calls.__setitem__("k_proj", calls["k_proj"] + 1))
+        )
     ids = text_ids(2, 8, marker_at=2)
-    model.generate(input_ids=ids, **vision_inputs("clip", 2), max_new_tokens=NEW_TOKENS, do_sample=False,
-                   use_cache=use_cache)
+    model.generate(
+        input_ids=ids, **vision_inputs("clip", 2), max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=use_cache
+    )
     for handle in handles:
         handle.remove()
     assert calls == {"tower": 1, "k_proj": len(blocks)}
@@ -112,8 +123,15 @@ def test_beam_search_scores_match_a_full_forward(kind):
     ids = text_ids(2, 8, marker_at=3)
     pixels = vision_inputs("clip", 2)
     out = model.generate(
-        input_ids=ids, **pixels, max_new_tokens=NEW_TOKENS, num_beams=3, num_return_sequences=2, do_sample=False,
-        length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+        input_ids=ids,
+        **pixels,
+        max_new_tokens=NEW_TOKENS,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     sequences = out.sequences  # (batch*2, prompt+new)
     assert sequences.shape == (4, 8 + NEW_TOKENS)
@@ -153,8 +171,14 @@ def test_a_generated_marker_token_is_text():
     ids = text_ids(1, 6, marker_at=2)
     pixels = vision_inputs("clip", 1)
     runs = [
-        model.generate(input_ids=ids, **pixels, max_new_tokens=4, do_sample=False, use_cache=use_cache,
-                       logits_processor=LogitsProcessorList([ForceMarkerFirst(6)]))
+        model.generate(
+            input_ids=ids,
+            **pixels,
+            max_new_tokens=4,
+            do_sample=False,
+            use_cache=use_cache,
+            logits_processor=LogitsProcessorList([ForceMarkerFirst(6)]),
+        )
         for use_cache in (True, False)
     ]
     assert runs[0][0, 6] == IMAGE_TOKEN

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import IMAGE_TOKEN, build_llava, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
 from hive_adapter.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from tiny_models import IMAGE_TOKEN, build_llava, set_gates, text_ids, vision_inputs
 
 CONFIG = dict(vision_layers=[0, 1, 2, 3], llm_layers=[0, 1, 2, 3], tokens_per_level=4)
 
@@ -100,9 +100,11 @@ def test_gradients_reach_every_selected_vision_level():
         param.requires_grad_(True)
     set_gates(model, 0.5)
     outputs = {}
-    layers = model.base_model.model.vision_tower.vision_model.encoder.layers if hasattr(
-        model.base_model.model.vision_tower, "vision_model"
-    ) else model.base_model.model.vision_tower.encoder.layers
+    layers = (
+        model.base_model.model.vision_tower.vision_model.encoder.layers
+        if hasattr(model.base_model.model.vision_tower, "vision_model")
+        else model.base_model.model.vision_tower.encoder.layers
+    )
 
     def keep(index):
         def hook(module, args, output):
@@ -183,10 +185,22 @@ def test_adapter_refuses_a_base_of_another_width(tmp_path):
     wrapped().save_pretrained(tmp_path)
     wider = LlavaForConditionalGeneration(
         LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                           num_attention_heads=2, image_size=32, patch_size=8),
-            text_config=LlamaConfig(hidden_size=96, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=96),
+            vision_config=CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            text_config=LlamaConfig(
+                hidden_size=96,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=96,
+            ),
             image_token_index=IMAGE_TOKEN,
         )
     )

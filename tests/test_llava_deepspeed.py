@@ -46,8 +46,14 @@ def run_example(script: str, toy: dict, **paths) -> str:
         "IMAGES": str(toy["data"]),
         **{key.upper(): str(value) for key, value in paths.items()},
     }
-    result = subprocess.run(["bash", str(EXAMPLES / script), *CPU_FLAGS, *extra], capture_output=True, text=True,
-                            env=env, timeout=900, cwd=REPO)
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / script), *CPU_FLAGS, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=REPO,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     return output
@@ -63,10 +69,22 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava-ds")
     toy = write_llava_toy(root / "toy", samples=32)
     stage1 = run_example("pretrain.sh", toy, model=toy["vicuna"], data=toy["pretrain"], output=root / "llava-s1")
-    stage2 = run_example("finetune.sh", toy, model=toy["vicuna"], data=toy["finetune"],
-                         adapter=root / "llava-s1" / "mm_projector.bin", output=root / "llava-s2")
-    stage3 = run_example("finetune_vision.sh", toy, model=root / "llava-s2", data=toy["finetune"],
-                         output=root / "llava-s3", extra=["--learning_rate", "1e-3"])
+    stage2 = run_example(
+        "finetune.sh",
+        toy,
+        model=toy["vicuna"],
+        data=toy["finetune"],
+        adapter=root / "llava-s1" / "mm_projector.bin",
+        output=root / "llava-s2",
+    )
+    stage3 = run_example(
+        "finetune_vision.sh",
+        toy,
+        model=root / "llava-s2",
+        data=toy["finetune"],
+        output=root / "llava-s3",
+        extra=["--learning_rate", "1e-3"],
+    )
     return root, toy, {1: stage1, 2: stage2, 3: stage3}
 
 

@@ -2,17 +2,22 @@
 
 import pytest
 import torch
+from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 TOKENS = 4  # pooled tokens per image
 
 
 def model_for(media_attention="previous", use_ffn=True, implementation="eager"):
     config = hive.HiveConfig(
-        vision_layers=[1, 3], llm_layers=[0, 2], image_token_id=IMAGE_TOKEN, tokens_per_level=TOKENS,
-        use_ffn=use_ffn, media_attention=media_attention, cross_attn_implementation=implementation,
+        vision_layers=[1, 3],
+        llm_layers=[0, 2],
+        image_token_id=IMAGE_TOKEN,
+        tokens_per_level=TOKENS,
+        use_ffn=use_ffn,
+        media_attention=media_attention,
+        cross_attn_implementation=implementation,
     )
     model = hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama"), config)
     set_gates(model, 0.8)

@@ -20,9 +20,7 @@ def test_the_readme_has_examples():
 def test_readme_python_block_runs(index, tmp_path):
     script = tmp_path / f"block_{index}.py"
     script.write_text(BLOCKS[index])
-    result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -32,7 +30,9 @@ def test_readme_commands_name_real_make_targets():
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
 
 
-SHELL_BLOCKS = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if b.startswith("# (tested)")]
+SHELL_BLOCKS = [
+    b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S) if b.startswith("# (tested)")
+]
 
 
 def test_readme_shell_blocks_run_in_order(tmp_path):
@@ -42,14 +42,25 @@ def test_readme_shell_blocks_run_in_order(tmp_path):
     assert len(SHELL_BLOCKS) >= 2
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     for block in SHELL_BLOCKS:
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
-                                text=True, env=env, timeout=900)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert result.returncode == 0, block + result.stdout[-2000:] + result.stderr[-4000:]
     assert (tmp_path / "run" / "stage3" / "model.safetensors").is_file()
     assert (tmp_path / "vision_encoder" / "config.json").is_file()
     gradients = json.loads((tmp_path / "analysis" / "gradients.json").read_text())
     assert len(gradients["layers"]) == 8 and (tmp_path / "analysis" / "attention.png").is_file()
-    assert json.loads((tmp_path / "analysis" / "probe.json").read_text())["classes"] == ["circle", "cross", "square", "triangle"]
+    assert json.loads((tmp_path / "analysis" / "probe.json").read_text())["classes"] == [
+        "circle",
+        "cross",
+        "square",
+        "triangle",
+    ]
     assert (tmp_path / "run_zero3" / "stage1" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive-pretrain" / "mm_projector.bin").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive" / "model.safetensors").is_file()

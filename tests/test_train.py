@@ -29,7 +29,10 @@ def toy(tmp_path_factory):
 
 def hive_train(*args, check=True):
     result = subprocess.run(
-        [sys.executable, "-m", "hive_adapter.train", *map(str, args)], capture_output=True, text=True, env=ENV,
+        [sys.executable, "-m", "hive_adapter.train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
         timeout=900,
     )
     if check:
@@ -54,27 +57,38 @@ def test_stage_table_is_table_3():
 
 def test_stage_arguments_scale_to_the_run_and_explicit_flags_win(tmp_path):
     base = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, use_cpu=True, report_to="none")
-    args = stage_arguments(base, STAGES[2], num_samples=10_000, global_batch_size=None, explicit=set(),
-                           output_dir=tmp_path, deepspeed=None)
+    args = stage_arguments(
+        base, STAGES[2], num_samples=10_000, global_batch_size=None, explicit=set(), output_dir=tmp_path, deepspeed=None
+    )
     assert args.gradient_accumulation_steps == 32  # 256 = 8 x 32 x 1 rank
     total = 2 * -(-10_000 // 256)
     assert args.warmup_steps == -(-140 * total // 4652)  # the paper's warmup share of this run
     assert (args.learning_rate, args.adam_beta2, args.max_grad_norm, args.num_train_epochs) == (2e-5, 0.95, 10.0, 2)
     assert args.lr_scheduler_kwargs == {"min_lr_rate": pytest.approx(0.1)}
     base = TrainingArguments(output_dir=str(tmp_path), learning_rate=5e-4, use_cpu=True, report_to="none")
-    args = stage_arguments(base, STAGES[1], num_samples=100, global_batch_size=16,
-                           explicit={"learning_rate"}, output_dir=tmp_path, deepspeed=None)
+    args = stage_arguments(
+        base,
+        STAGES[1],
+        num_samples=100,
+        global_batch_size=16,
+        explicit={"learning_rate"},
+        output_dir=tmp_path,
+        deepspeed=None,
+    )
     assert args.learning_rate == 5e-4 and args.gradient_accumulation_steps == 2
     assert args.lr_scheduler_kwargs == {"min_lr_rate": pytest.approx(1e-4 / 5e-4)}
     with pytest.raises(ValueError, match="global batch 20 is not a multiple"):
-        stage_arguments(base, STAGES[1], num_samples=100, global_batch_size=20, explicit=set(),
-                        output_dir=tmp_path, deepspeed=None)
+        stage_arguments(
+            base, STAGES[1], num_samples=100, global_batch_size=20, explicit=set(), output_dir=tmp_path, deepspeed=None
+        )
 
 
 def test_apply_stage_trains_the_right_parts():
     from tiny_models import build_text, build_vision
 
-    model = hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama"), hive.HiveConfig())
+    model = hive.HiveForConditionalGeneration.from_vision_text(
+        build_vision("clip"), build_text("llama"), hive.HiveConfig()
+    )
     for number, parts in ((1, {"hive"}), (2, {"hive", "llm"}), (3, {"hive", "llm", "vision"})):
         counts = apply_stage(model, STAGES[number])
         assert {part for part, (trainable, _) in counts.items() if trainable} == parts
@@ -118,7 +132,9 @@ def test_collator_truncates_at_77_and_learns_only_the_caption(toy):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     vision_dir, language_dir = toy
-    collator = HiveCaptionCollator(AutoTokenizer.from_pretrained(language_dir), AutoImageProcessor.from_pretrained(vision_dir))
+    collator = HiveCaptionCollator(
+        AutoTokenizer.from_pretrained(language_dir), AutoImageProcessor.from_pretrained(vision_dir)
+    )
     long_caption = " ".join(["red"] * 200)
     batch = collator([
         {"image": Image.new("RGB", (40, 40)), "prompt": "describe the image .", "caption": "a red square"},
@@ -155,10 +171,22 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
     assert isinstance(model, hive.HiveForConditionalGeneration)
     stage1 = AutoModel.from_pretrained(out / "stage1")
     stage0 = AutoModel.from_pretrained(out / "stage0")
-    for (name, p1), (_, p0) in zip(stage1.named_parameters(), stage0.named_parameters()):
+    for (name, p1), (_, p0) in zip(stage1.named_parameters(), stage0.named_parameters(), strict=True):
         assert torch.equal(p1, p0) == ("hive_" not in name), name  # stage 1 moved exactly the HIVE weights
-    rerun = hive_train("--model_name_or_path", out / "stage0", "--data_format", "synthetic", "--synthetic_size", 96,
-                       "--stage", "all", "--output_dir", out, "--report_to", "none")
+    rerun = hive_train(
+        "--model_name_or_path",
+        out / "stage0",
+        "--data_format",
+        "synthetic",
+        "--synthetic_size",
+        96,
+        "--stage",
+        "all",
+        "--output_dir",
+        out,
+        "--report_to",
+        "none",
+    )
     assert "stage 1 already finished" in rerun.stdout and "stage 3 already finished" in rerun.stdout
 
     exported = tmp_path / "encoder"
@@ -167,8 +195,9 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
     assert type(encoder).__name__ == "SiglipVisionModel" and (exported / "preprocessor_config.json").is_file()
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(encoder(pixel_values=pixels).last_hidden_state,
-                                   model.vision_model(pixel_values=pixels).last_hidden_state)
+        torch.testing.assert_close(
+            encoder(pixel_values=pixels).last_hidden_state, model.vision_model(pixel_values=pixels).last_hidden_state
+        )
 
 
 KILL_DRIVER = """
@@ -198,8 +227,13 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(toy, tmp_path):
     killed_dir = tmp_path / "killed"
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_DRIVER.format(kill_at=8))
-    crashed = subprocess.run([sys.executable, driver, *map(str, common), "--output_dir", killed_dir],
-                             capture_output=True, text=True, env=ENV, timeout=900)
+    crashed = subprocess.run(
+        [sys.executable, driver, *map(str, common), "--output_dir", killed_dir],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+    )
     assert crashed.returncode == 9, crashed.stderr[-3000:]
     checkpoints = killed_dir / "stage1-checkpoints"
     assert not (killed_dir / "stage1").exists()  # an unfinished stage never looks finished
@@ -219,8 +253,9 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(toy, tmp_path):
 
 
 def test_bad_arguments_are_named(toy, tmp_path):
-    result = hive_train("--data_format", "synthetic", "--output_dir", tmp_path, "--vision_connector", "perceiver",
-                        check=False)
+    result = hive_train(
+        "--data_format", "synthetic", "--output_dir", tmp_path, "--vision_connector", "perceiver", check=False
+    )
     assert result.returncode != 0 and "connector='perceiver'" in result.stderr
     result = hive_train("--data_format", "synthetic", "--output_dir", tmp_path, "--deepspeed", "zero9", check=False)
     assert result.returncode != 0 and "--deepspeed 'zero9'" in result.stderr and "zero3_offload" in result.stderr

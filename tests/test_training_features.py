@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 from tokenizers import Tokenizer, models
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 import hive_adapter as hive
 import hive_adapter.cross_attention
-from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 CONFIG = dict(vision_layers=[1, 3], llm_layers=[1, 3], use_ffn=True, tokens_per_level=4)
 
@@ -38,13 +38,19 @@ def loss_and_grads(model, checkpointing=None):
     model.train()
     calls = []
     blocks = [m for m in model.modules() if isinstance(m, hive.HiveCrossAttentionBlock)]
-    handles = [b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in blocks]  # post-hooks miss early-stopped replays
+    handles = [
+        b.register_forward_pre_hook(lambda *a: calls.append(1)) for b in blocks
+    ]  # post-hooks miss early-stopped replays
     if checkpointing is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     ids = text_ids(2, 10, marker_at=2)
-    out = model(input_ids=ids, **vision_inputs("siglip" if isinstance(model, hive.HiveForConditionalGeneration) else "clip", 2), labels=ids)
+    out = model(
+        input_ids=ids,
+        **vision_inputs("siglip" if isinstance(model, hive.HiveForConditionalGeneration) else "clip", 2),
+        labels=ids,
+    )
     out.loss.backward()
     for handle in handles:
         handle.remove()
@@ -175,16 +181,21 @@ def test_flash_attention_matches_sdpa_with_padding():
     config = dict(vision_layers=[1, 3], llm_layers=[1, 3], tokens_per_level=4)
     results = {}
     for kernel in ("sdpa", "flash_attention_2"):
-        model = hive.HiveForConditionalGeneration.from_vision_text(
-            build_vision("siglip"), build_text("llama"), hive.HiveConfig(**config, cross_attn_implementation=kernel)
-        ).to("cuda", torch.bfloat16).eval()
+        model = (
+            hive.HiveForConditionalGeneration.from_vision_text(
+                build_vision("siglip"), build_text("llama"), hive.HiveConfig(**config, cross_attn_implementation=kernel)
+            )
+            .to("cuda", torch.bfloat16)
+            .eval()
+        )
         set_gates(model, 0.5)
         ids = text_ids(2, 10).cuda()
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
         with torch.no_grad():
-            results[kernel] = model(input_ids=ids, attention_mask=mask, **{
-                k: v.cuda() for k, v in vision_inputs("siglip", 2).items()}).logits.float()
+            results[kernel] = model(
+                input_ids=ids, attention_mask=mask, **{k: v.cuda() for k, v in vision_inputs("siglip", 2).items()}
+            ).logits.float()
     torch.testing.assert_close(results["flash_attention_2"][:, 4:], results["sdpa"][:, 4:], atol=2e-2, rtol=2e-2)
 
 
@@ -193,8 +204,16 @@ def test_an_encoder_whose_native_size_is_not_a_patch_multiple_is_accepted():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
-    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                                  num_attention_heads=2, image_size=36, patch_size=8))
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=36,
+            patch_size=8,
+        )
+    )
     model = hive.HiveForConditionalGeneration.from_vision_text(vision, build_text("llama"), hive.HiveConfig())
     levels, _ = model.hive_encode_images(torch.randn(2, 3, 36, 36))
     assert levels[0].shape[1] == 16  # floor(36 / 8) ** 2

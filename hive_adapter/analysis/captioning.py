@@ -23,7 +23,7 @@ def caption_batch(loaded, images: list[Image.Image], captions: list[str], prompt
     collator = HiveCaptionCollator(loaded.tokenizer, loaded.image_processor, image_token=loaded.image_token)
     samples = [
         {"image": image.convert("RGB"), "prompt": prompt, "caption": caption}
-        for image, caption in zip(images, captions)
+        for image, caption in zip(images, captions, strict=True)
     ]
     device = next(loaded.model.parameters()).device
     return {name: tensor.to(device) for name, tensor in collator(samples).items()}

@@ -96,7 +96,7 @@ def run_attention(args) -> None:
         "llm_layers": maps.llm_layers, "grid": list(chosen.shape[-2:]),
         "tokens": [
             {"position": position, "token": word, "maps": chosen[row].tolist()}
-            for row, (position, word) in enumerate(zip(positions, words))
+            for row, (position, word) in enumerate(zip(positions, words, strict=True))
         ],
     }  # fmt: skip
     output.with_suffix(".json").write_text(json.dumps(report))

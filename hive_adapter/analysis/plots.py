@@ -5,8 +5,8 @@ matplotlib is imported lazily (the `analysis` extra); everything here writes a P
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

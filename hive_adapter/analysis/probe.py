@@ -141,11 +141,13 @@ def linear_probe(
     processor,
     train: LabelledImages,
     test: LabelledImages,
-    config: ProbeConfig = ProbeConfig(),
+    config: ProbeConfig | None = None,
     *,
     progress: bool = True,
 ) -> ProbeResult:
-    """Train a linear classifier on the frozen encoder's features of `train`; report accuracy on `test`."""
+    """Train a linear classifier on the frozen encoder's features of `train`; report accuracy on `test`
+    (`config`: Table 4's recipe when None)."""
+    config = config if config is not None else ProbeConfig()
     if train.classes != test.classes:
         raise ValueError(f"train classes {train.classes} and test classes {test.classes} differ")
     if len(train) == 0 or len(test) == 0:

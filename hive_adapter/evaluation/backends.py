@@ -12,8 +12,8 @@ Two backends, one interface (`generate`, `loglikelihood`), independent of lmms-e
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -36,7 +36,7 @@ class GenerationSettings:
     num_beams: int = 1
 
     @classmethod
-    def from_task(cls, kwargs: dict, *, default_max_new_tokens: int = 128) -> "GenerationSettings":
+    def from_task(cls, kwargs: dict, *, default_max_new_tokens: int = 128) -> GenerationSettings:
         kwargs = dict(kwargs)
         until = kwargs.pop("until", ())
         if isinstance(until, str):
@@ -126,7 +126,7 @@ class HiveBackend:
         self, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]], settings: GenerationSettings
     ) -> list[str]:
         """Answers for a batch of prompts (each with its own images, the same count per prompt)."""
-        texts = [self.prompt(context, len(row)) for context, row in zip(contexts, images)]
+        texts = [self.prompt(context, len(row)) for context, row in zip(contexts, images, strict=True)]
         inputs = self._encode(texts, padding_side="left")
         pixel_values = self._images(images)
         output = self.model.generate(
@@ -222,7 +222,7 @@ class LlavaBackend:
     def generate(
         self, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]], settings: GenerationSettings
     ) -> list[str]:
-        rows = [self._ids(self.prompt(context, len(row))) for context, row in zip(contexts, images)]
+        rows = [self._ids(self.prompt(context, len(row))) for context, row in zip(contexts, images, strict=True)]
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
@@ -40,10 +39,10 @@ class HiveLmms(lmms):
     def __init__(
         self,
         pretrained: str,
-        adapter: Optional[str] = None,
-        model_base: Optional[str] = None,
+        adapter: str | None = None,
+        model_base: str | None = None,
         device: str = "cpu",
-        dtype: Optional[str] = None,
+        dtype: str | None = None,
         batch_size: int = 1,
         max_new_tokens: int = 128,
         prompt_format: str = "auto",
@@ -78,7 +77,7 @@ class HiveLmms(lmms):
             raise ValueError(f"{task} doc {doc_id}: the hive model reads images only (got {type(visuals[0]).__name__})")
         return list(visuals)
 
-    def generate_until(self, requests: List[Instance]) -> List[str]:
+    def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy (or sampled) answers, batched: same generation settings and image count per batch.
 
         Images are counted up front and decoded again per batch, so a benchmark's pictures are never
@@ -99,7 +98,7 @@ class HiveLmms(lmms):
             settings = GenerationSettings.from_task(arguments[batch[0]][1], default_max_new_tokens=self.max_new_tokens)
             images = [self._doc_images(arguments[index][2:6]) for index in batch]
             outputs = self.backend.generate([arguments[index][0] for index in batch], images, settings)
-            for index, text in zip(batch, outputs):
+            for index, text in zip(batch, outputs, strict=True):
                 answers[index] = text
                 self.cache_hook.add_partial("generate_until", (arguments[index][0], arguments[index][1]), text)
             progress.update(len(batch))
@@ -114,7 +113,7 @@ class HiveLmms(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests: List[Instance]) -> List[Tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the continuation, whether greedy decoding would produce it)."""
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="hive: log-likelihood"):
@@ -128,7 +127,7 @@ class HiveLmms(lmms):
             )
         return results
 
-    def generate_until_multi_round(self, requests) -> List[str]:
+    def generate_until_multi_round(self, requests) -> list[str]:
         """Rounds driven by the task's `doc_to_text(doc, previous_output=..., round_idx=...)` until it signals the end."""
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="hive: multi-round"):

@@ -8,7 +8,7 @@ parquet files instead.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _builtin(task: str):

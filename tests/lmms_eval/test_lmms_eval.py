@@ -288,7 +288,7 @@ def test_a_llava_repo_checkpoint_with_the_hive_connector(tasks, tmp_path):
     table = datasets.load_dataset(
         "parquet", data_files=str(tasks / "data" / "vqa" / "testdev_balanced_images" / "testdev.parquet"), split="train"
     )
-    image_of = dict(zip(table["id"], table["image"]))
+    image_of = dict(zip(table["id"], table["image"], strict=True))
     for sample in samples["hive_demo_vqa"][:3]:
         image = image_of[questions[sample["doc_id"]]["imageId"]]
         expected = backend.generate([sample["input"]], [[image]], GenerationSettings(max_new_tokens=16))

@@ -16,15 +16,24 @@ from transformers import (
 import hive_adapter as hive
 
 IMAGE_TOKEN = 95
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8)
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=96)
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
+)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+)
 
 
 def llava():
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
-                         image_token_index=IMAGE_TOKEN)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN
+    )
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -87,15 +96,22 @@ def test_generation_cached_equals_uncached():
     model = hive.get_hive_model(llava(), hive.HiveConfig(vision_layers=[1, 3], llm_layers=[0, 2]))
     open_gates(model)
     ids, pixels = batch()
-    common = dict(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                  do_sample=False, pad_token_id=0)
+    common = dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert torch.equal(model.generate(**common), model.generate(**common, use_cache=False))
 
 
 def test_full_model_auto_round_trip(tmp_path):
     torch.manual_seed(0)
     model = hive.HiveForConditionalGeneration.from_vision_text(
-        CLIPVisionModel(CLIPVisionConfig(**VISION)), LlamaForCausalLM(LlamaConfig(**TEXT)),
+        CLIPVisionModel(CLIPVisionConfig(**VISION)),
+        LlamaForCausalLM(LlamaConfig(**TEXT)),
         hive.HiveConfig(vision_layers=[1, 3], llm_layers=[0, 2]),
     ).eval()
     open_gates(model)
@@ -115,17 +131,19 @@ def test_exported_clip_encoder_loads_as_llava_vision_tower(tmp_path):
     """hive-export-vision output is what LLaVA's `--vision_tower DIR` reads (CLIPVisionTower)."""
     from types import SimpleNamespace
 
+    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
     from transformers import CLIPImageProcessor
 
     from hive_adapter.export import export_vision_encoder
-    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
     torch.manual_seed(0)
     model = hive.HiveForConditionalGeneration.from_vision_text(
         CLIPVisionModel(CLIPVisionConfig(**VISION)), LlamaForCausalLM(LlamaConfig(**TEXT)), hive.HiveConfig()
     )
     model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "ckpt")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "ckpt"
+    )
     export_vision_encoder(tmp_path / "ckpt", tmp_path / "encoder")
     tower = CLIPVisionTower(str(tmp_path / "encoder"), SimpleNamespace(mm_vision_select_layer=-2))
     pixels = torch.randn(2, 3, 32, 32)

@@ -203,8 +203,9 @@ def test_drop_image_markers_right_and_left():
 def test_mm_projector_lr_applies_to_every_hive_parameter(toy, tmp_path):
     """LLaVA's LLaVATrainer.create_optimizer groups parameters by the name `mm_projector`."""
     model = build(toy, vision_connector="hive")
-    args = llava_train.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5,
-                                         mm_projector_lr=1e-3, report_to="none")
+    args = llava_train.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, learning_rate=2e-5, mm_projector_lr=1e-3, report_to="none"
+    )
     trainer = llava_train.LLaVATrainer(model=model, args=args)
     optimizer = trainer.create_optimizer()
     rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}

@@ -38,17 +38,29 @@ def toy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1(toy, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "llava-hive-pretrain"
-    log = run_llava(pretrain_command(toy, output, "--vision_connector", "hive", "--hive_vision_layers", "1,3,5,7",
-                                     "--hive_llm_layers", "0,1,2,3"))
+    log = run_llava(
+        pretrain_command(
+            toy, output, "--vision_connector", "hive", "--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3"
+        )
+    )
     return output, log
 
 
 @pytest.fixture(scope="module")
 def stage2(toy, stage1, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "llava-hive-finetune"
-    log = run_llava(finetune_command(toy, output, "--vision_connector", "hive",
-                                     "--pretrain_mm_mlp_adapter", str(stage1[0] / "mm_projector.bin"),
-                                     "--mm_projector_lr", "1e-3"))
+    log = run_llava(
+        finetune_command(
+            toy,
+            output,
+            "--vision_connector",
+            "hive",
+            "--pretrain_mm_mlp_adapter",
+            str(stage1[0] / "mm_projector.bin"),
+            "--mm_projector_lr",
+            "1e-3",
+        )
+    )
     return output, log
 
 
@@ -60,8 +72,9 @@ def load(path: Path, base: Path | None = None):
     from llava.mm_utils import get_model_name_from_path
     from llava.model.builder import load_pretrained_model
 
-    return load_pretrained_model(str(path), None if base is None else str(base), get_model_name_from_path(str(path)),
-                                 device="cpu")
+    return load_pretrained_model(
+        str(path), None if base is None else str(base), get_model_name_from_path(str(path)), device="cpu"
+    )
 
 
 def ask(tokenizer, model, processor, toy, *, use_cache: bool = True) -> torch.Tensor:
@@ -77,8 +90,9 @@ def ask(tokenizer, model, processor, toy, *, use_cache: bool = True) -> torch.Te
     ids = tokenizer_image_token(conversation.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
     image = Image.open(toy["data"] / "images" / "00000.png").convert("RGB")
     pixels = process_images([image], processor, model.config).to(model.device, dtype=model.dtype)
-    return model.generate(ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=6,
-                          use_cache=use_cache)
+    return model.generate(
+        ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=6, use_cache=use_cache
+    )
 
 
 def test_stage1_trains_exactly_the_hive_modules(stage1):
@@ -87,7 +101,9 @@ def test_stage1_trains_exactly_the_hive_modules(stage1):
     assert "vision tower 0, language model 0" in log  # the trainable-parameter report of hooks.prepare_for_training
     weights = torch.load(output / "mm_projector.bin", map_location="cpu", weights_only=True)
     assert weights and all(key.startswith("model.mm_projector.hive_") for key in weights)
-    assert {k for k in weights if k.endswith("_gate")} == {f"model.mm_projector.hive_blocks.{i}.hive_attn_gate" for i in range(4)}
+    assert {k for k in weights if k.endswith("_gate")} == {
+        f"model.mm_projector.hive_blocks.{i}.hive_attn_gate" for i in range(4)
+    }
     assert all(weights[k].abs().item() > 0 for k in weights if k.endswith("_gate"))  # gates left zero
     config = json.loads((output / "config.json").read_text())
     assert config["mm_projector_type"] == "hive"
@@ -100,7 +116,7 @@ def test_default_connector_is_llava_unchanged(toy, tmp_path):
     assert_trained_on_real_labels(log)
     weights = torch.load(tmp_path / "llava-mlp-pretrain" / "mm_projector.bin", map_location="cpu", weights_only=True)
     assert sorted(weights) == [f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]
-    assert "mm_projector_type\": \"mlp2x_gelu" in (tmp_path / "llava-mlp-pretrain" / "config.json").read_text()
+    assert 'mm_projector_type": "mlp2x_gelu' in (tmp_path / "llava-mlp-pretrain" / "config.json").read_text()
 
 
 def test_stage2_loads_adapter_trains_llm_and_reloads_for_generation(toy, stage1, stage2):
@@ -114,7 +130,9 @@ def test_stage2_loads_adapter_trains_llm_and_reloads_for_generation(toy, stage1,
     assert any((saved[k] - adapter[k]).abs().max() > 0 for k in adapter)  # and went on training
     base = load_file(toy["vicuna"] / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in saved  # the LLM keeps upstream's parameter names
-    assert (saved["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 0
+    assert (
+        saved["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]
+    ).abs().max() > 0
 
     tokenizer, model, processor, _ = load(output)
     reloaded = {k: v for k, v in model.state_dict().items() if "mm_projector" in k}
@@ -140,9 +158,24 @@ def test_projector_only_checkpoint_reloads_with_model_base(toy, stage1):
 
 def test_lora_excludes_hive_and_saves_it_with_non_lora_trainables(toy, stage1, tmp_path):
     output = tmp_path / "llava-hive-lora"
-    log = run_llava(finetune_command(toy, output, "--vision_connector", "hive", "--lora_enable", "True",
-                                     "--lora_r", "8", "--lora_alpha", "16", "--max_steps", "2",
-                                     "--pretrain_mm_mlp_adapter", str(stage1[0] / "mm_projector.bin")))
+    log = run_llava(
+        finetune_command(
+            toy,
+            output,
+            "--vision_connector",
+            "hive",
+            "--lora_enable",
+            "True",
+            "--lora_r",
+            "8",
+            "--lora_alpha",
+            "16",
+            "--max_steps",
+            "2",
+            "--pretrain_mm_mlp_adapter",
+            str(stage1[0] / "mm_projector.bin"),
+        )
+    )
     assert_trained_on_real_labels(log)
     non_lora = torch.load(output / "non_lora_trainables.bin", map_location="cpu", weights_only=True)
     assert any("mm_projector.hive_blocks" in key for key in non_lora)
@@ -154,8 +187,18 @@ def test_lora_excludes_hive_and_saves_it_with_non_lora_trainables(toy, stage1, t
 
 def test_stage3_unfreezes_the_vision_tower_and_reloads_it(toy, stage2, tmp_path):
     output = tmp_path / "llava-hive-stage3"
-    command = finetune_command(toy, output, "--vision_connector", "hive", "--unfreeze_vision_tower", "True",
-                               "--max_steps", "2", "--learning_rate", "1e-3")
+    command = finetune_command(
+        toy,
+        output,
+        "--vision_connector",
+        "hive",
+        "--unfreeze_vision_tower",
+        "True",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+    )
     command[command.index("--model_name_or_path") + 1] = str(stage2[0])
     log = run_llava(command)
     assert_trained_on_real_labels(log)
@@ -172,10 +215,21 @@ def test_stage3_unfreezes_the_vision_tower_and_reloads_it(toy, stage2, tmp_path)
 
 
 def test_adapter_from_other_hive_settings_is_refused(toy, stage1, tmp_path):
-    command = finetune_command(toy, tmp_path / "llava-refused", "--vision_connector", "hive",
-                               "--hive_vision_layers", "2,5", "--hive_llm_layers", "1,3",
-                               "--pretrain_mm_mlp_adapter", str(stage1[0] / "mm_projector.bin"))
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = finetune_command(
+        toy,
+        tmp_path / "llava-refused",
+        "--vision_connector",
+        "hive",
+        "--hive_vision_layers",
+        "2,5",
+        "--hive_llm_layers",
+        "1,3",
+        "--pretrain_mm_mlp_adapter",
+        str(stage1[0] / "mm_projector.bin"),
+    )
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode != 0
     assert "was trained with other HIVE settings" in result.stderr and "vision_layers" in result.stderr
 
@@ -192,12 +246,14 @@ def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
     for patch in patches:
         subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, check=True)
         subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
-    command = pretrain_command(toy, tmp_path / "llava-patched-pretrain", "--vision_connector", "hive",
-                               "--max_steps", "2")
+    command = pretrain_command(
+        toy, tmp_path / "llava-patched-pretrain", "--vision_connector", "hive", "--max_steps", "2"
+    )
     command[1:3] = [str(tree / "llava" / "train" / "train.py")]
     log = run_llava(command, env={"PYTHONPATH": str(tree)})
     assert "LLaVA patched" not in log  # the checkout's own code, not the runtime patch
     assert_trained_on_real_labels(log)
-    weights = torch.load(tmp_path / "llava-patched-pretrain" / "mm_projector.bin", map_location="cpu",
-                         weights_only=True)
+    weights = torch.load(
+        tmp_path / "llava-patched-pretrain" / "mm_projector.bin", map_location="cpu", weights_only=True
+    )
     assert weights and all(key.startswith("model.mm_projector.hive_") for key in weights)

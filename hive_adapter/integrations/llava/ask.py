@@ -12,7 +12,9 @@ import argparse
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m hive_adapter.integrations.llava.ask", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hive_adapter.integrations.llava.ask", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--image-file", required=True)

@@ -68,7 +68,9 @@ def build_projector(config) -> HiveLlavaProjector | None:
     if getattr(config, "mm_projector_type", None) != PROJECTOR_TYPE:
         return None
     if not isinstance(getattr(config, "hive_config", None), dict):
-        raise ValueError("mm_projector_type='hive' but the config has no `hive_config`; it was not written by hive-adapter")
+        raise ValueError(
+            "mm_projector_type='hive' but the config has no `hive_config`; it was not written by hive-adapter"
+        )
     return HiveLlavaProjector(config)
 
 
@@ -167,7 +169,7 @@ def prepare_inputs(model: nn.Module, *args, **kwargs):
     if projector is None:
         return None
     names = ("input_ids", "position_ids", "attention_mask", "past_key_values", "labels", "images", "image_sizes")
-    values = dict(zip(names, args))
+    values = dict(zip(names, args, strict=False))
     values.update(kwargs)
     values.pop("image_sizes", None)
     return projector.prepare_inputs(
@@ -227,7 +229,13 @@ def prepare_for_training(model: nn.Module, training_args) -> None:
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        part = "HIVE (mm_projector)" if "mm_projector" in name else "vision tower" if "vision_tower" in name else "language model"
+        part = (
+            "HIVE (mm_projector)"
+            if "mm_projector" in name
+            else "vision tower"
+            if "vision_tower" in name
+            else "language model"
+        )
         counts[part] += getattr(parameter, "ds_numel", parameter.numel())
     logger.info("HIVE (LLaVA) trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 

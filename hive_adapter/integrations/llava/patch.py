@@ -128,7 +128,10 @@ def _patch_training() -> None:
     # LLaVA's argument dataclasses gain the HIVE flags; train() looks them up in its module at call time.
     # They take the place (module and name) of the classes they extend, so pickling them (the Trainer
     # saves its arguments with torch.save) finds them.
-    for name, extra in (("ModelArguments", hooks.LlavaHiveArguments), ("TrainingArguments", hooks.LlavaHiveTrainingArguments)):
+    for name, extra in (
+        ("ModelArguments", hooks.LlavaHiveArguments),
+        ("TrainingArguments", hooks.LlavaHiveTrainingArguments),
+    ):
         extended = type(name, (extra, getattr(train_module, name)), {"__module__": train_module.__name__})
         setattr(train_module, name, dataclasses.dataclass(extended))
     train_module.LLaVATrainer = _hive_trainer_class(llava_trainer.LLaVATrainer)

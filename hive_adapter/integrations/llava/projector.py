@@ -179,7 +179,9 @@ class HiveLlavaProjector(nn.Module):
                 raise RuntimeError("a decoding step (past_key_values given) arrived before any prompt with images")
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         if input_ids is None:
-            raise ValueError("the HIVE connector needs input_ids to place the images (inputs_embeds alone carry no markers)")
+            raise ValueError(
+                "the HIVE connector needs input_ids to place the images (inputs_embeds alone carry no markers)"
+            )
         text = drop_image_markers(input_ids, attention_mask, labels, position_ids, padding_side=padding_side)
         if images is None and bool(text.marker_counts.any()):
             raise ValueError(

@@ -173,7 +173,9 @@ def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hive_adapter.integrations.llava.toy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hive_adapter.integrations.llava.toy", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("directory", help="writes DIR/clip, DIR/vicuna and DIR/data")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
