@@ -10,7 +10,6 @@ from .config import HiveConfig
 from .connector import image_token_id_from_tokenizer, mark_hive_trainable
 from .context import HiveRuntime, HiveVisionContext
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
-from .inject import HiveDecoderLayer
 from .levels import HiveLevelEncoder, HiveProjector
 from .model import HiveModel, get_hive_model
 from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
@@ -23,7 +22,6 @@ __all__ = [
     "HiveConfig",
     "HiveCrossAttention",
     "HiveCrossAttentionBlock",
-    "HiveDecoderLayer",
     "HiveForConditionalGeneration",
     "HiveLevelEncoder",
     "HiveModel",

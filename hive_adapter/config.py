@@ -299,12 +299,9 @@ class HiveConfig(PretrainedConfig):
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        for key in ("vision_config", "text_config"):
+        for key in ("vision_config", "text_config"):  # None for an adapter's config, as transformers writes it
             value = getattr(self, key)
-            if isinstance(value, PretrainedConfig):
-                out[key] = value.to_dict()
-            else:
-                out.pop(key, None)
+            out[key] = value.to_dict() if isinstance(value, PretrainedConfig) else None
         return out
 
     def adapter_dict(self) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from .architectures import (
 )
 from .config import HiveConfig, ResolvedLayers
 from .context import HiveRuntime, HiveVisionContext, past_length_of
-from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock, HiveLayerNorm
-from .inject import HiveInjection, inject_hive
+from .cross_attention import HiveCrossAttentionBlock, HiveLayerNorm
+from .inject import HiveAttachment, attach_hive_hooks
 from .levels import HiveLevelEncoder
 
 logger = logging.getLogger(__name__)
@@ -93,26 +93,41 @@ def block_factory(config: HiveConfig, text: TextShape, kernel: str) -> Callable[
     return make_block
 
 
+def _initialise(tensor: torch.Tensor, fill: Callable[[torch.Tensor], Any]) -> None:
+    """`fill(tensor)` unless transformers marked the tensor as loaded from a checkpoint (5.x `from_pretrained`)."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        fill(tensor)
+
+
 @torch.no_grad()
-def init_hive_weights(module: nn.Module, config: HiveConfig) -> None:
-    """Initialise one HIVE module: normal linear weights, unit norms, gates at `gate_init` (0: identity)."""
+def init_hive_module(module: nn.Module, config: HiveConfig) -> None:
+    """Initialise the tensors a HIVE module holds itself (not its children's): linear weights and level
+    embeddings ~ N(0, `initializer_range`), zero biases, unit norms, gates at `gate_init` (0: the base's
+    computation). Tensors that `from_pretrained` already loaded are left alone, so a checkpoint missing
+    some HIVE keys gets exactly those initialised.
+
+    Per module, as transformers' `_init_weights` is called: it skips modules without tensors of their own.
+    """
+    std = config.initializer_range
     if isinstance(module, nn.Linear):
-        module.weight.normal_(mean=0.0, std=config.initializer_range)
+        _initialise(module.weight, lambda t: t.normal_(mean=0.0, std=std))
         if module.bias is not None:
-            module.bias.zero_()
+            _initialise(module.bias, torch.Tensor.zero_)
     elif isinstance(module, HiveLayerNorm):
-        module.weight.fill_(1.0)
-        module.bias.zero_()
+        _initialise(module.weight, lambda t: t.fill_(1.0))
+        _initialise(module.bias, torch.Tensor.zero_)
     elif isinstance(module, HiveCrossAttentionBlock):
-        module.hive_attn_gate.fill_(config.gate_init)
-        if module.hive_ffn is not None:
-            module.hive_ffn_gate.fill_(config.gate_init)
+        for gate in (module.hive_attn_gate, getattr(module, "hive_ffn_gate", None)):
+            if gate is not None:
+                _initialise(gate, lambda t: t.fill_(config.gate_init))
     elif isinstance(module, HiveLevelEncoder) and module.level_embedding is not None:
-        module.level_embedding.normal_(mean=0.0, std=config.initializer_range)
+        _initialise(module.level_embedding, lambda t: t.normal_(mean=0.0, std=std))
 
 
-def is_hive_module(module: nn.Module) -> bool:
-    return isinstance(module, (HiveLevelEncoder, HiveCrossAttentionBlock, HiveCrossAttention, HiveLayerNorm))
+def init_hive_weights(module: nn.Module, config: HiveConfig) -> None:
+    """`init_hive_module` on a HIVE module and everything inside it."""
+    for sub in module.modules():
+        init_hive_module(sub, config)
 
 
 class HiveMixin:
@@ -120,7 +135,8 @@ class HiveMixin:
 
     hive_config: HiveConfig
     hive_layers: ResolvedLayers
-    hive_levels: HiveLevelEncoder | None
+    hive_levels: HiveLevelEncoder
+    hive_blocks: nn.ModuleDict  # decoder layer index (as a string) -> its gated cross-attention block
     hive_runtime: HiveRuntime
 
     # ------------------------------------------------------------------ construction
@@ -156,18 +172,20 @@ class HiveMixin:
         self.hive_levels = build_level_encoder(config, resolved, vision, text)
         kernel = cross_attention_kernel(config, text_config)
         make_block = block_factory(config, text, kernel)
-
-        injection = inject_hive(
+        # Named by the decoder layer each block runs in (`hive_blocks.3.*`), beside the language model, whose
+        # parameter names stay its own.
+        self.hive_blocks = nn.ModuleDict({str(index): make_block() for index in resolved.llm_layers})
+        attachment = attach_hive_hooks(
             model=language_root,
             layers=layers,
             layers_path=layers_path,
             llm_layers=resolved.llm_layers,
             level_of_block=resolved.level_of_block,
-            make_block=make_block,
+            blocks=list(self.hive_blocks.values()),
             placement=config.placement,
             runtime=self.hive_runtime,
         )
-        object.__setattr__(self, "_hive_injection", injection)
+        object.__setattr__(self, "_hive_attachment", attachment)
         logger.info(
             "HIVE (%s): vision layers %s -> decoder layers %s, %s cross-attention",
             config.connector,
@@ -189,9 +207,8 @@ class HiveMixin:
         return self._hive_text_shape
 
     def hive_top_modules(self) -> list[nn.Module]:
-        """The modules HIVE added: the level encoder and one block per wrapped decoder layer."""
-        layers = self._hive_injection.layers
-        return [self.hive_levels, *(layers[i].hive_block for i in self._hive_injection.originals)]
+        """The modules HIVE added: the level encoder and one block per chosen decoder layer."""
+        return [self.hive_levels, *self.hive_blocks.values()]
 
     def hive_place_modules(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Put HIVE's modules on the base's device and dtype; gates and norms stay float32 for stability."""
@@ -205,11 +222,11 @@ class HiveMixin:
                         if gate is not None:
                             gate.data = gate.data.float()
 
-    def _remove_hive(self) -> HiveInjection:
-        injection: HiveInjection = self._hive_injection
-        injection.remove()
+    def _remove_hive(self) -> HiveAttachment:
+        attachment: HiveAttachment = self._hive_attachment
+        attachment.remove()
         self.hive_runtime.clear()
-        return injection
+        return attachment
 
     # ------------------------------------------------------------------ vision side
     def hive_encode_images(
@@ -278,16 +295,41 @@ class HiveMixin:
         return {"pixel_values": torch.zeros(1, channels, shape.image_size, shape.image_size, device=device)}
 
     # ------------------------------------------------------------------ context
+    def hive_markers(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """(batch, text) True where an image marker stands; None without a marker token (captioning).
+
+        From `input_ids` when given; from `inputs_embeds` alone, a marker is a row equal to the marker
+        token's embedding (as llava-hf finds its image tokens).
+        """
+        marker = self.hive_image_token_id
+        if marker is None:
+            return None
+        if input_ids is not None:
+            return input_ids == marker
+        if inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        table = self.get_input_embeddings().weight
+        if table.numel() == 0:  # partitioned (ZeRO-3): nothing to compare against
+            raise ValueError(
+                "inputs_embeds alone: the image markers cannot be found while the embedding table is partitioned "
+                "(ZeRO-3); pass input_ids alongside inputs_embeds (the markers are read from them)"
+            )
+        return (inputs_embeds == table[marker].to(inputs_embeds.dtype)).all(dim=-1)
+
     def hive_build_context(
         self,
-        input_ids: torch.Tensor | None,
+        markers: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         *,
         batch_size: int,
+        prompt_length: int,
         device: torch.device,
         **vision_inputs: Any,
     ) -> HiveVisionContext:
-        """Encode the images of a batch and lay them out per sample, next to their markers."""
+        """Encode the images of a batch and lay them out per sample, next to their markers.
+
+        markers: (batch, text) from `hive_markers`, None in captioning mode.
+        """
         has_images = pixel_values is not None
         if not has_images:
             dummy = self.hive_dummy_vision_inputs(device)
@@ -295,15 +337,13 @@ class HiveMixin:
             vision_inputs = dummy
         levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
         num_images = levels[0].shape[0]
-        prompt_length = input_ids.shape[1] if input_ids is not None else 1
-        image_token_id = self.hive_image_token_id
 
         if not has_images:
             # (batch, 1) slot that nobody may see: exact zeros from every block, gradients still defined.
             image_index = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             image_valid = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
             marker_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        elif image_token_id is None:
+        elif markers is None:
             if num_images != batch_size:
                 raise ValueError(
                     f"pixel_values holds {num_images} images for a batch of {batch_size} samples. Without an image "
@@ -314,7 +354,9 @@ class HiveMixin:
             image_valid = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
             marker_positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         else:
-            image_index, image_valid, marker_positions = _images_per_sample(input_ids, image_token_id, num_images)
+            image_index, image_valid, marker_positions = _images_per_sample(
+                markers, num_images, image_token_id=self.hive_image_token_id
+            )
 
         return HiveVisionContext.from_images(
             levels,
@@ -324,6 +366,28 @@ class HiveMixin:
             marker_positions=marker_positions,
             prompt_length=prompt_length,
             media_attention=self.hive_config.media_attention,
+        )
+
+    def hive_prompt_context(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        **vision_inputs: Any,
+    ) -> HiveVisionContext:
+        """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids)."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if reference.shape[1] == 0:
+            raise ValueError(f"an empty prompt (input of shape {tuple(reference.shape[:2])}): give at least one token")
+        return self.hive_build_context(
+            self.hive_markers(input_ids, inputs_embeds),
+            pixel_values,
+            batch_size=reference.shape[0],
+            prompt_length=reference.shape[1],
+            device=reference.device,
+            **vision_inputs,
         )
 
     def hive_prepare_context(
@@ -344,14 +408,7 @@ class HiveMixin:
             if current is None:
                 raise RuntimeError("a decoding step (past_key_values given) arrived before any prompt was seen")
             return current
-        reference = input_ids if input_ids is not None else inputs_embeds
-        context = self.hive_build_context(
-            input_ids,
-            pixel_values,
-            batch_size=reference.shape[0],
-            device=reference.device,
-            **vision_inputs,
-        )
+        context = self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
         runtime.set_context(context)
         return context
 
@@ -368,6 +425,11 @@ class HiveMixin:
         past_key_values: Any = None,
         **kwargs: Any,
     ):
+        """One forward of the language model with the images seen through HIVE (or spliced, `concat`).
+
+        With `inputs_embeds`, `input_ids` may come alongside: the markers are read from the ids and only the
+        embeddings reach the language model.
+        """
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
         if self.hive_config.connector == "concat":
             return self._concat_forward(
@@ -385,7 +447,7 @@ class HiveMixin:
             input_ids, pixel_values, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **vision_inputs
         )
         return language_model(
-            input_ids=input_ids,
+            input_ids=input_ids if inputs_embeds is None else None,
             attention_mask=attention_mask,
             labels=labels,
             inputs_embeds=inputs_embeds,
@@ -395,7 +457,7 @@ class HiveMixin:
 
     def _concat_forward(
         self,
-        language_model: nn.Module,
+        language_model,
         *,
         input_ids,
         pixel_values,
@@ -407,44 +469,70 @@ class HiveMixin:
         **kwargs,
     ):
         """The self-attention baseline: image tokens spliced into the sequence (LLaVA's own data flow)."""
-        if past_length_of(past_key_values) > 0 or inputs_embeds is not None:
+        if pixel_values is None and not (self.training and torch.is_grad_enabled()):
+            # Text alone: a decoding step, or embeddings `generate` already spliced. (A training step without
+            # images still runs every projector below: ZeRO-3 must see each parameter on every rank.)
             return language_model(
-                input_ids=input_ids,
+                input_ids=input_ids if inputs_embeds is None else None,
                 attention_mask=attention_mask,
                 labels=labels,
                 inputs_embeds=inputs_embeds,
                 past_key_values=past_key_values,
                 **kwargs,
             )
+        if pixel_values is not None and past_length_of(past_key_values) > 0:
+            raise ValueError(
+                "connector='concat': pixel_values came with a decoding step (the cache already holds "
+                f"{past_length_of(past_key_values)} tokens); images are spliced into the prompt, pass them with it"
+            )
         embeddings, attention_mask, labels = self._concat_embeddings(
-            language_model, input_ids, pixel_values, attention_mask, labels, vision_inputs, padding_side="right"
+            language_model,
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            attention_mask,
+            labels,
+            vision_inputs,
+            padding_side="right",
         )
         return language_model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, labels=labels, past_key_values=None, **kwargs
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            labels=labels,
+            past_key_values=past_key_values,
+            **kwargs,
         )
 
     def _concat_embeddings(
-        self, language_model, input_ids, pixel_values, attention_mask, labels, vision_inputs, *, padding_side: str
+        self,
+        language_model,
+        input_ids,
+        inputs_embeds,
+        pixel_values,
+        attention_mask,
+        labels,
+        vision_inputs,
+        *,
+        padding_side: str,
     ):
         """Input embeddings with each image's tokens spliced in at its marker (the concat baseline).
 
         Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
         """
-        embeddings = language_model.get_input_embeddings()(input_ids)
+        embeddings = inputs_embeds if inputs_embeds is not None else language_model.get_input_embeddings()(input_ids)
         if pixel_values is None:
-            dummy = self.hive_dummy_vision_inputs(input_ids.device)
+            dummy = self.hive_dummy_vision_inputs(embeddings.device)
             levels, _ = self.hive_encode_images(dummy.pop("pixel_values"), **dummy)
             return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
         levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
         if token_mask is not None:
             raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
         return splice_image_tokens(
-            input_ids=input_ids,
+            markers=self.hive_markers(input_ids, inputs_embeds),
             embeddings=embeddings,
             images=levels[-1].to(embeddings.dtype),
             attention_mask=attention_mask,
             labels=labels,
-            image_token_id=self.hive_image_token_id,
             padding_side=padding_side,
         )
 
@@ -453,32 +541,52 @@ class HiveMixin:
         generate,
         language_model: nn.Module,
         *,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """Generation for both connectors; returns prompt + new tokens, as `generate(input_ids=...)` does.
+        """Generation for every connector, returning what `generate` returns for a decoder-only LM: prompt +
+        new tokens when `input_ids` are given (with or without `inputs_embeds`), the new tokens alone from
+        `inputs_embeds` alone.
 
         `hive`/`cascaded`: the vision context is built once here (vision tower and every block's K/V run
         once per prompt) and `generate` runs on text alone. `concat`: the image tokens are spliced into
         left-padded input embeddings and `generate` runs on those.
         """
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        text = {
+            name: value
+            for name, value in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds))
+            if value is not None
+        }
         if self.hive_config.connector != "concat":
             self.hive_runtime.clear()
-            context = self.hive_build_context(
-                input_ids, pixel_values, batch_size=input_ids.shape[0], device=input_ids.device, **vision_inputs
-            )
+            context = self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
             with self.hive_runtime.generation(context):
-                return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                return generate(**text, attention_mask=attention_mask, **kwargs)
         embeddings, attention_mask, _ = self._concat_embeddings(
-            language_model, input_ids, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
+            language_model,
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            attention_mask,
+            None,
+            vision_inputs,
+            padding_side="left",
         )
-        new_tokens = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
-        if not isinstance(new_tokens, torch.Tensor):  # return_dict_in_generate=True
-            return new_tokens
-        return torch.cat([input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0), new_tokens], 1)
+        output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            return output  # from embeddings alone: the new tokens only, as transformers returns them
+        # From token ids: the prompt in front of the new tokens, in the tensor and in `sequences` alike.
+        new_tokens = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0)
+        sequences = torch.cat([prompt, new_tokens], 1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
 
     # ------------------------------------------------------------------ parameters
     def hive_named_parameters(self):
@@ -514,15 +622,15 @@ def image_token_id_from_tokenizer(tokenizer, image_token: str = "<image>") -> in
 
 
 def _images_per_sample(
-    input_ids: torch.Tensor, image_token_id: int, num_images: int
+    markers: torch.Tensor, num_images: int, *, image_token_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assign images (in marker order, row-major over the batch) to the sample slots that mark them.
 
-    Returns image_index (batch, slots), image_valid (batch, slots), marker_positions (batch, slots).
+    markers: (batch, text) True where a marker stands. Returns image_index (batch, slots), image_valid
+    (batch, slots), marker_positions (batch, slots).
     """
-    batch, length = input_ids.shape
-    device = input_ids.device
-    markers = input_ids == image_token_id  # (batch, text)
+    batch, length = markers.shape
+    device = markers.device
     if device.type == "meta":
         # No data on `meta` (FLOP counting): assume the images are spread evenly over the batch.
         slots = max(1, math.ceil(num_images / batch))
@@ -533,49 +641,57 @@ def _images_per_sample(
     if total != num_images:
         raise ValueError(
             f"the batch has {total} image marker tokens (id {image_token_id}) but pixel_values holds {num_images} "
-            f"images; per sample: {counts.tolist()} markers. Put one marker where each image goes."
+            f"images; per sample: {counts.tolist()} markers. Put one marker where each image goes (with inputs_embeds "
+            "alone, a marker is a row equal to the marker token's embedding; or pass input_ids alongside)."
         )
     slots = max(1, int(counts.max()))
     offsets = counts.cumsum(0) - counts  # first image of each sample
     slot = torch.arange(slots, device=device)
     image_index = (offsets[:, None] + slot).clamp(max=max(num_images - 1, 0))  # (batch, slots)
     image_valid = slot < counts[:, None]
-    columns = torch.where(markers, torch.arange(length, device=device), torch.full_like(input_ids, length))
+    columns = torch.where(
+        markers, torch.arange(length, device=device), torch.full_like(markers, length, dtype=torch.long)
+    )
     marker_positions = columns.sort(dim=1).values[:, :slots]  # (batch, slots); `length` where no marker
     return image_index, image_valid, marker_positions
 
 
 def splice_image_tokens(
     *,
-    input_ids: torch.Tensor,
+    markers: torch.Tensor | None,
     embeddings: torch.Tensor,
     images: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
-    image_token_id: int | None,
     padding_side: str = "right",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Replace each marker by its image's tokens (LLaVA's splice) and pad the rows to one length
     (`"right"` for training, `"left"` for generation).
 
-    Without a marker token, each sample's single image goes in front of its text.
+    markers: (batch, text) True where a marker stands; None (no marker token): each sample's single image
+    goes in front of its text. embeddings: (batch, text, hidden); images: (images, tokens, hidden).
     """
-    batch, length = input_ids.shape
+    batch, length = embeddings.shape[:2]
     tokens = images.shape[1]
-    if input_ids.device.type == "meta":
+    if embeddings.device.type == "meta":
         return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=tokens)
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
     rows_embeds, rows_mask, rows_labels = [], [], []
     next_image = 0
     for b in range(batch):
-        if image_token_id is None:
+        if markers is None:
             positions = [-1]  # "marker" in front of the text, nothing to drop
         else:
-            positions = (input_ids[b] == image_token_id).nonzero().flatten().tolist()
+            positions = markers[b].nonzero().flatten().tolist()
         pieces_e, pieces_m, pieces_l = [], [], []
         start = 0
         for position in positions:
+            if next_image >= images.shape[0]:
+                raise ValueError(
+                    f"the batch has more image markers than the {images.shape[0]} images in pixel_values; put one "
+                    "marker where each image goes"
+                )
             image = images[next_image]
             next_image += 1
             cut = max(position, 0)
@@ -594,8 +710,8 @@ def splice_image_tokens(
             rows_labels.append(torch.cat(pieces_l))
     if next_image != images.shape[0]:
         raise ValueError(
-            f"the batch has {next_image} image markers (id {image_token_id}) but pixel_values holds "
-            f"{images.shape[0]} images"
+            f"the batch has {next_image} image markers but pixel_values holds {images.shape[0]} images; put one "
+            "marker where each image goes"
         )
     width = max(row.shape[0] for row in rows_embeds)
     out_embeds = embeddings.new_zeros(batch, width, embeddings.shape[-1])

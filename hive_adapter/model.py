@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
 from .config import HiveConfig
-from .connector import HiveMixin, init_hive_weights, is_hive_module, mark_hive_trainable
+from .connector import HiveMixin, init_hive_weights, mark_hive_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,8 @@ class HiveModel(HiveMixin, nn.Module):
         )
         if image_token_id is not None and config.image_token_id is None:
             logger.info("HIVE: using the base model's image token id %d as the image marker", image_token_id)
-        for module in self.modules():
-            if is_hive_module(module):
-                init_hive_weights(module, config)
+        for module in self.hive_top_modules():
+            init_hive_weights(module, config)
         reference = next(base_model.parameters())
         self.hive_place_modules(device=reference.device, dtype=reference.dtype)
         if freeze_base:
@@ -226,8 +226,13 @@ def load_adapter_config(directory: str | os.PathLike) -> HiveConfig:
     return HiveConfig(**values)
 
 
+# Adapters written by hive-adapter 0.1 named block N after the decoder layer it wrapped.
+LEGACY_BLOCK_NAME = re.compile(r"^.*\.(\d+)\.hive_block\.")
+
+
 def load_hive_state_dict(model: nn.Module, loaded: dict[str, torch.Tensor], *, source: str) -> None:
     """Copy HIVE weights into `model`; fail on missing, unexpected or mis-shaped keys."""
+    loaded = {LEGACY_BLOCK_NAME.sub(r"hive_blocks.\1.", name): tensor for name, tensor in loaded.items()}
     own = dict(model.hive_named_parameters())
     missing = sorted(set(own) - set(loaded))
     unexpected = sorted(set(loaded) - set(own))

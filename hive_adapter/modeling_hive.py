@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.generation import GenerationMixin
 
 from .config import HiveConfig
-from .connector import HiveMixin, init_hive_weights, is_hive_module
-from .cross_attention import HiveCrossAttentionBlock
+from .connector import HiveMixin, init_hive_module
 
 logger = logging.getLogger(__name__)
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+# hive-adapter 0.1 wrapped each chosen decoder layer: its checkpoints hold the layer's own weights under
+# `language_model....layers.N.base_layer.` and the block under `language_model....layers.N.hive_block.`.
+# Today the language model keeps its names and block N lives at `hive_blocks.N.`.
+LEGACY_KEY_MAPPING = {
+    r"^language_model\..*\.(\d+)\.hive_block\.": r"hive_blocks.\1.",
+    r"\.base_layer\.": ".",
+}
 
 
 class HivePreTrainedModel(PreTrainedModel):
@@ -31,24 +42,29 @@ class HivePreTrainedModel(PreTrainedModel):
     base_model_prefix = ""  # composite: no inner "base model" (a "hive" prefix would match hive_levels.* keys)
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HiveDecoderLayer"]
+    # The vision encoder's and the language model's own units are added by transformers from the sub-models.
+    _no_split_modules = ["HiveLevelEncoder", "HiveCrossAttentionBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
     _supports_cache_class = True
-    # Gates and norms stay float32 under bf16/fp16 loading (DESIGN: numerically sensitive, tiny).
-    _keep_in_fp32_modules_strict = [
-        "hive_attn_gate",
-        "hive_ffn_gate",
-        "hive_attn_norm",
-        "hive_media_norm",
-        "hive_ffn_norm",
-    ]
-    _keep_in_fp32_modules = _keep_in_fp32_modules_strict
+    # Gates and norms stay float32 under bf16 and fp16 alike (tiny, numerically sensitive); the FFN's are
+    # added by instances built with `use_ffn=True`.
+    _keep_in_fp32_modules_strict = ["hive_attn_gate", "hive_attn_norm", "hive_media_norm"]
+    _hive_ffn_fp32_modules = ["hive_ffn_gate", "hive_ffn_norm"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        if is_hive_module(module) or isinstance(module, HiveCrossAttentionBlock):
-            init_hive_weights(module, self.config)
+        """Every module that reaches this is HIVE's: transformers initialises the vision encoder and the
+        language model with their own `_init_weights`."""
+        init_hive_module(module, self.config)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """transformers takes classes defined outside it for remote code that may write weights in place, and
+        then, in every sub-model too, skips modules without tensors of their own: CLIP's and SigLIP's attention
+        layers would be initialised otherwise than by the encoder itself. HIVE's `_init_weights` leaves loaded
+        tensors alone (`_is_hf_initialized`) as transformers' own models do, so it needs no such caution."""
+        return False
 
 
 class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMixin):
@@ -84,7 +100,27 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
             text_config=config.text_config,
             image_token_id=config.image_token_id,
         )
+        if config.use_ffn:
+            self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, *self._hive_ffn_fp32_modules]
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, also reading checkpoints written by hive-adapter 0.1 (wrapped
+        decoder layers, see `LEGACY_KEY_MAPPING`); they are saved again under today's names."""
+        if not TRANSFORMERS_5:
+            _refuse_legacy_checkpoint(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            return super().from_pretrained(*args, **kwargs)
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers keeps the renamings it used to write them back on save; these must not be.
+        model._weight_conversions = [
+            conversion
+            for conversion in getattr(model, "_weight_conversions", None) or []
+            if not set(getattr(conversion, "_original_source_patterns", ())) & set(LEGACY_KEY_MAPPING)
+        ]
+        return loaded
 
     @classmethod
     def from_vision_text(
@@ -169,6 +205,23 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
     def export_vision_model(self) -> PreTrainedModel:
         """The vision encoder as the plain HF model it is (what `hive-export-vision` writes)."""
         return self.vision_model
+
+
+def _refuse_legacy_checkpoint(path: Any) -> None:
+    """transformers < 5 cannot rename keys while loading: name the problem instead of loading HIVE at random."""
+    weights = Path(str(path)) / "model.safetensors" if path is not None else None
+    if weights is None or not weights.is_file():
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as checkpoint:
+        legacy = [key for key in checkpoint.keys() if ".hive_block." in key or ".base_layer." in key]
+    if legacy:
+        raise ValueError(
+            f"{weights} was written by hive-adapter 0.1 (keys such as {legacy[0]!r}); transformers "
+            f"{transformers.__version__} cannot rename them while loading. Load it once with transformers >= 5 "
+            "and save it again (model.save_pretrained), then it loads here."
+        )
 
 
 def _register_auto_classes() -> None:

@@ -108,8 +108,12 @@ def test_object_share_counts_the_gradient_on_the_masked_patches():
 
 
 def test_gradient_maps_fall_on_the_object_once_the_model_learns_to_caption(models, tmp_path):
-    """120 small captioning steps: the first layer's gradient moves onto the captioned shape."""
-    loaded = load_hive(save_hive_checkpoint(models, tmp_path / "hive", connector="hive"))
+    """120 small captioning steps: the first layer's gradient moves onto the captioned shape.
+
+    HIVE's weights start at std 0.1, about 1/sqrt(width) for these 32/64-wide layers; the default 0.02 is
+    that scale for LM widths near 2,048 and leaves a toy model's attention nearly uniform for hundreds of steps.
+    """
+    loaded = load_hive(save_hive_checkpoint(models, tmp_path / "hive", connector="hive", initializer_range=0.1))
     model = loaded.model
     held_out = SyntheticShapes(16, seed=99, image_size=32)
     probe = caption_batch(

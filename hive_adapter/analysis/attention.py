@@ -57,7 +57,7 @@ def cross_attention_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor])
         )
     runtime = model.hive_runtime
     runtime.clear()
-    context = model.hive_build_context(input_ids, pixel_values, batch_size=1, device=input_ids.device)
+    context = model.hive_prompt_context(input_ids, None, pixel_values)
     context.record_attention = True
     with runtime.generation(context):  # pinned: the forward below reuses this context
         model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))

@@ -31,7 +31,7 @@ from ...connector import (
     init_hive_weights,
 )
 from ...context import HiveRuntime, HiveVisionContext, past_length_of
-from ...inject import HiveInjection, attach_hive_hooks
+from ...inject import HiveAttachment, attach_hive_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,10 @@ class HiveLlavaProjector(nn.Module):
         self.hive_levels = build_level_encoder(self.hive_config, self.resolved, vision, text)
         make_block = block_factory(self.hive_config, text, cross_attention_kernel(self.hive_config, config))
         self.hive_blocks = nn.ModuleList(make_block() for _ in self.resolved.llm_layers)
-        for module in self.modules():
+        for module in (self.hive_levels, *self.hive_blocks):
             init_hive_weights(module, self.hive_config)
         self.runtime = HiveRuntime()
-        self._injection: HiveInjection | None = None
+        self._injection: HiveAttachment | None = None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(
