@@ -34,6 +34,8 @@ $(VENV)/.installed: setup.py $(CONSTRAINTS)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) deepspeed
 	# the LLaVA repo, without its CUDA-era pins (torch 2.0.1, transformers 4.36): run on transformers 5.x via shims
 	$(PIP) install -q --no-deps llava-torch==1.2.2.post1
+	# transformers' own common model tests, from its source distribution (cached in .cache/, not in the repo)
+	$(PY) tests/transformers_suite.py
 	touch $@
 
 $(LLAVA_VENV)/.installed: setup.py $(LLAVA_CONSTRAINTS)

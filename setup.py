@@ -37,7 +37,16 @@ setup(
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
-        "dev": ["pytest>=7", "ruff", "accelerate>=0.21", "sentencepiece", "protobuf", "matplotlib", "scikit-learn"],
+        "dev": [
+            "pytest>=7",
+            "ruff",
+            "parameterized",
+            "accelerate>=0.21",
+            "sentencepiece",
+            "protobuf",
+            "matplotlib",
+            "scikit-learn",
+        ],
     },
     entry_points={
         "console_scripts": [

@@ -5,3 +5,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_configure(config):
+    # Marks used by transformers' common tests (tests/test_transformers_common.py runs them).
+    for mark in ("flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test", "flaky"):
+        config.addinivalue_line("markers", f"{mark}: used by transformers' common model tests")
