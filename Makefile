@@ -25,7 +25,7 @@ setup-llava: $(LLAVA_VENV)/.installed
 
 setup-eval: $(EVAL_VENV)/.installed
 
-$(VENV)/.installed: setup.py $(CONSTRAINTS)
+$(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0

@@ -1,14 +1,17 @@
 """hive-adapter: HIVE hierarchical vision-LLM cross-attention for Hugging Face, PEFT, LLaVA and DeepSpeed."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# One version string, in hive_adapter/version.py (read, not imported: the package needs torch to import).
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "hive_adapter" / "version.py").read_text())[1]
 
 setup(
     name="hive-adapter",
-    version="0.1.0",
+    version=VERSION,
     description="HIVE: hierarchical pre-training of vision encoders with LLMs, as a drop-in adapter",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",

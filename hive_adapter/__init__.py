@@ -13,12 +13,12 @@ from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
 from .levels import HiveLevelEncoder, HiveProjector
 from .model import HiveModel, get_hive_model
 from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _register_auto_classes()
 
 __all__ = [
+    "__version__",
     "HiveConfig",
     "HiveCrossAttention",
     "HiveCrossAttentionBlock",

@@ -17,6 +17,8 @@ layer `j` of the language model.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +185,7 @@ class HiveConfig(PretrainedConfig):
         self.vision_tower_path = vision_tower_path
         self.vision_config = _as_config(vision_config, "vision_config")
         self.text_config = _as_config(text_config, "text_config")
+        _refuse_near_misses(kwargs)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         self.validate()
@@ -235,6 +238,14 @@ class HiveConfig(PretrainedConfig):
                 raise ValueError(
                     f"tokens_per_level={n} needs vision_feature_select='patch': only the patch grid can be pooled"
                 )
+        if not isinstance(self.use_ffn, bool):
+            raise ValueError(f"use_ffn={self.use_ffn!r}: expected True or False")
+        for name, low in (("gate_init", None), ("initializer_range", 0.0)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or (low is not None and value <= low):
+                expected = "a finite number" if low is None else f"a finite number above {low}"
+                raise ValueError(f"{name}={value!r}: expected {expected}")
         for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "ffn_mult"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -314,6 +325,18 @@ class HiveConfig(PretrainedConfig):
         out = {key: getattr(self, key) for key in keys}
         out["model_type"] = self.model_type
         return out
+
+
+def _refuse_near_misses(kwargs: dict[str, Any]) -> None:
+    """An unknown keyword that is a near miss of a HIVE field is a typo (`vision_layer=`), not a custom
+    attribute: refuse it, naming the field meant. Other unknown keywords are kept, as transformers keeps them."""
+    fields = [name for name in inspect.signature(HiveConfig.__init__).parameters if name not in ("self", "kwargs")]
+    for key in kwargs:
+        if key in fields or hasattr(PretrainedConfig, key) or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"HiveConfig got an unknown field {key!r}; did you mean {close[0]!r}?")
 
 
 def _as_config(value: PretrainedConfig | dict | None, name: str) -> PretrainedConfig | None:

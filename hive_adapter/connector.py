@@ -276,6 +276,26 @@ class HiveMixin:
                 f"{shape.patch_size} (the encoder expects {shape.image_size}x{shape.image_size}); resize the images"
             )
 
+    def hive_usable_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pixel_values, usable): images holding NaN or inf stop a training step with an error (their gradients
+        would be NaN everywhere); otherwise they are zeroed and `usable` (images,) marks them, so that the text
+        after their markers sees no image and nothing else in the batch changes. `usable` is None when all are."""
+        if pixel_values.device.type == "meta" or not pixel_values.is_floating_point():
+            return pixel_values, None
+        usable = torch.isfinite(pixel_values.flatten(1)).all(dim=1)  # (images,)
+        if bool(usable.all()):
+            return pixel_values, None
+        bad = (~usable).nonzero().flatten().tolist()
+        message = (
+            f"pixel_values of image(s) {bad} (of {len(usable)} in the batch) hold NaN or inf; check those images and "
+            "the image processor (a std of 0 divides by zero)"
+        )
+        if self.training and torch.is_grad_enabled():
+            raise ValueError(f"{message}. Training stops here: one such image makes every gradient NaN.")
+        logger.warning("%s; they are left out: the text after their markers sees no image", message)
+        keep = usable.view(-1, *([1] * (pixel_values.ndim - 1)))
+        return torch.where(keep, pixel_values, pixel_values.new_zeros(())), usable
+
     def hive_dummy_vision_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One blank image in the tower's input format, for batches without images.
 
@@ -335,6 +355,7 @@ class HiveMixin:
             dummy = self.hive_dummy_vision_inputs(device)
             pixel_values = dummy.pop("pixel_values")
             vision_inputs = dummy
+        pixel_values, usable = self.hive_usable_images(pixel_values)
         levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
         num_images = levels[0].shape[0]
 
@@ -357,6 +378,8 @@ class HiveMixin:
             image_index, image_valid, marker_positions = _images_per_sample(
                 markers, num_images, image_token_id=self.hive_image_token_id
             )
+        if usable is not None:  # a left-out image is a slot nobody sees
+            image_valid = image_valid & usable[image_index]
 
         return HiveVisionContext.from_images(
             levels,
@@ -524,6 +547,7 @@ class HiveMixin:
             dummy = self.hive_dummy_vision_inputs(embeddings.device)
             levels, _ = self.hive_encode_images(dummy.pop("pixel_values"), **dummy)
             return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
+        pixel_values, _ = self.hive_usable_images(pixel_values)  # a left-out image is spliced as a blank one
         levels, token_mask = self.hive_encode_images(pixel_values, **vision_inputs)
         if token_mask is not None:
             raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")

@@ -64,10 +64,13 @@ class HiveVisionContext:
         """
         batch_size, slots = image_index.shape
         tokens = levels[0].shape[1]
+        # Padding slots hold a copy of some image; they are zeroed (selected, not multiplied), so that a
+        # non-finite image never reaches another sample through keys it cannot see (0 x NaN is NaN).
+        real = image_valid.repeat_interleave(tokens, dim=1)[..., None]  # (batch, slots*tokens, 1)
         laid_out = [
-            level[image_index.flatten()].reshape(batch_size, slots * tokens, -1)  # (batch, slots*tokens, hidden)
+            torch.where(real, level[image_index.flatten()].reshape(batch_size, slots * tokens, -1), level.new_zeros(()))
             for level in levels
-        ]
+        ]  # each (batch, slots*tokens, hidden)
         token_valid = None
         if token_mask is not None:
             token_valid = token_mask[image_index.flatten()].reshape(batch_size, slots * tokens)

@@ -186,16 +186,20 @@ class HiveCrossAttentionBlock(nn.Module):
         return_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden (batch, text, hidden) -> same shape; `has_media` (batch, text) bool."""
-        # A row that sees nothing attends everywhere (no empty softmax); its output is zeroed below.
+        # A row that sees nothing attends everywhere (no empty softmax); its update is then *selected* away,
+        # not multiplied by 0: NaN x 0 is NaN, and one bad image would poison every row that sees no image.
         safe_visible = visible | ~has_media[..., None]
         attended, weights = self.attn(
             self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights
         )
-        keep = has_media[..., None].to(hidden.dtype)  # (batch, text, 1)
-        hidden = hidden + torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype) * keep
+        keep = has_media[..., None]  # (batch, text, 1)
+        nothing = hidden.new_zeros(())
+        update = torch.tanh(self.hive_attn_gate.float()).to(hidden.dtype) * attended.to(hidden.dtype)
+        hidden = hidden + torch.where(keep, update, nothing)
         if self.hive_ffn is not None:
             fed = self.hive_ffn(self.hive_ffn_norm(hidden).to(self.hive_ffn[0].weight.dtype))
-            hidden = hidden + torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype) * keep
+            update = torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype) * fed.to(hidden.dtype)
+            hidden = hidden + torch.where(keep, update, nothing)
         if weights is not None:  # (batch, heads, text, keys): a row that sees no image attended to nothing
-            weights = weights * has_media[:, None, :, None].to(weights.dtype)
+            weights = torch.where(has_media[:, None, :, None], weights, weights.new_zeros(()))
         return hidden, weights

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
 from .config import HiveConfig
 from .connector import HiveMixin, init_hive_weights, mark_hive_trainable
+from .outputs import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,8 @@ class HiveModel(HiveMixin, nn.Module):
         partitioned (empty) tensors are refused rather than written.
         """
         directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained({str(directory)!r}): that is a file; give a directory for the adapter")
         directory.mkdir(parents=True, exist_ok=True)
         weights = state_dict if state_dict is not None else self.hive_state_dict()
         weights = {name: tensor for name, tensor in weights.items() if "hive_" in name}
@@ -167,14 +171,10 @@ class HiveModel(HiveMixin, nn.Module):
                 f"refusing to save empty HIVE tensors {empty[:3]}...: under ZeRO-3 gather the parameters first"
             )
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}
-        metadata = {
-            "format": "pt",
-            "hive_text_hidden_size": str(self.hive_text_shape.hidden_size),
-            "hive_vision_hidden_size": str(self.hive_vision_shape.hidden_size),
-        }
-        _atomic_write(directory / ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
+        metadata = {"format": "pt", **{key: str(value) for key, value in self.hive_base_shape().items()}}
+        write_file(directory / ADAPTER_WEIGHTS_NAME, lambda path: save_file(tensors, str(path), metadata=metadata))
         config = self.hive_config.adapter_dict()
-        _atomic_write(directory / ADAPTER_CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
+        write_file(directory / ADAPTER_CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2)))
         logger.info("HIVE adapter (%d tensors) saved to %s", len(tensors), directory)
 
     @classmethod
@@ -190,11 +190,33 @@ class HiveModel(HiveMixin, nn.Module):
             mark_hive_trainable(model, False)
         return model
 
+    def hive_base_shape(self) -> dict[str, int]:
+        """What an adapter depends on in its base: widths and depths (saved with the weights, checked on load)."""
+        return {
+            "hive_text_hidden_size": self.hive_text_shape.hidden_size,
+            "hive_vision_hidden_size": self.hive_vision_shape.hidden_size,
+            "hive_text_num_layers": self.hive_text_shape.num_layers,
+            "hive_vision_num_layers": self.hive_vision_shape.num_layers,
+        }
+
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no HIVE adapter weights at {path}")
-        loaded = load_file(str(path))
-        load_hive_state_dict(self, loaded, source=str(path))
+        with safe_open(str(path), framework="pt") as weights:
+            saved = weights.metadata() or {}
+        what = {
+            "hive_text_num_layers": "language model layers",
+            "hive_vision_num_layers": "vision encoder layers",
+            "hive_text_hidden_size": "language model width",
+            "hive_vision_hidden_size": "vision encoder width",
+        }
+        for key, value in self.hive_base_shape().items():
+            if key in saved and int(saved[key]) != value:
+                raise ValueError(
+                    f"the adapter at {path} was trained on a base with {saved[key]} {what[key]}, this base has "
+                    f"{value}; load it onto the base it was trained for"
+                )
+        load_hive_state_dict(self, load_file(str(path)), source=str(path))
 
     # ------------------------------------------------------------------ unload
     def unload(self) -> nn.Module:
@@ -219,7 +241,12 @@ def load_adapter_config(directory: str | os.PathLike) -> HiveConfig:
     path = Path(directory) / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}: not a HIVE adapter directory")
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: holds a JSON {type(values).__name__}, expected an object of HiveConfig fields")
     model_type = values.pop("model_type", "hive")
     if model_type != "hive":
         raise ValueError(f"{path}: model_type={model_type!r}, expected 'hive'")
@@ -249,12 +276,17 @@ def load_hive_state_dict(model: nn.Module, loaded: dict[str, torch.Tensor], *, s
                 f"HIVE weight {name} in {source} has shape {tuple(tensor.shape)}, this model expects "
                 f"{tuple(param.shape)}: the adapter was trained for a base model of different width"
             )
+    check_finite(loaded.items(), source=source)
+    for name, param in own.items():
         with torch.no_grad():
-            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            param.copy_(loaded[name].to(device=param.device, dtype=param.dtype))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary name and rename: a crash mid-save never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def check_finite(named_tensors, *, source: str) -> None:
+    """Refuse weights holding NaN or inf (a damaged file), naming them."""
+    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(
+            f"HIVE weights in {source} hold NaN or inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
+            f"({len(bad)} tensors). The file is damaged; load an intact copy."
+        )

@@ -23,6 +23,7 @@ from transformers.generation import GenerationMixin
 
 from .config import HiveConfig
 from .connector import HiveMixin, init_hive_module
+from .model import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +108,29 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
         """`PreTrainedModel.from_pretrained`, also reading checkpoints written by hive-adapter 0.1 (wrapped
-        decoder layers, see `LEGACY_KEY_MAPPING`); they are saved again under today's names."""
-        if not TRANSFORMERS_5:
-            _refuse_legacy_checkpoint(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-            return super().from_pretrained(*args, **kwargs)
-        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        decoder layers, see `LEGACY_KEY_MAPPING`; they are saved again under today's names), and refusing
+        HIVE weights that hold NaN or inf."""
+        source = str(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        if TRANSFORMERS_5:
+            kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        else:
+            _refuse_legacy_checkpoint(source)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        # transformers keeps the renamings it used to write them back on save; these must not be.
+        # transformers keeps the renamings it used, to write them back on save; these must not be.
         model._weight_conversions = [
             conversion
             for conversion in getattr(model, "_weight_conversions", None) or []
             if not set(getattr(conversion, "_original_source_patterns", ())) & set(LEGACY_KEY_MAPPING)
         ]
+        check_finite(model.hive_named_parameters(), source=source)
         return loaded
+
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """`PreTrainedModel.save_pretrained`, refusing a path that is a file (transformers only logs it)."""
+        if Path(save_directory).exists() and not Path(save_directory).is_dir():
+            raise ValueError(f"save_pretrained({str(save_directory)!r}): that is a file; give a directory")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_vision_text(
@@ -207,10 +217,10 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         return self.vision_model
 
 
-def _refuse_legacy_checkpoint(path: Any) -> None:
+def _refuse_legacy_checkpoint(path: str) -> None:
     """transformers < 5 cannot rename keys while loading: name the problem instead of loading HIVE at random."""
-    weights = Path(str(path)) / "model.safetensors" if path is not None else None
-    if weights is None or not weights.is_file():
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
         return
     from safetensors import safe_open
 

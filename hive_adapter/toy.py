@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
 
+from .outputs import OutputRefused, staged_directory
+
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 
 
@@ -40,10 +42,18 @@ class ToySizes:
 
 
 def write_toy_models(directory: str | Path, words: list[str], *, sizes: ToySizes = ToySizes(), seed: int = 0):
-    """Write `directory/vision` (SigLIP + image processor) and `directory/language` (Llama + tokenizer)."""
+    """Write `directory/vision` (SigLIP + image processor) and `directory/language` (Llama + tokenizer).
+
+    `directory` must be new, empty, or an earlier output of this function (replaced whole): nothing else is
+    ever overwritten (`hive_adapter.outputs`)."""
+    with staged_directory(directory, command="hive-toy", replace=True) as tmp:
+        _write_toy_models(tmp, words, sizes=sizes, seed=seed)
+    return Path(directory) / "vision", Path(directory) / "language"
+
+
+def _write_toy_models(directory: Path, words: list[str], *, sizes: ToySizes, seed: int) -> None:
     from transformers import SiglipImageProcessor
 
-    directory = Path(directory)
     torch.manual_seed(seed)
     vision = SiglipVisionModel(
         SiglipVisionConfig(
@@ -76,7 +86,6 @@ def write_toy_models(directory: str | Path, words: list[str], *, sizes: ToySizes
     )
     language.save_pretrained(directory / "language")
     tokenizer.save_pretrained(directory / "language")
-    return directory / "vision", directory / "language"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="writes DIR/vision and DIR/language")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    vision, language = write_toy_models(args.directory, caption_vocabulary(), seed=args.seed)
+    try:
+        vision, language = write_toy_models(args.directory, caption_vocabulary(), seed=args.seed)
+    except OutputRefused as error:
+        parser.exit(2, f"{parser.prog}: refused: {error}\n")
     print(f"vision encoder: {vision}\nlanguage model: {language}")
 
 

@@ -12,8 +12,11 @@ Layout of `--output_dir`:
     stage{n}-checkpoints/     Trainer checkpoints; resume with --resume_from_checkpoint auto
 
 A stage directory appears only when the stage has finished (written aside, then renamed), so a rerun
-skips finished stages (delete one to retrain it) and a crash never leaves a stage that loads wrong. Stage hyper-parameters come
-from `hive_adapter.stages.STAGES` (paper Table 3); any flag given explicitly wins.
+skips finished stages (delete one to retrain it) and a kill at any moment never leaves a stage that loads
+wrong; checkpoints are marked complete before older ones are deleted (`hive_adapter.checkpoints`). A stage
+starts from the previous stage's output, and flags that contradict an existing model are refused
+(`hive_adapter.stage_plan`). Stage hyper-parameters come from `hive_adapter.stages.STAGES` (paper Table 3);
+any flag given explicitly wins.
 """
 
 from __future__ import annotations
@@ -23,27 +26,27 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 from .arguments import HiveArguments, hive_config_from
+from .checkpoints import HiveTrainer, choose_resume_checkpoint, why_incomplete
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
+from .data.supervision import supervision_report
 from .data.synthetic import SyntheticShapes
 from .distributed import (
     barrier,
@@ -55,13 +58,14 @@ from .distributed import (
 )
 from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
+from .outputs import OutputRefused, install, partial_path, start_partial
+from .stage_plan import STAGE_REPORT, is_complete_stage, plan_stages, stage_report, validate_run_arguments
 from .stages import StageSpec, apply_stage, parse_stages
 
 logger = logging.getLogger("hive_adapter.train")
 
+COMMAND = "hive-train"
 DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
-STAGE_REPORT = "hive_stage.json"
-CHECKPOINT_COMPLETE = "hive_checkpoint_complete"
 
 
 # ---------------------------------------------------------------------- arguments
@@ -185,13 +189,18 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
     model = HiveForConditionalGeneration.from_vision_text(vision, language, hive_config_from(hive_args))
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model))
     image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor or model_args.vision_model)
-    tmp = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = start_partial(directory, command=COMMAND)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    (tmp / STAGE_REPORT).write_text(json.dumps({"stage": 0, "connector": hive_args.vision_connector}, indent=2))
-    os.replace(tmp, directory)
+    report = {
+        "stage": 0,
+        "connector": hive_args.vision_connector,
+        "vision_model": str(Path(model_args.vision_model).resolve()),
+        "language_model": str(Path(model_args.language_model).resolve()),
+    }
+    (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
+    install(tmp, directory, command=COMMAND)
     say(f"composed the initial model in {directory}")
 
 
@@ -204,39 +213,6 @@ def build_dataset(data_args: DataArguments, *, image_size: int):
     records = read_records(data_args.data_path, data_args.data_format)
     folder = data_args.image_folder or str(Path(data_args.data_path).parent)
     return ImageCaptionDataset(records, folder, skip_bad_images=data_args.skip_bad_images)
-
-
-def is_complete_stage(directory: Path) -> bool:
-    return (directory / STAGE_REPORT).is_file() and (directory / "config.json").is_file()
-
-
-# ---------------------------------------------------------------------- checkpoints
-class CompleteCheckpointMarker(TrainerCallback):
-    """Marks a Trainer checkpoint complete once every rank has written its part.
-
-    The Trainer writes `checkpoint-N/` in place; a crash mid-save would leave a directory that looks
-    like a checkpoint. Resuming only from marked checkpoints makes that harmless.
-    """
-
-    def on_save(self, args, state, control, **kwargs):
-        barrier()
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                tmp = folder / f".{CHECKPOINT_COMPLETE}.tmp"
-                tmp.write_text(json.dumps({"global_step": state.global_step}))
-                os.replace(tmp, folder / CHECKPOINT_COMPLETE)
-        barrier()
-        return control
-
-
-def last_complete_checkpoint(directory: Path) -> str | None:
-    if not directory.is_dir():
-        return None
-    marked = [p for p in directory.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).is_file()]
-    if not marked:
-        return None
-    return str(max(marked, key=lambda p: int(p.name.split("-")[-1])))
 
 
 # ---------------------------------------------------------------------- one stage
@@ -288,9 +264,26 @@ def stage_arguments(
         remove_unused_columns=False,
         use_cpu=base.use_cpu or not torch.cuda.is_available(),
         save_safetensors=True,
+        save_total_limit=None,  # HiveTrainer rotates (keep_checkpoints), after marking the new checkpoint
     )
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in fields})
+
+
+def resume_point(requested: str | None, checkpoints: Path, stage: StageSpec) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` means for this stage: `auto` is the newest one complete now
+    (said which, or why none); an explicit path must be complete now."""
+    if not requested or requested in ("False", "false"):
+        return None
+    if requested in ("auto", "true", "True"):
+        choice = choose_resume_checkpoint(checkpoints)
+        say(f"stage {stage.number}: {choice.explain(checkpoints)}")
+        return str(choice.checkpoint) if choice.checkpoint else None
+    reason = why_incomplete(Path(requested)) if Path(requested).is_dir() else "no such directory"
+    if reason:
+        raise ValueError(f"--resume_from_checkpoint {requested}: {reason}; pass auto to take the newest complete one")
+    say(f"stage {stage.number}: resuming from {requested}")
+    return requested
 
 
 def run_stage(
@@ -323,18 +316,17 @@ def run_stage(
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
     image_processor = AutoImageProcessor.from_pretrained(previous)
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[CompleteCheckpointMarker()]
+    trainer = HiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        keep_checkpoints=base_args.save_total_limit,
     )
-    resume = None
-    if base_args.resume_from_checkpoint:
-        requested = base_args.resume_from_checkpoint
-        resume = last_complete_checkpoint(checkpoints) if requested in ("auto", "true", "True") else requested
-        if resume:
-            say(f"stage {stage.number}: resuming from {resume}")
+    resume = resume_point(base_args.resume_from_checkpoint, checkpoints, stage)
     trainable = sum(t for t, _ in counts.values())
     say(
-        f"stage {stage.number} ({stage.name}): {trainable:,} trainable parameters, "
+        f"stage {stage.number} ({stage.name}) from {previous}: {trainable:,} trainable parameters, "
         f"lr {args.learning_rate:g} -> {stage.min_lr:g}, betas ({args.adam_beta1}, {args.adam_beta2}), "
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
@@ -344,6 +336,7 @@ def run_stage(
     report = {
         "stage": stage.number,
         "name": stage.name,
+        "started_from": str(previous),
         "trainable_parameters": {part: {"trainable": t, "total": n} for part, (t, n) in counts.items()},
         "global_steps": trainer.state.global_step,
         "losses": losses,
@@ -355,17 +348,16 @@ def run_stage(
     }
     if stage_args.verify_rank_consistency:
         report["rank_fingerprints"] = rank_fingerprints(trainer)
-    tmp = final.with_name(final.name + ".partial")
+    tmp = partial_path(final)
     if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
+        start_partial(final, command=COMMAND)
     barrier()
     trainer.save_model(str(tmp))  # gathers ZeRO-3 partitions into one safetensors file
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        install(tmp, final, command=COMMAND)
         if report["skipped_images"]:
             say(f"stage {stage.number}: skipped {report['skipped_images']} unreadable images")
     barrier()
@@ -406,6 +398,25 @@ def _gathered(parameters):
 
 
 # ---------------------------------------------------------------------- main
+def _image_size(path: str | Path) -> int:
+    config = AutoConfig.from_pretrained(path)
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 64)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def check_supervision(dataset, tokenizer_source: str | Path, max_length: int) -> None:
+    """Stop a run that cannot learn (every caption truncated away) before it starts; warn when many samples lose
+    their captions."""
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(tokenizer_source))
+    report = supervision_report(HiveCaptionCollator(tokenizer, None, max_length=max_length), dataset.texts())
+    report.check()
+    say(
+        f"{report.samples:,} training samples, {report.supervised_tokens:,} caption tokens to learn from"
+        + (f" ({report.without_labels:,} samples have none left)" if report.without_labels else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
@@ -414,30 +425,34 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO if is_main_process() else logging.WARNING,
     )
     stages = parse_stages(stage_args.stage)
+    validate_run_arguments(global_batch_size=stage_args.global_batch_size, training_args=base_args, explicit=explicit)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
-    init_distributed(deepspeed is not None)
     output_dir = Path(base_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputRefused(f"--output_dir {output_dir} is a file; give a directory")
+    init_distributed(deepspeed is not None)
     output_dir.mkdir(parents=True, exist_ok=True)
+    previous, compose = plan_stages(
+        stages, output_dir, model_args=model_args, hive_args=hive_args, explicit=explicit, command=COMMAND
+    )
 
-    stage0 = output_dir / "stage0"
-    if model_args.model_name_or_path:
-        previous = Path(model_args.model_name_or_path)
-    else:
-        previous = stage0
-        if is_main_process() and not is_complete_stage(stage0):
-            compose_stage0(model_args, hive_args, stage0, seed=base_args.seed)
+    # The data, and whether it can teach anything, before a model is composed or loaded.
+    source = model_args.vision_model if compose else previous
+    dataset = build_dataset(data_args, image_size=_image_size(source))
+    tokenizer_source = (model_args.tokenizer or model_args.language_model) if compose else previous
+    check_supervision(dataset, tokenizer_source, data_args.max_text_length)
+    if compose:
+        if is_main_process():
+            compose_stage0(model_args, hive_args, previous, seed=base_args.seed)
         barrier()
-
-    config = HiveForConditionalGeneration.config_class.from_pretrained(previous)
-    dataset = build_dataset(data_args, image_size=int(getattr(config.vision_config, "image_size", 64)))
-    say(f"{len(dataset):,} training samples; stages {[s.number for s in stages]}")
+    say(f"stages {[s.number for s in stages]}, starting from {previous}")
 
     reports = []
     for stage in stages:
         final = output_dir / f"stage{stage.number}"
         if is_complete_stage(final):
             say(f"stage {stage.number} already finished in {final}; skipping")
-            reports.append(json.loads((final / STAGE_REPORT).read_text()))
+            reports.append(stage_report(final))
         else:
             reports.append(
                 run_stage(
@@ -478,8 +493,14 @@ def _reset_accelerate_state() -> None:
 
 
 def cli() -> None:
-    """`hive-train` and `python -m hive_adapter.train`: `main`, then a clean end for launched ranks."""
-    main()
+    """`hive-train` and `python -m hive_adapter.train`: `main`, then a clean end for launched ranks. A refused
+    argument, path or data set ends the command with its reason (exit status 2), not a traceback."""
+    try:
+        main()
+    except (ValueError, OutputRefused, FileNotFoundError) as error:
+        print(f"[hive-train] error: {error}", file=sys.stderr, flush=True)
+        shutdown_distributed()
+        sys.exit(2)
     exit_if_launched()
 
 

@@ -11,12 +11,13 @@ from PIL import Image
 from transformers import AutoModel, TrainingArguments
 
 import hive_adapter as hive
+from hive_adapter.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint
 from hive_adapter.data.collator import HiveCaptionCollator
 from hive_adapter.data.datasets import BadImageError, ImageCaptionDataset, read_records
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
 from hive_adapter.stages import STAGES, apply_stage, parse_stages
 from hive_adapter.toy import ToySizes, word_tokenizer, write_toy_models
-from hive_adapter.train import CHECKPOINT_COMPLETE, last_complete_checkpoint, stage_arguments
+from hive_adapter.train import stage_arguments
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -202,14 +203,13 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
 
 KILL_DRIVER = """
 import os, sys
-import hive_adapter.train as train
-original = train.CompleteCheckpointMarker.on_save
-def on_save(self, args, state, control, **kwargs):
-    control = original(self, args, state, control, **kwargs)
-    if state.global_step == {kill_at}:
+from hive_adapter import checkpoints, train
+original = checkpoints.mark_complete
+def mark_complete(folder, step):
+    original(folder, step)
+    if step == {kill_at}:
         os._exit(9)  # killed right after a complete checkpoint
-    return control
-train.CompleteCheckpointMarker.on_save = on_save
+checkpoints.mark_complete = mark_complete
 train.main(sys.argv[1:])
 """
 
@@ -240,7 +240,7 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(toy, tmp_path):
     torn = checkpoints / "checkpoint-12"  # a save cut short: files but no completion marker
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"truncated")
-    assert last_complete_checkpoint(checkpoints).endswith("checkpoint-8")
+    assert choose_resume_checkpoint(checkpoints).checkpoint == checkpoints / "checkpoint-8"
     assert (checkpoints / "checkpoint-8" / CHECKPOINT_COMPLETE).is_file()
 
     resumed = hive_train(*common, "--output_dir", killed_dir, "--resume_from_checkpoint", "auto")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.collator import IGNORE_INDEX
 from ..loading import load_hive
+from ..outputs import OutputRefused, output_file, write_file
 from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .gradients import gradient_flow
@@ -58,7 +59,7 @@ def _load(args):
 def run_gradients(args) -> None:
     loaded, image, batch = _load(args)
     flow = gradient_flow(loaded.model, batch)
-    output = Path(args.output or "hive_gradients.png")
+    output = Path(args.output)
     plot_gradient_maps(
         image, {f"{loaded.connector}": (flow.patch_maps[0], flow.layer_norms[0].tolist())}, output, caption=args.caption
     )
@@ -71,7 +72,7 @@ def run_gradients(args) -> None:
         "connector": loaded.connector,
         **flow.to_dict(0),
     }
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_file(output.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     print(f"caption loss {report['loss']:.4f}; gradient L2 norm per vision layer (first -> last):")
     for entry in report["layers"]:
         print(f"  layer {entry['layer']:>3}  {entry['grad_norm']:.4e}")
@@ -87,7 +88,7 @@ def run_attention(args) -> None:
     positions = produced_positions(loaded.tokenizer, token_ids, labels, args.token, args.max_tokens)
     chosen = torch.stack([maps.predicting(position) for position in positions])  # (tokens, blocks, grid_h, grid_w)
     words = [token_text(loaded.tokenizer, token_ids[position]) for position in positions]
-    output = Path(args.output or "hive_attention.png")
+    output = Path(args.output)
     plot_attention_maps(
         image, chosen, row_labels=[f"-> {word}" for word in words], llm_layers=maps.llm_layers, path=output
     )
@@ -99,7 +100,7 @@ def run_attention(args) -> None:
             for row, (position, word) in enumerate(zip(positions, words, strict=True))
         ],
     }  # fmt: skip
-    output.with_suffix(".json").write_text(json.dumps(report))
+    write_file(output.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(report)))
     print(f"cross-attention of {len(positions)} token(s) over {len(maps.llm_layers)} HIVE layers {maps.llm_layers}")
     print(f"written: {output} and {output.with_suffix('.json')}")
 
@@ -125,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
                 "--max_tokens", type=int, default=16, help="at most this many caption tokens (default 16)"
             )
     args = parser.parse_args(argv)
+    args.output = args.output or f"hive_{args.command}.png"
+    try:
+        for path in (Path(args.output), Path(args.output).with_suffix(".json")):  # before any model is loaded
+            output_file(path)
+    except OutputRefused as error:
+        parser.error(str(error))
     (run_gradients if args.command == "gradients" else run_attention)(args)
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..outputs import write_file
+
 
 def _pyplot():
     try:
@@ -122,10 +124,9 @@ def plot_layer_curves(
 
 
 def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
     import matplotlib.pyplot as plt
 
-    plt.close(figure)
-    return path
+    try:
+        return write_file(path, lambda tmp: figure.savefig(tmp, dpi=150))
+    finally:
+        plt.close(figure)

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..loading import load_vision_encoder
+from ..outputs import OutputRefused, output_file, write_file
 from .augment import Table4Augment
 from .probe_data import BUILT_IN, LabelledImages, built_in, image_folder
 
@@ -255,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-
+    if args.output:
+        try:
+            output_file(args.output)  # a directory given for the JSON is refused before anything trains
+        except OutputRefused as error:
+            parser.error(str(error))
     if args.dataset and (args.train or args.test):
         parser.error("give either --dataset or --train/--test, not both")
     if args.dataset:
@@ -288,8 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         report = {"encoder": str(args.encoder), "data": {"train": train.source, "test": test.source},
                   "config": asdict(config), **result.to_dict()}  # fmt: skip
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        write_file(args.output, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
         print(f"[hive-probe] written: {args.output}")
 
 

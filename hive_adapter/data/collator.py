@@ -55,4 +55,12 @@ class HiveCaptionCollator:
             labels[row, : len(target)] = torch.tensor(target)
             attention_mask[row, : len(ids)] = 1
         pixels = self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
+        finite = torch.isfinite(pixels.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = [samples[i].get("source", f"sample {i} of the batch") for i in (~finite).nonzero().flatten().tolist()]
+            raise ValueError(
+                f"{', '.join(bad)}: NaN or inf pixel values after preprocessing; check the image and the image "
+                "processor's image_mean / image_std (a std of 0 divides by zero). Training stops rather than make "
+                "every gradient NaN."
+            )
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}

@@ -39,19 +39,33 @@ def read_llava_json(path: str | Path) -> list[CaptionRecord]:
     try:
         entries = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        hint = " (one object per line? use --data_format jsonl)" if "Extra data" in str(error) else ""
+        raise ValueError(f"{path}: not valid JSON ({error}){hint}") from error
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: a JSON {type(entries).__name__}, expected LLaVA's list of samples")
     records = []
     for number, entry in enumerate(entries):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not turns or "image" not in entry:
             raise ValueError(f"{path}: entry {number} has no 'image' and 'conversations' (LLaVA pre-training format)")
-        human = next((t["value"] for t in turns if t.get("from") == "human"), "")
-        answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
+        where = f"{path}: entry {number} ({entry.get('id', '?')})"
+        if not all(isinstance(turn, dict) for turn in turns):
+            raise ValueError(f"{where}: 'conversations' must be a list of {{'from', 'value'}} objects")
+        human = next((t.get("value") for t in turns if t.get("from") == "human"), "")
+        answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
         if answer is None:
-            raise ValueError(f"{path}: entry {number} ({entry.get('id', '?')}) has no 'gpt' turn to learn from")
-        prompt = human.replace(IMAGE_MARKER, "").strip()
-        records.append(CaptionRecord(str(entry["image"]), prompt, answer.strip()))
+            raise ValueError(f"{where}: has no 'gpt' turn to learn from")
+        prompt = _text(human, where, "human value").replace(IMAGE_MARKER, "").strip()
+        records.append(
+            CaptionRecord(_text(entry["image"], where, "image"), prompt, _text(answer, where, "gpt value").strip())
+        )
     return records
+
+
+def _text(value, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} is {json.dumps(value)}, expected a string")
+    return value
 
 
 def read_jsonl(path: str | Path) -> list[CaptionRecord]:
@@ -61,13 +75,26 @@ def read_jsonl(path: str | Path) -> list[CaptionRecord]:
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
+            hint = " (a LLaVA JSON file? use --data_format llava)" if line.strip() in ("[", "[{", "{") else ""
+            raise ValueError(f"{where}: not valid JSON ({error}){hint}") from error
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{where}: a JSON {type(entry).__name__}, expected one object per line such as "
+                '{"image": "file.png", "text": "a caption"} (a LLaVA JSON file? use --data_format llava)'
+            )
         if "image" not in entry or "text" not in entry:
-            raise ValueError(f"{path}:{number}: expected keys 'image' and 'text', got {sorted(entry)}")
-        records.append(CaptionRecord(str(entry["image"]), str(entry.get("prompt", "")), str(entry["text"])))
+            raise ValueError(f"{where}: expected keys 'image' and 'text', got {sorted(entry)}")
+        records.append(
+            CaptionRecord(
+                _text(entry["image"], where, "image"),
+                _text(entry.get("prompt", ""), where, "prompt"),
+                _text(entry["text"], where, "text"),
+            )
+        )
     return records
 
 
@@ -101,6 +128,10 @@ class ImageCaptionDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def texts(self) -> list[tuple[str, str]]:
+        """(prompt, caption) of every sample, without opening an image."""
+        return [(record.prompt, record.caption) for record in self.records]
+
     def load_image(self, record: CaptionRecord) -> Image.Image:
         path = self.image_folder / record.image
         try:
@@ -121,5 +152,10 @@ class ImageCaptionDataset:
                     self.bad_files.add(record.image)
                     logger.warning("skipping unreadable image (%d so far): %s", self.skipped, error)
                 continue
-            return {"image": image, "prompt": record.prompt, "caption": record.caption}
+            return {
+                "image": image,
+                "prompt": record.prompt,
+                "caption": record.caption,
+                "source": str(self.image_folder / record.image),
+            }
         raise BadImageError(f"no readable image in {self.image_folder}: all {len(self.records)} samples failed")

@@ -16,6 +16,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..outputs import staged_directory
+
 COLOURS = {
     "red": (214, 40, 40),
     "green": (46, 160, 67),
@@ -114,17 +116,32 @@ class SyntheticShapes:
         pen.point([(rng.randrange(side), rng.randrange(side)) for _ in range(side)], fill=(200, 200, 200))
         return image
 
+    def texts(self) -> list[tuple[str, str]]:
+        """(prompt, caption) of every sample, without drawing an image."""
+        return [(PROMPT, self.sample(index).caption) for index in range(self.size)]
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
         sample = self.sample(index)
-        return {"image": self.image(index), "prompt": PROMPT, "caption": sample.caption, "label": sample.shape_label}
+        return {
+            "image": self.image(index),
+            "prompt": PROMPT,
+            "caption": sample.caption,
+            "label": sample.shape_label,
+            "source": f"synthetic sample {index} (seed {self.seed})",
+        }
 
     # ------------------------------------------------------------------ writing to disk
     def write_llava_json(self, directory: str | Path, *, name: str = "synthetic.json") -> Path:
-        """Images under `directory/images/` and LLaVA's pre-training JSON next to them."""
-        directory = Path(directory)
-        (directory / "images").mkdir(parents=True, exist_ok=True)
+        """Images under `directory/images/` and LLaVA's pre-training JSON next to them. `directory` must be new,
+        empty, or an earlier output of these writers (replaced whole)."""
+        with staged_directory(directory, command="hive-synthetic", replace=True) as tmp:
+            self._write_llava_json(tmp, name)
+        return Path(directory) / name
+
+    def _write_llava_json(self, directory: Path, name: str) -> None:
+        (directory / "images").mkdir()
         records = []
         for index in tqdm(range(self.size), desc="writing synthetic images", leave=False):
             file = f"{index:06d}.png"
@@ -140,18 +157,17 @@ class SyntheticShapes:
                     ],
                 }
             )
-        path = directory / name
-        path.write_text(json.dumps(records, indent=1))
-        return path
+        (directory / name).write_text(json.dumps(records, indent=1))
 
     def write_image_folder(self, directory: str | Path) -> Path:
-        """`directory/<shape>/<index>.png`, the layout linear probes read."""
-        directory = Path(directory)
-        for index in tqdm(range(self.size), desc="writing image folder", leave=False):
-            sample = self.sample(index)
-            (directory / sample.shape).mkdir(parents=True, exist_ok=True)
-            self.image(index).save(directory / sample.shape / f"{index:06d}.png")
-        return directory
+        """`directory/<shape>/<index>.png`, the layout linear probes read. `directory` must be new, empty, or an
+        earlier output of these writers (replaced whole)."""
+        with staged_directory(directory, command="hive-synthetic", replace=True) as tmp:
+            for index in tqdm(range(self.size), desc="writing image folder", leave=False):
+                sample = self.sample(index)
+                (tmp / sample.shape).mkdir(exist_ok=True)
+                self.image(index).save(tmp / sample.shape / f"{index:06d}.png")
+        return Path(directory)
 
 
 def _draw_shape(pen: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float) -> None:

@@ -20,7 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
+
+from ..outputs import OutputRefused, staged_directory
+
+COMMAND = "hive-eval-tasks"
 
 GENERATION = """generation_kwargs:
   max_new_tokens: 16
@@ -163,8 +168,14 @@ def write_task(
 
 
 def write_local_tasks(directory: str | Path, sources: dict[str, str]) -> list[Path]:
-    """YAMLs for local copies of the benchmarks; `sources`: kind (mme, scienceqa_img, ok_vqa, gqa) -> path."""
-    directory = Path(directory)
+    """YAMLs for local copies of the benchmarks; `sources`: kind (mme, scienceqa_img, ok_vqa, gqa) -> path.
+    `directory` must be new, empty, or an earlier output of hive-eval-tasks (replaced whole)."""
+    with staged_directory(directory, command=COMMAND, replace=True) as tmp:
+        written = _write_local_tasks(tmp, sources)
+    return [Path(directory) / path.name for path in written]
+
+
+def _write_local_tasks(directory: Path, sources: dict[str, str]) -> list[Path]:
     written = []
     for kind, source in sources.items():
         template = TEMPLATES[kind]
@@ -180,12 +191,20 @@ def write_local_tasks(directory: str | Path, sources: dict[str, str]) -> list[Pa
 
 
 def write_demo_tasks(directory: str | Path, *, size: int = 8, seed: int = 0, image_size: int = 64) -> list[Path]:
-    """Generated images in MME's and GQA's formats (parquet, as on the hub) and their YAMLs."""
+    """Generated images in MME's and GQA's formats (parquet, as on the hub) and their YAMLs. `directory` must be
+    new, empty, or an earlier output of hive-eval-tasks (replaced whole)."""
+    directory = Path(directory)
+    with staged_directory(directory, command=COMMAND, replace=True) as tmp:
+        written = _write_demo_tasks(tmp, data_root=directory / "data", size=size, seed=seed, image_size=image_size)
+    return [directory / path.name for path in written]
+
+
+def _write_demo_tasks(directory: Path, *, data_root: Path, size: int, seed: int, image_size: int) -> list[Path]:
+    """Writes into `directory` (a temporary sibling); the YAMLs point at `data_root`, where the data ends up."""
     import datasets
 
     from ..data.synthetic import COLOURS, SHAPES, SyntheticShapes
 
-    directory = Path(directory)
     shapes = SyntheticShapes(size, seed=seed, image_size=image_size)
     rng = random.Random(seed)
     image = datasets.Image()
@@ -205,7 +224,7 @@ def write_demo_tasks(directory: str | Path, *, size: int = 8, seed: int = 0, ima
             mme["answer"].append(answer)
             mme["category"].append(category)
     data = directory / "data"
-    (data / "mme").mkdir(parents=True, exist_ok=True)
+    (data / "mme").mkdir(parents=True)
     datasets.Dataset.from_dict(mme).cast_column("image", image).to_parquet(str(data / "mme" / "test.parquet"))
 
     questions = {"id": [], "imageId": [], "question": [], "answer": []}
@@ -228,14 +247,18 @@ def write_demo_tasks(directory: str | Path, *, size: int = 8, seed: int = 0, ima
         str(data / "vqa" / "testdev_balanced_images" / "testdev.parquet")
     )
     gqa = TEMPLATES["gqa"]
+
+    def final(files: list[str]) -> list[str]:  # where each file will be once the directory is in place
+        return [str(data_root / Path(file).relative_to(data)) for file in files]
+
     return [
-        write_task(directory, task="hive_demo_mme", kind="mme", files=parquet_files(data / "mme", "test")),
+        write_task(directory, task="hive_demo_mme", kind="mme", files=final(parquet_files(data / "mme", "test"))),
         write_task(
             directory,
             task="hive_demo_vqa",
             kind="gqa",
-            files=parquet_files(data / "vqa", gqa["split"], gqa["config"]),
-            image_files=parquet_files(data / "vqa", gqa["split"], gqa["images_config"]),
+            files=final(parquet_files(data / "vqa", gqa["split"], gqa["config"])),
+            image_files=final(parquet_files(data / "vqa", gqa["split"], gqa["images_config"])),
         ),
     ]
 
@@ -257,24 +280,20 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--size", type=int, default=8, help="images (each asked two questions; default 8)")
     demo.add_argument("--image_size", type=int, default=64)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.size < 1:
-            parser.error(f"--size {args.size}: must be at least 1")
-        written = write_demo_tasks(args.directory, size=args.size, image_size=args.image_size)
-    else:
-        sources = {
-            kind: path
-            for kind, path in (
-                ("mme", args.mme),
-                ("scienceqa_img", args.scienceqa),
-                ("ok_vqa", args.okvqa),
-                ("gqa", args.gqa),
-            )
-            if path
-        }
+    if args.command == "demo" and args.size < 1:
+        parser.error(f"--size {args.size}: must be at least 1")
+    if args.command == "local":
+        given = (("mme", args.mme), ("scienceqa_img", args.scienceqa), ("ok_vqa", args.okvqa), ("gqa", args.gqa))
+        sources = {kind: path for kind, path in given if path}
         if not sources:
             parser.error("name at least one local dataset: --mme, --scienceqa, --okvqa, --gqa")
-        written = write_local_tasks(args.directory, sources)
+    try:
+        if args.command == "demo":
+            written = write_demo_tasks(args.directory, size=args.size, image_size=args.image_size)
+        else:
+            written = write_local_tasks(args.directory, sources)
+    except OutputRefused as error:
+        sys.exit(f"[{COMMAND}] refused: {error}")
     for path in written:
         print(f"[hive-eval-tasks] {path.stem}: {path}")
     print(

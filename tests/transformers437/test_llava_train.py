@@ -234,6 +234,31 @@ def test_adapter_from_other_hive_settings_is_refused(toy, stage1, tmp_path):
     assert "was trained with other HIVE settings" in result.stderr and "vision_layers" in result.stderr
 
 
+def test_a_lone_projector_file_carries_its_settings(toy, stage1, tmp_path):
+    """mm_projector.bin copied without the config.json beside it: contradicting --hive_* flags are refused by
+    name, and without flags the adapter's own settings (not the defaults) are used and recorded."""
+    lone = tmp_path / "copied" / "mm_projector.bin"
+    lone.parent.mkdir()
+    shutil.copy(stage1[0] / "mm_projector.bin", lone)
+    refused = finetune_command(
+        toy, tmp_path / "refused", "--vision_connector", "hive", "--hive_vision_layers", "1,5",
+        "--hive_llm_layers", "0,1", "--pretrain_mm_mlp_adapter", str(lone),
+    )  # fmt: skip
+    result = subprocess.run(
+        refused, capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode != 0
+    assert "vision_layers: adapter [1, 3, 5, 7], asked [1, 5]" in result.stderr, result.stderr[-3000:]
+    output = tmp_path / "kept"
+    run_llava(
+        finetune_command(
+            toy, output, "--vision_connector", "hive", "--pretrain_mm_mlp_adapter", str(lone), "--max_steps", "1"
+        )
+    )
+    recorded = json.loads((output / "config.json").read_text())["hive_config"]
+    assert recorded["vision_layers"] == [1, 3, 5, 7] and recorded["llm_layers"] == [0, 1, 2, 3]
+
+
 def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
     """`git apply` patches/llava/*.patch onto the llava-torch 1.2.2.post1 sources, then run that copy's own
     `llava/train/train.py` (no apply_patch) with the HIVE flag."""

@@ -24,6 +24,7 @@ from .projector import (
     HiveLlavaProjector,
     hive_llava_settings,
     hive_projector_of,
+    settings_in_adapter_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,24 +134,44 @@ def configure(llava_model: nn.Module, model_args) -> None:
         return
 
     adapter = getattr(model_args, "pretrain_mm_mlp_adapter", None)
-    saved_config = Path(adapter).parent / "config.json" if adapter else None
-    if saved_config is not None and saved_config.is_file():
-        saved = json.loads(saved_config.read_text())
-        if saved.get("mm_projector_type") != PROJECTOR_TYPE:
-            raise ValueError(
-                f"--pretrain_mm_mlp_adapter {adapter}: trained with mm_projector_type="
-                f"{saved.get('mm_projector_type')!r}, not a HIVE connector"
-            )
-        changed = _changed_settings(asked, saved["hive_config"])
+    if adapter:
+        saved = _adapter_settings(adapter)
+        changed = _changed_settings(asked, saved)
         if changed:
             raise ValueError(
                 f"--pretrain_mm_mlp_adapter {adapter} was trained with other HIVE settings: "
                 + ", ".join(f"{key}: adapter {old!r}, asked {new!r}" for key, (old, new) in changed.items())
+                + ". Drop those --hive_* flags to continue with the adapter's."
             )
-        settings = saved["hive_config"]  # the stage-1 connector, whatever flags it was trained with
-        logger.info("HIVE (LLaVA): connector settings from %s", saved_config)
+        settings = saved  # the stage-1 connector, whatever flags it was trained with
     model_args.mm_projector_type = PROJECTOR_TYPE
     llava_model.config.hive_config = settings
+
+
+def _adapter_settings(adapter: str) -> dict[str, Any]:
+    """The HIVE settings an `mm_projector.bin` was trained with: saved inside it, else in the `config.json`
+    beside it (adapters of hive-adapter 0.1); an error when neither says."""
+    if not Path(adapter).is_file():
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {adapter}: no such file")
+    inside = settings_in_adapter_file(adapter)
+    if inside is not None:
+        logger.info("HIVE (LLaVA): connector settings from %s", adapter)
+        return inside
+    beside = Path(adapter).parent / "config.json"
+    if not beside.is_file():
+        raise ValueError(
+            f"--pretrain_mm_mlp_adapter {adapter}: the file carries no HIVE settings and no config.json is beside "
+            "it: it is LLaVA's own connector, or an adapter of hive-adapter 0.1 (then put the config.json it was "
+            "saved with beside it)"
+        )
+    saved = json.loads(beside.read_text())
+    if saved.get("mm_projector_type") != PROJECTOR_TYPE:
+        raise ValueError(
+            f"--pretrain_mm_mlp_adapter {adapter}: trained with mm_projector_type="
+            f"{saved.get('mm_projector_type')!r}, not a HIVE connector"
+        )
+    logger.info("HIVE (LLaVA): connector settings from %s", beside)
+    return saved["hive_config"]
 
 
 def _default_settings(vision_config, num_llm_layers: int) -> dict[str, Any]:
@@ -225,6 +246,7 @@ def prepare_for_training(model: nn.Module, training_args) -> None:
         model.config.unfreeze_mm_vision_tower = True  # LLaVA then loads the trained tower from the checkpoint
     if projector is None:
         return
+    projector.hive_settings.requires_grad_(False)  # --tune_mm_mlp_adapter unfreezes all of mm_projector
     counts = {"HIVE (mm_projector)": 0, "vision tower": 0, "language model": 0}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:

@@ -15,8 +15,10 @@ without the command line that trained it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from ...connector import (
 )
 from ...context import HiveRuntime, HiveVisionContext, past_length_of
 from ...inject import HiveAttachment, attach_hive_hooks
+from ...model import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,32 @@ def hive_llava_settings(hive_config: HiveConfig, vision_config, num_llm_layers: 
     }
 
 
+# A frozen parameter of the projector holding its settings (JSON bytes as floats, exact in fp16/bf16 too): it
+# travels inside every file LLaVA writes the projector to, `mm_projector.bin` alone included.
+SETTINGS_PARAMETER = "hive_settings"
+
+
+def encode_settings(settings: dict[str, Any]) -> torch.Tensor:
+    data = json.dumps(settings, sort_keys=True).encode()
+    return torch.tensor(list(data), dtype=torch.float32)  # (bytes,)
+
+
+def decode_settings(tensor: torch.Tensor, *, source: str) -> dict[str, Any]:
+    try:
+        return json.loads(bytes(int(value) for value in tensor.round().tolist()).decode())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{source}: its {SETTINGS_PARAMETER} do not decode ({error}); the file is damaged") from error
+
+
+def settings_in_adapter_file(path: str | Path) -> dict[str, Any] | None:
+    """The HIVE settings saved inside an `mm_projector.bin`, or None (LLaVA's own connector, or hive-adapter 0.1)."""
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    for name, tensor in weights.items():
+        if name.endswith(f"mm_projector.{SETTINGS_PARAMETER}"):
+            return decode_settings(tensor, source=str(path))
+    return None
+
+
 class HiveLlavaProjector(nn.Module):
     """HIVE's modules for a LLaVA model: `hive_levels` (per-level projectors) and `hive_blocks`.
 
@@ -85,8 +114,35 @@ class HiveLlavaProjector(nn.Module):
         self.hive_blocks = nn.ModuleList(make_block() for _ in self.resolved.llm_layers)
         for module in (self.hive_levels, *self.hive_blocks):
             init_hive_weights(module, self.hive_config)
+        self.settings = dict(config.hive_config)
+        self.hive_settings = nn.Parameter(encode_settings(self.settings), requires_grad=False)
+        self.register_load_state_dict_pre_hook(self._check_loaded)
         self.runtime = HiveRuntime()
         self._injection: HiveAttachment | None = None
+
+    def _check_loaded(self, module, state_dict, prefix, *args) -> None:
+        """Before weights load into this projector: refuse NaN/inf and settings other than its own; a file
+        without settings (hive-adapter 0.1) gets the projector's own, so it still loads."""
+        check_finite(
+            ((name, tensor) for name, tensor in state_dict.items() if name.startswith(prefix)), source="mm_projector"
+        )
+        key = prefix + SETTINGS_PARAMETER
+        if key not in state_dict:
+            state_dict[key] = self.hive_settings.detach().clone()
+            return
+        if self.hive_settings.numel() == 0:  # partitioned (ZeRO-3): nothing to compare here
+            return
+        saved = decode_settings(state_dict[key], source="the weights being loaded")
+        if saved != self.settings:
+            changed = {
+                k: (saved.get(k), self.settings.get(k))
+                for k in {*saved, *self.settings}
+                if saved.get(k) != self.settings.get(k)
+            }
+            raise ValueError(
+                "these HIVE projector weights were trained with other settings: "
+                + ", ".join(f"{k}: weights {old!r}, model {new!r}" for k, (old, new) in sorted(changed.items()))
+            )
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(

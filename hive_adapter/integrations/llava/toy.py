@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ...data.synthetic import COLOURS, POSITIONS, SHAPES, TEXTURES, SyntheticShapes
+from ...outputs import OutputRefused, staged_directory
 
 PRETRAIN_PROMPT = "Give a short description of the image."
 QUESTION = "What is in the image?"
@@ -81,7 +82,22 @@ def write_sentencepiece_tokenizer(directory: Path, *, vocab_size: int = 400) -> 
 
 
 def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Write the three folders; returns their paths (`clip`, `vicuna`, `data`, `pretrain`, `finetune`)."""
+    """Write the three folders; returns their paths (`clip`, `vicuna`, `data`, `pretrain`, `finetune`).
+
+    `directory` must be new, empty, or an earlier output of this function (replaced whole)."""
+    with staged_directory(directory, command="hive-llava-toy", replace=True) as tmp:
+        _write_llava_toy(tmp, samples=samples, seed=seed)
+    directory = Path(directory)
+    return {
+        "clip": directory / "clip",
+        "vicuna": directory / "vicuna",
+        "data": directory / "data",
+        "pretrain": directory / "data" / "pretrain.json",
+        "finetune": directory / "data" / "finetune.json",
+    }
+
+
+def _write_llava_toy(directory: Path, *, samples: int, seed: int) -> None:
     from transformers import (
         AutoTokenizer,
         CLIPImageProcessor,
@@ -91,7 +107,6 @@ def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) 
         LlamaForCausalLM,
     )
 
-    directory = Path(directory)
     torch.manual_seed(seed)
     image_size = 64
     clip = CLIPVisionModel(
@@ -163,13 +178,6 @@ def write_llava_toy(directory: str | Path, *, samples: int = 64, seed: int = 0) 
         )
     (data / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
     (data / "finetune.json").write_text(json.dumps(finetune, indent=1))
-    return {
-        "clip": directory / "clip",
-        "vicuna": directory / "vicuna",
-        "data": data,
-        "pretrain": data / "pretrain.json",
-        "finetune": data / "finetune.json",
-    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = write_llava_toy(args.directory, samples=args.samples, seed=args.seed)
+    try:
+        paths = write_llava_toy(args.directory, samples=args.samples, seed=args.seed)
+    except OutputRefused as error:
+        parser.exit(2, f"{parser.prog}: refused: {error}\n")
     for name, path in paths.items():
         print(f"{name}: {path}")
 
