@@ -331,8 +331,11 @@ def _refuse_near_misses(kwargs: dict[str, Any]) -> None:
     """An unknown keyword that is a near miss of a HIVE field is a typo (`vision_layer=`), not a custom
     attribute: refuse it, naming the field meant. Other unknown keywords are kept, as transformers keeps them."""
     fields = [name for name in inspect.signature(HiveConfig.__init__).parameters if name not in ("self", "kwargs")]
+    own = set(vars(PretrainedConfig()))  # what transformers keeps itself (`attn_implementation` as `_..._internal`)
     for key in kwargs:
-        if key in fields or hasattr(PretrainedConfig, key) or key.startswith("_"):
+        if key in fields or hasattr(PretrainedConfig, key) or key.startswith("_") or key == "torch_dtype":
+            continue
+        if {key, f"_{key}", f"_{key}_internal"} & own:
             continue
         close = difflib.get_close_matches(key, fields, n=1, cutoff=0.8)
         if close:

@@ -119,6 +119,8 @@ def plan_stages(
     start = starting_point(stages[0], output_dir, model_args.model_name_or_path)
     compose = start == output_dir / "stage0" and not is_complete_stage(start)
     if compose:
+        if not (model_args.vision_model and model_args.language_model):
+            raise ValueError("pass --vision_model and --language_model, or --model_name_or_path of a HIVE checkpoint")
         check_target(start, command=command, replace=True)
     else:
         if not (start / "config.json").is_file():

@@ -204,7 +204,7 @@ def test_adapter_refuses_a_base_of_another_width(tmp_path):
             image_token_index=IMAGE_TOKEN,
         )
     )
-    with pytest.raises(ValueError, match="different width"):
+    with pytest.raises(ValueError, match="trained on a base with 64 language model width, this base has 96"):
         hive.HiveModel.from_pretrained(wider, tmp_path)
 
 
