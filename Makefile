@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 
-.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo quickstart bench protocol clean
+.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo quickstart bench gpu-check protocol clean
 
 setup: $(VENV)/.installed
 
@@ -91,6 +91,12 @@ quickstart: setup
 
 bench: setup
 	$(PY) -m benchmarks.run --suite all
+
+# A CUDA machine with torch, transformers >= 5.17, safetensors and matplotlib: no install, no venv, nothing
+# downloaded. bf16 step time and peak CUDA memory at the 1B shapes -> benchmarks/results/gpu.{json,md}.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) build *.egg-info .pytest_cache

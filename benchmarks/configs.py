@@ -15,6 +15,7 @@ class ModelPair:
     vision_kind: str  # "siglip" | "clip"
     vision: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
+    hive_layers: dict = field(default_factory=dict)  # vision_layers / llm_layers when not HIVE's default spread
 
     def vision_config(self, image_size: int | None = None):
         fields = dict(self.vision)
@@ -53,6 +54,16 @@ PAPER_7B = ModelPair(
     text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
 )  # fmt: skip
+
+# The 1B widths with 2 + 2 layers (HIVE on both LLM layers): the paper's per-layer proportions (tower width
+# 1152 over 729 patches, LLM width 2048, vocabulary 32000) at a depth a CPU can time.
+PAPER_1B_SHALLOW = ModelPair(
+    name="1B widths, 2 + 2 layers (SigLIP-so400m/14@384 and TinyLlama-1.1B layers)",
+    vision_kind="siglip",
+    vision={**PAPER_1B.vision, "num_hidden_layers": 2},
+    text={**PAPER_1B.text, "num_hidden_layers": 2},
+    hive_layers=dict(vision_layers=[0, 1], llm_layers=[0, 1]),
+)
 
 # Small enough for real CPU timing, same proportions of layers (8 vision layers -> 2 levels).
 CPU_SMALL = ModelPair(

@@ -17,7 +17,7 @@ from transformers import AutoModel
 from hive_adapter import HiveConfig
 
 from .configs import TEXT_TOKENS, ModelPair
-from .models import POOLED_TOKENS, build, set_stage, training_batch, training_step
+from .models import HIVE_VARIANTS, POOLED_TOKENS, build, set_stage, training_batch, training_step
 
 
 @dataclass
@@ -106,22 +106,26 @@ def hive_forward_flops(
     """The LLM side of one forward (one sample) for `mode`, counted from the shapes alone."""
     t, v = pair.text, pair.vision
     d = t["hidden_size"]
+    heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
+    head_dim = d // heads
     vision_tokens = pair.vision_tokens(image_size)
     if mode == "hive_pooled":
         vision_tokens = min(vision_tokens, POOLED_TOKENS)  # pooling itself is not a matmul
-    projector = 2 * vision_tokens * (v["hidden_size"] * d + d * d)  # mlp2x_gelu
+    media = min(v["hidden_size"], 2 * kv_heads * head_dim) if mode == "hive_lean" else d  # the projector's output
+    if mode == "hive_lean":
+        projector = 2 * vision_tokens * v["hidden_size"] * media  # one layer
+    else:
+        projector = 2 * vision_tokens * (v["hidden_size"] * d + d * d)  # mlp2x_gelu
     if mode == "text":
         return llm_forward_flops(pair, text_tokens)
     if mode == "concat":
         return projector + llm_forward_flops(pair, text_tokens - 1 + vision_tokens)
-    resolved = HiveConfig(connector="hive" if mode == "hive_pooled" else mode).resolve_layers(
+    resolved = HiveConfig(connector="hive" if mode in HIVE_VARIANTS else mode, **pair.hive_layers).resolve_layers(
         num_vision_layers=v["num_hidden_layers"], num_llm_layers=t["num_hidden_layers"]
     )
-    heads, kv_heads = t["num_attention_heads"], t["num_key_value_heads"]
-    head_dim = d // heads
     block = (
         2 * text_tokens * 2 * d * heads * head_dim  # q, o
-        + 2 * vision_tokens * 2 * d * kv_heads * head_dim  # k, v over the level's tokens
+        + 2 * vision_tokens * 2 * media * kv_heads * head_dim  # k, v over the level's tokens
         + 4 * text_tokens * vision_tokens * heads * head_dim  # attention products
     )
     return (
@@ -144,7 +148,7 @@ def paper_complexity(
     if mode == "text":
         return layers * text_tokens * d * d
     selected = len(
-        HiveConfig(connector="hive" if mode == "hive_pooled" else mode)
+        HiveConfig(connector="hive" if mode in HIVE_VARIANTS else mode, **pair.hive_layers)
         .resolve_layers(num_vision_layers=v["num_hidden_layers"], num_llm_layers=layers)
         .vision_layers
     )

@@ -30,10 +30,14 @@ def saved_activation_bytes(
     text_tokens: int = TEXT_TOKENS,
     device: str = "meta",
     image_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> int:
-    model = build(pair, mode, device=device, image_size=image_size)
+    model = build(pair, mode, device=device, image_size=image_size, dtype=dtype)
     set_stage(model, mode, stage)
-    inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size)
+    inputs = training_batch(
+        pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size,
+        dtype=dtype or torch.float32,
+    )  # fmt: skip
     parameters = {id(p) for p in model.parameters()}
     total = 0
 
@@ -66,7 +70,8 @@ def step_times(
     dtype: torch.dtype = torch.float32,
     image_size: int | None = None,
 ) -> dict[str, dict]:
-    """Median training-step seconds per mode (and peak CUDA memory on GPU), modes interleaved."""
+    """Median training-step seconds per mode, modes interleaved round after round (every model stays
+    resident, so peak memory is measured apart: `peak_step_memory`)."""
     device = torch.device(device)
     models, batches = {}, {}
     for mode in modes:
@@ -77,24 +82,45 @@ def step_times(
             pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size, dtype=dtype
         )
     times: dict[str, list[float]] = {mode: [] for mode in modes}
-    peaks: dict[str, int] = {}
     for round_index in range(rounds + 1):  # round 0 warms up
         for mode in modes:
             models[mode].zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             synchronize(device)
             start = time.perf_counter()
             training_step(models[mode], batches[mode])
             synchronize(device)
             if round_index:
                 times[mode].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks[mode] = max(peaks.get(mode, 0), torch.cuda.max_memory_allocated(device))
-    return {
-        mode: {"median_s": statistics.median(values), "all_s": values, **({"peak_bytes": peaks[mode]} if peaks else {})}
-        for mode, values in times.items()
-    }
+    return {mode: {"median_s": statistics.median(values), "all_s": values} for mode, values in times.items()}
+
+
+def peak_step_memory(
+    pair: ModelPair,
+    mode: str,
+    *,
+    stage: int,
+    batch: int,
+    text_tokens: int = TEXT_TOKENS,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """Peak CUDA bytes of one training step of `mode` alone on the device (its weights, gradients and
+    activations; no optimizer): the model is built, stepped once to warm up, measured, and freed."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = build(pair, mode, device=device, dtype=dtype)
+    set_stage(model, mode, stage)
+    inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device, dtype=dtype)
+    training_step(model, inputs)
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    training_step(model, inputs)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del model, inputs
+    torch.cuda.empty_cache()
+    return peak
 
 
 def _cache_bytes(cache) -> int:

@@ -3,7 +3,8 @@
 Modes: `hive` (multi-level gated cross-attention), `cascaded` (same depths, deepest level only),
 `concat` (LLaVA-style: the deepest level's tokens spliced into the LLM input) and `text` (the LLM on
 the text alone: the floor every mode pays). `hive_pooled` is `hive` with every level pooled to 144
-tokens. All are this library's classes; `text` is the bare `LlamaForCausalLM`.
+tokens; `hive_lean` is `hive` with the lean projector (one layer to the narrow width the K/V read, every
+patch kept). All are this library's classes; `text` is the bare `LlamaForCausalLM`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from hive_adapter.stages import STAGES, apply_stage
 
 from .configs import IMAGE_TOKEN_ID, ModelPair
 
-MODES = ("hive", "hive_pooled", "cascaded", "concat", "text")
-POOLED_TOKENS = 144  # `hive_pooled`: every level average-pooled to a 12x12 grid before its projector
+MODES = ("hive", "hive_pooled", "hive_lean", "cascaded", "concat", "text")
+HIVE_VARIANTS = {"hive_pooled": dict(tokens_per_level=144), "hive_lean": dict(projector_type="lean")}
+POOLED_TOKENS = HIVE_VARIANTS["hive_pooled"]["tokens_per_level"]  # a 12x12 grid per level, before its projector
 
 
 def build(
@@ -35,13 +37,13 @@ def build(
         if mode == "text":
             model = LlamaForCausalLM(pair.text_config())
         else:
-            pooled = mode == "hive_pooled"
             config = HiveConfig(
-                connector="hive" if pooled else mode,
+                connector="hive" if mode in HIVE_VARIANTS else mode,
                 vision_config=pair.vision_config(image_size),
                 text_config=pair.text_config(),
                 image_token_id=IMAGE_TOKEN_ID,
-                tokens_per_level=POOLED_TOKENS if pooled else None,
+                **HIVE_VARIANTS.get(mode, {}),
+                **({} if mode == "concat" else pair.hive_layers),
             )
             model = HiveForConditionalGeneration(config)
     if dtype is not None:

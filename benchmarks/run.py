@@ -5,10 +5,10 @@ the README shows) and PNG plots next to them.
 
 - cpu: FLOPs of a training step at the paper's 1B and 7B shapes for each stage (counted on `meta`,
   next to the analytic forward counts and the §8.1 formulas), activation bytes saved for backward at
-  those shapes, FLOP scaling in vision and text tokens, and on a CPU-sized pair: step time, step time
-  against vision tokens, generation cost.
-- gpu: step time and peak CUDA memory at the 1B shape in bf16 (SDPA, and flash-attention 2 when
-  installed), generation cost; needs a CUDA device.
+  those shapes, peak training memory as the paper reports it (`benchmarks.memory`), FLOP scaling in
+  vision and text tokens; step time at the 1B widths with 2 + 2 layers; on a CPU-sized pair: step time,
+  step time against vision tokens, generation cost.
+- gpu: `benchmarks.gpu_check` (bf16 step time and peak CUDA memory at the 1B shape); needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .configs import CPU_SMALL, PAPER_1B, PAPER_7B, TEXT_TOKENS, ModelPair
+from . import gpu_check
+from .configs import CPU_SMALL, PAPER_1B, PAPER_1B_SHALLOW, PAPER_7B, TEXT_TOKENS, ModelPair
 from .flops import count_step, hive_forward_flops, paper_complexity
 from .measure import generation_costs, saved_activation_bytes, step_times
+from .memory import training_memory
 from .models import MODES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +35,10 @@ VISION_SWEEP = (112, 224, 336, 448, 672)  # patch 14: 64, 256, 576, 1024, 2304 v
 TEXT_SWEEP = (32, 77, 256, 512, 1024)
 CPU_VISION_SWEEP = (112, 224, 336, 448)
 TARGETS = {"flops": 0.14, "activation": 0.41, "overhead": 1.15}
+LEAN_TARGETS = {"flops_1B": 0.11, "overhead_1B": 1.2, "flops_7B": 0.13}  # the lean projector's (issue 19)
+MEMORY_MODES = ("hive", "hive_pooled", "hive_lean", "concat", "text")
+MEMORY_BATCHES = (1, 16)  # per-device batch of the memory tables
+PAPER_MEMORY = {"Table 9 (peak GB)": 22.03 / 54.2, "Table 6 (memory overhead)": 0.8}
 
 
 def environment() -> dict:
@@ -76,6 +82,15 @@ def activation_tables(pairs: dict[str, ModelPair], stages=(1, 2)) -> dict:
     return out
 
 
+def memory_tables(pairs: dict[str, ModelPair], stages=(1, 2, 3)) -> dict:
+    jobs = [(name, stage, mode) for name in pairs for stage in stages for mode in MEMORY_MODES]
+    out = {}
+    for name, stage, mode in tqdm(jobs, desc="training memory (meta)"):
+        memory = training_memory(pairs[name], mode, stage=stage)
+        out.setdefault(name, {}).setdefault(str(stage), {})[mode] = memory.as_dict(MEMORY_BATCHES)
+    return out
+
+
 def scaling(pair: ModelPair) -> dict:
     modes = ("hive", "hive_pooled", "cascaded", "concat", "text")
     vision = {mode: [] for mode in modes}
@@ -112,7 +127,13 @@ def run_cpu(rounds: int) -> dict:
         mode: saved_activation_bytes(CPU_SMALL, mode, stage=2, device="cpu")
         for mode in tqdm(MODES, desc="activation bytes (CPU)")
     }
+    results["training_memory"] = memory_tables(PAIRS)
     results["scaling_1B"] = scaling(PAPER_1B)
+    print("timing a training step at the 1B widths, 2 + 2 layers (interleaved rounds)...", flush=True)
+    results["pairs"]["1B_shallow"] = PAPER_1B_SHALLOW.name
+    results["step_time_1B_widths"] = step_times(
+        PAPER_1B_SHALLOW, ["hive", "hive_pooled", "hive_lean", "concat", "text"], stage=2, batch=1, rounds=rounds
+    )
     print("timing a training step on CPU (interleaved rounds)...", flush=True)
     results["cpu_step_time"] = step_times(CPU_SMALL, list(MODES), stage=2, batch=2, rounds=rounds)
     results["cpu_time_scaling"] = cpu_time_scaling(CPU_SMALL, rounds=max(2, rounds // 2))
@@ -124,14 +145,7 @@ def run_cpu(rounds: int) -> dict:
 
 # ---------------------------------------------------------------------- gpu suite
 def run_gpu(rounds: int) -> dict:
-    if not torch.cuda.is_available():
-        raise SystemExit("--suite gpu needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
-    results = {"suite": "gpu", "environment": environment(), "text_tokens": TEXT_TOKENS, "pair": PAPER_1B.name}
-    results["step_time_bf16_sdpa"] = step_times(
-        PAPER_1B, list(MODES), stage=2, batch=8, rounds=rounds, device="cuda", dtype=torch.bfloat16
-    )
-    results["generation"] = {mode: generation_costs(PAPER_1B, mode, device="cuda") for mode in ("hive", "concat")}
-    return results
+    return {"suite": "gpu", **gpu_check.run("1B", device="cuda", batch=8, rounds=rounds)}
 
 
 # ---------------------------------------------------------------------- reporting
@@ -139,61 +153,103 @@ def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def headline(results: dict) -> list[tuple[str, float, str]]:
-    """(what, value, target verdict) for the 1B config."""
-    flops = results["flops"]["1B"]["2"]
+HEADLINE_MODES = ("hive", "hive_pooled", "hive_lean")
+
+
+def headline(results: dict) -> list[tuple[str, dict[str, float], str]]:
+    """(ratio with its scope, value per HIVE variant, target or the paper's figure), at stage 2."""
+    flops, flops_7b = results["flops"]["1B"]["2"], results["flops"]["7B"]["2"]
     activation = results["activation_bytes"]["1B"]["2"]
-    times = results["cpu_step_time"]
-    rows = []
-    for mode in ("hive", "hive_pooled"):
-        f = ratio(flops[mode]["llm_side"], flops["concat"]["llm_side"])
-        a = ratio(activation[mode], activation["concat"])
-        o = ratio(flops[mode]["llm_side"], flops["text"]["llm_side"])
-        t = ratio(times[mode]["median_s"], times["concat"]["median_s"])
-        rows += [
-            (f"{mode}/concat training FLOPs, LLM side (1B, stage 2)", f, _verdict(f, TARGETS["flops"])),
-            (f"{mode}/concat activation bytes (1B, stage 2, meta)", a, _verdict(a, TARGETS["activation"])),
-            (
-                f"{mode}/concat activation bytes (CPU-small, real kernels)",
-                ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-                _verdict(
-                    ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-                    TARGETS["activation"],
-                ),
-            ),
-            (f"{mode}/text-only training FLOPs, LLM side (1B, stage 2)", o, _verdict(o, TARGETS["overhead"])),
-            (f"{mode}/concat step time (CPU-small, stage 2)", t, "measured (paper: 1/3.43 = 0.29 on GPU)"),
-        ]
-    return rows
+    memory = results["training_memory"]["1B"]["2"]
+    batch = str(MEMORY_BATCHES[-1])
+    widths, small = results["step_time_1B_widths"], results["cpu_step_time"]
+
+    def per_mode(value) -> dict[str, float]:
+        return {mode: value(mode) for mode in HEADLINE_MODES}
+
+    lean = LEAN_TARGETS
+    return [
+        ("training FLOPs / concat, LLM side, 1B",
+         per_mode(lambda m: ratio(flops[m]["llm_side"], flops["concat"]["llm_side"])),
+         f"<= {TARGETS['flops']} (paper 0.14); lean <= {lean['flops_1B']}"),
+        ("training FLOPs / concat, end to end (vision tower included), 1B",
+         per_mode(lambda m: ratio(flops[m]["total"], flops["concat"]["total"])), "measured"),
+        ("training FLOPs / concat, LLM side, 7B",
+         per_mode(lambda m: ratio(flops_7b[m]["llm_side"], flops_7b["concat"]["llm_side"])),
+         f"lean <= {lean['flops_7B']}"),
+        ("training FLOPs / text-only, LLM side, 1B",
+         per_mode(lambda m: ratio(flops[m]["llm_side"], flops["text"]["llm_side"])),
+         f"<= {TARGETS['overhead']}; lean <= {lean['overhead_1B']}"),
+        ("activation bytes saved for backward / concat, 1B (meta)",
+         per_mode(lambda m: ratio(activation[m], activation["concat"])), f"<= {TARGETS['activation']}"),
+        (f"peak training memory / concat (bf16 AdamW model, batch {batch}), 1B",
+         per_mode(lambda m: ratio(memory[m]["peak_bytes"][batch], memory["concat"]["peak_bytes"][batch])),
+         f"paper Table 9: {PAPER_MEMORY['Table 9 (peak GB)']:.3f}, Table 6: 0.8"),
+        ("step time / concat, 1B widths with 2 + 2 layers, CPU",
+         per_mode(lambda m: ratio(widths[m]["median_s"], widths["concat"]["median_s"])),
+         "paper (GPU, full depth): 1/3.43 = 0.29"),
+        ("step time / concat, CPU-small pair",
+         per_mode(lambda m: ratio(small[m]["median_s"], small["concat"]["median_s"])), "measured"),
+    ]  # fmt: skip
 
 
-def _verdict(value: float, target: float) -> str:
-    return f"target <= {target}: {'met' if value <= target else 'MISSED'}"
+def memory_note() -> str:
+    from .memory import OPTIMIZER_BYTES
+
+    return (
+        f"one device, no sharding, bf16 weights and gradients, {OPTIMIZER_BYTES} bytes of fp32 AdamW state per "
+        "trainable parameter, plus the bytes saved for backward per sample times the batch; a lower bound on a "
+        "measured peak"
+    )
 
 
 def markdown(results: dict) -> str:
     if results["suite"] == "gpu":
-        lines = [
-            f"GPU: {results['environment'].get('cuda_device')}, bf16, 1B shape, batch 8, stage 2",
-            "",
-            "| mode | median step (s) | peak memory (GB) |",
-            "| --- | ---: | ---: |",
-        ]
-        for mode, value in results["step_time_bf16_sdpa"].items():
-            lines.append(f"| {mode} | {value['median_s']:.3f} | {value.get('peak_bytes', 0) / 1e9:.2f} |")
-        return "\n".join(lines) + "\n"
+        return gpu_check.markdown(results)
     env = results["environment"]
     lines = [
         f"Produced by `python -m benchmarks.run --suite cpu` on {env['date']}: {env['machine']}, "
         f"{env['cpu_threads']} CPU threads, Python {env['python']}, torch {env['torch']}, transformers "
         f"{env['transformers']}. One image and {results['text_tokens']} text tokens per sample.",
         "",
-        "**Headline (1B = SigLIP-so400m/14@384 + TinyLlama-1.1B):**",
+        "**Headline, stage 2 (1B = SigLIP-so400m/14@384 + TinyLlama-1.1B, 729 patches; 7B = CLIP-L/14@336 + "
+        "Vicuna-7B). FLOPs, activation bytes and memory are counted on `meta`; times are measured on this CPU.**",
         "",
-        "| ratio | value | |",
-        "| --- | ---: | --- |",
+        "| ratio (scope) | " + " | ".join(HEADLINE_MODES) + " | target / paper |",
+        "| --- |" + " ---: |" * len(HEADLINE_MODES) + " --- |",
     ]
-    lines += [f"| {what} | {value:.3f} | {verdict} |" for what, value, verdict in headline(results)]
+    for what, values, target in headline(results):
+        lines.append(f"| {what} | " + " | ".join(f"{values[m]:.3f}" for m in HEADLINE_MODES) + f" | {target} |")
+    lines += [
+        "",
+        f"**Peak training memory (GB), the paper's Table 9 quantity, modelled** ({memory_note()}):",
+        "",
+        "| config | stage | batch | " + " | ".join(MEMORY_MODES) + " | hive / concat |",
+        "| --- | ---: | ---: |" + " ---: |" * len(MEMORY_MODES) + " ---: |",
+    ]
+    for name, stages in results["training_memory"].items():
+        for stage, modes in stages.items():
+            for batch in map(str, MEMORY_BATCHES):
+                peaks = [modes[m]["peak_bytes"][batch] for m in MEMORY_MODES]
+                lines.append(
+                    f"| {name} | {stage} | {batch} | "
+                    + " | ".join(f"{p / 1e9:.1f}" for p in peaks)
+                    + f" | {ratio(modes['hive']['peak_bytes'][batch], modes['concat']['peak_bytes'][batch]):.3f} |"
+                )
+    widths = results["step_time_1B_widths"]
+    lines += [
+        "",
+        f"**CPU step time at the 1B widths ({results['pairs']['1B_shallow']}; batch 1, stage 2, median of "
+        "interleaved rounds):**",
+        "",
+        "| mode | seconds | / concat | / text-only |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for mode, value in widths.items():
+        lines.append(
+            f"| {mode} | {value['median_s']:.3f} | {ratio(value['median_s'], widths['concat']['median_s']):.3f} | "
+            f"{ratio(value['median_s'], widths['text']['median_s']):.3f} |"
+        )
     lines += [
         "",
         "**Training-step TFLOPs per sample (counted on `meta`; LLM side = all but the vision tower):**",

@@ -28,7 +28,12 @@ class HiveArguments:
     )
     hive_level_mapping: str = field(default="paired", metadata={"help": "paired | all."})
     hive_tokens_per_level: int | None = field(default=None, metadata={"help": "Pool each level to N tokens (square)."})
-    hive_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear | mlp2x_gelu."})
+    hive_projector_type: str = field(
+        default="mlp2x_gelu", metadata={"help": "linear | mlp2x_gelu (the paper's) | lean (to the narrow K/V input)."}
+    )
+    hive_media_width: int | None = field(
+        default=None, metadata={"help": "With --hive_projector_type lean: the projected width (default 2x K/V)."}
+    )
     hive_use_ffn: bool = field(default=False, metadata={"help": "Add a gated FFN after each cross-attention."})
     hive_placement: str = field(default="before", metadata={"help": "before | after the wrapped decoder layer."})
 
@@ -52,6 +57,7 @@ def hive_config_from(hive_args: HiveArguments, **overrides) -> HiveConfig:
         "level_mapping": hive_args.hive_level_mapping,
         "tokens_per_level": hive_args.hive_tokens_per_level,
         "projector_type": hive_args.hive_projector_type,
+        "media_width": hive_args.hive_media_width,
         "use_ffn": hive_args.hive_use_ffn,
         "placement": hive_args.hive_placement,
     }

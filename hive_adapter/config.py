@@ -27,7 +27,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 CONNECTORS = ("hive", "cascaded", "concat")
 LEVEL_MAPPINGS = ("paired", "all")
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "lean")
 PLACEMENTS = ("before", "after")
 MEDIA_ATTENTION = ("previous", "all_previous")
 FEATURE_SELECT = ("patch", "full")
@@ -103,7 +103,15 @@ class HiveConfig(PretrainedConfig):
         vision_feature_select (`str`, defaults to `"patch"`):
             `"patch"` drops the tokens in front of the patch grid (CLS, registers); `"full"` keeps them.
         projector_type (`str`, defaults to `"mlp2x_gelu"`):
-            `"linear"` or `"mlp2x_gelu"`, LLaVA's names.
+            `"linear"` or `"mlp2x_gelu"` (LLaVA's names: to the LLM width), or `"lean"`: one linear layer and
+            a GELU to the narrower `media_width`, which is all the cross-attention's K/V projections need
+            (the paper's `mlp2x_gelu` to the LLM width is then projected down again to the grouped K/V
+            width). Not for `connector="concat"`, whose image tokens enter the LLM at its width.
+        media_width (`int`, *optional*):
+            Width of the projected levels the cross-attention reads. Default: the LLM width (`linear`,
+            `mlp2x_gelu`); for `"lean"`, no wider than either side carries: the vision width and twice the
+            grouped K/V width (keys and values), e.g. 512 for SigLIP-so400m + TinyLlama, 1024 for CLIP-L +
+            Vicuna-7B.
         num_attention_heads / num_key_value_heads / head_dim (`int`, *optional*):
             Cross-attention shape; default to the language model's own (grouped K/V width included,
             which keeps the cross-attention cost at the paper's ~0.12-0.14x of concat).
@@ -146,6 +154,7 @@ class HiveConfig(PretrainedConfig):
         tokens_per_level: int | None = None,
         vision_feature_select: str = "patch",
         projector_type: str = "mlp2x_gelu",
+        media_width: int | None = None,
         num_attention_heads: int | None = None,
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
@@ -170,6 +179,7 @@ class HiveConfig(PretrainedConfig):
         self.tokens_per_level = tokens_per_level
         self.vision_feature_select = vision_feature_select
         self.projector_type = projector_type
+        self.media_width = media_width
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
@@ -246,7 +256,17 @@ class HiveConfig(PretrainedConfig):
             if not number or not math.isfinite(value) or (low is not None and value <= low):
                 expected = "a finite number" if low is None else f"a finite number above {low}"
                 raise ValueError(f"{name}={value!r}: expected {expected}")
-        for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "ffn_mult"):
+        if self.projector_type == "lean" and self.connector == "concat":
+            raise ValueError(
+                "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
+                "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
+            )
+        if self.media_width is not None and self.projector_type != "lean":
+            raise ValueError(
+                f"media_width={self.media_width}: only projector_type='lean' projects to its own width (the "
+                f"'{self.projector_type}' projector ends at the LLM width)"
+            )
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "ffn_mult", "media_width"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r}: expected a positive int")
@@ -319,6 +339,7 @@ class HiveConfig(PretrainedConfig):
         """The HIVE knobs only (what `hive_config.json` holds next to an adapter)."""
         keys = (
             "vision_layers llm_layers level_mapping connector tokens_per_level vision_feature_select projector_type "
+            "media_width "
             "num_attention_heads num_key_value_heads head_dim use_ffn ffn_mult placement media_attention "
             "image_token_id cross_attn_implementation gate_init initializer_range layers_path vision_tower_path"
         ).split()

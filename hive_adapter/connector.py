@@ -49,6 +49,29 @@ def cross_attention_kernel(config: HiveConfig, text_config) -> str:
     return implementation if implementation in ("eager", "flash_attention_2") else "sdpa"
 
 
+def kv_shape(config: HiveConfig, text: TextShape) -> tuple[int, int, int]:
+    """(query heads, K/V heads, head width) of the cross-attention; defaults follow the language model (its
+    query heads, its grouped K/V heads, its head width)."""
+    heads = config.num_attention_heads or text.num_heads
+    kv_heads = config.num_key_value_heads or (text.num_kv_heads if config.num_attention_heads is None else heads)
+    if heads % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
+        )
+    head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
+    return heads, kv_heads, head_dim
+
+
+def media_width(config: HiveConfig, vision: VisionShape, text: TextShape) -> int:
+    """Width of the projected levels: the LLM width, or for the lean projector `media_width`, by default no
+    wider than what either side carries: the vision width, and the K/V width the levels are projected to
+    (keys and values together: twice the grouped K/V width)."""
+    if config.projector_type != "lean":
+        return text.hidden_size
+    _, kv_heads, head_dim = kv_shape(config, text)
+    return config.media_width or min(vision.hidden_size, 2 * kv_heads * head_dim)
+
+
 def build_level_encoder(
     config: HiveConfig, resolved: ResolvedLayers, vision: VisionShape, text: TextShape
 ) -> HiveLevelEncoder:
@@ -57,25 +80,19 @@ def build_level_encoder(
         num_levels=len(resolved.vision_layers),
         projector_type=config.projector_type,
         vision_hidden_size=vision.hidden_size,
-        text_hidden_size=text.hidden_size,
+        output_size=media_width(config, vision, text),
         tokens_per_level=config.tokens_per_level,
         keep_prefix_tokens=config.vision_feature_select == "full",
         level_embedding=config.connector == "hive" and config.level_mapping == "all",
     )
 
 
-def block_factory(config: HiveConfig, text: TextShape, kernel: str) -> Callable[[], HiveCrossAttentionBlock]:
-    """A constructor for the gated cross-attention blocks, with head counts resolved against the LM.
-
-    Defaults follow the language model (its query heads, its grouped K/V heads, its head width).
-    """
-    heads = config.num_attention_heads or text.num_heads
-    kv_heads = config.num_key_value_heads or (text.num_kv_heads if config.num_attention_heads is None else heads)
-    if heads % kv_heads:
-        raise ValueError(
-            f"num_key_value_heads={kv_heads}: must divide num_attention_heads={heads} (grouped-query attention)"
-        )
-    head_dim = config.head_dim or (text.head_dim if config.num_attention_heads is None else text.hidden_size // heads)
+def block_factory(
+    config: HiveConfig, vision: VisionShape, text: TextShape, kernel: str
+) -> Callable[[], HiveCrossAttentionBlock]:
+    """A constructor for the gated cross-attention blocks, with head counts resolved against the LM."""
+    heads, kv_heads, head_dim = kv_shape(config, text)
+    media = media_width(config, vision, text)
 
     def make_block() -> HiveCrossAttentionBlock:
         return HiveCrossAttentionBlock(
@@ -83,6 +100,7 @@ def block_factory(config: HiveConfig, text: TextShape, kernel: str) -> Callable[
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
+            media_size=media,
             use_ffn=config.use_ffn,
             ffn_mult=config.ffn_mult,
             gate_init=config.gate_init,
@@ -171,7 +189,7 @@ class HiveMixin:
         object.__setattr__(self, "_hive_image_token_id", image_token_id)
         self.hive_levels = build_level_encoder(config, resolved, vision, text)
         kernel = cross_attention_kernel(config, text_config)
-        make_block = block_factory(config, text, kernel)
+        make_block = block_factory(config, vision, text, kernel)
         # Named by the decoder layer each block runs in (`hive_blocks.3.*`), beside the language model, whose
         # parameter names stay its own.
         self.hive_blocks = nn.ModuleDict({str(index): make_block() for index in resolved.llm_layers})

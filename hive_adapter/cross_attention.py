@@ -43,7 +43,14 @@ class HiveCrossAttention(nn.Module):
     """
 
     def __init__(
-        self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, implementation: str = "sdpa"
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        media_size: int | None = None,
+        implementation: str = "sdpa",
     ):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -52,13 +59,14 @@ class HiveCrossAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.implementation = implementation
+        media_size = media_size or hidden_size  # width of the vision features keys and values are made from
         self.hive_q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.hive_k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.hive_v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.hive_k_proj = nn.Linear(media_size, num_kv_heads * head_dim, bias=False)
+        self.hive_v_proj = nn.Linear(media_size, num_kv_heads * head_dim, bias=False)
         self.hive_o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, keys, hidden) -> key, value each (batch, kv_heads, keys, head_dim)."""
+        """(batch, keys, media) -> key, value each (batch, kv_heads, keys, head_dim)."""
         batch, keys, _ = media.shape
         media = media.to(self.hive_k_proj.weight.dtype)
         key = self.hive_k_proj(media).view(batch, keys, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -144,6 +152,7 @@ class HiveCrossAttentionBlock(nn.Module):
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
+        media_size: int | None = None,
         use_ffn: bool = False,
         ffn_mult: int = 4,
         gate_init: float = 0.0,
@@ -152,12 +161,13 @@ class HiveCrossAttentionBlock(nn.Module):
     ):
         super().__init__()
         self.hive_attn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
-        self.hive_media_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
+        self.hive_media_norm = HiveLayerNorm(media_size or hidden_size, eps=norm_eps)
         self.attn = HiveCrossAttention(
             hidden_size=hidden_size,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
+            media_size=media_size,
             implementation=implementation,
         )
         self.hive_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
@@ -173,7 +183,7 @@ class HiveCrossAttentionBlock(nn.Module):
             self.hive_ffn = None
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected vision features (batch, keys, hidden) -> this block's K/V; cached per prompt by the caller."""
+        """Projected vision features (batch, keys, media) -> this block's K/V; cached per prompt by the caller."""
         return self.attn.key_values(self.hive_media_norm(media))
 
     def forward(

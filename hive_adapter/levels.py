@@ -15,20 +15,23 @@ from torch import nn
 
 
 class HiveProjector(nn.Module):
-    """One level's projector, vision width -> LLM width (LLaVA's `linear` / `mlp2x_gelu`)."""
+    """One level's projector: vision width -> `output_size` (LLaVA's `linear` / `mlp2x_gelu` to the LLM width,
+    or `lean`: one layer to the narrower width the cross-attention's K/V read)."""
 
-    def __init__(self, *, projector_type: str, vision_hidden_size: int, text_hidden_size: int):
+    def __init__(self, *, projector_type: str, vision_hidden_size: int, output_size: int):
         super().__init__()
         if projector_type == "linear":
-            self.layers = nn.Sequential(nn.Linear(vision_hidden_size, text_hidden_size))
+            self.layers = nn.Sequential(nn.Linear(vision_hidden_size, output_size))
         elif projector_type == "mlp2x_gelu":
             self.layers = nn.Sequential(
-                nn.Linear(vision_hidden_size, text_hidden_size),
+                nn.Linear(vision_hidden_size, output_size),
                 nn.GELU(),
-                nn.Linear(text_hidden_size, text_hidden_size),
+                nn.Linear(output_size, output_size),
             )
+        elif projector_type == "lean":
+            self.layers = nn.Sequential(nn.Linear(vision_hidden_size, output_size), nn.GELU())
         else:
-            raise ValueError(f"projector_type={projector_type!r}: expected 'linear' or 'mlp2x_gelu'")
+            raise ValueError(f"projector_type={projector_type!r}: expected 'linear', 'mlp2x_gelu' or 'lean'")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
@@ -71,7 +74,7 @@ class HiveLevelEncoder(nn.Module):
         num_levels: int,
         projector_type: str,
         vision_hidden_size: int,
-        text_hidden_size: int,
+        output_size: int,
         tokens_per_level: int | None,
         keep_prefix_tokens: bool,
         level_embedding: bool,
@@ -83,11 +86,11 @@ class HiveLevelEncoder(nn.Module):
             HiveProjector(
                 projector_type=projector_type,
                 vision_hidden_size=vision_hidden_size,
-                text_hidden_size=text_hidden_size,
+                output_size=output_size,
             )
             for _ in range(num_levels)
         )
-        self.level_embedding = nn.Parameter(torch.zeros(num_levels, text_hidden_size)) if level_embedding else None
+        self.level_embedding = nn.Parameter(torch.zeros(num_levels, output_size)) if level_embedding else None
 
     def forward(
         self,
@@ -100,7 +103,7 @@ class HiveLevelEncoder(nn.Module):
 
         level_states[i]: (images, tokens, vision_width); grids: the shared patch grid (one entry) or, with
         `patch_mask` (images, tokens) from encoders that pad patches (SigLIP2), one grid per image.
-        Returns a list of (images, n, text_width) and the (images, n) mask of real tokens (None: all real).
+        Returns a list of (images, n, output_size) and the (images, n) mask of real tokens (None: all real).
         """
         outputs = []
         for index, (states, projector) in enumerate(zip(level_states, self.projectors, strict=True)):

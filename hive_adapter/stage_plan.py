@@ -27,6 +27,7 @@ FLAG_FIELDS = {
     "hive_level_mapping": "level_mapping",
     "hive_tokens_per_level": "tokens_per_level",
     "hive_projector_type": "projector_type",
+    "hive_media_width": "media_width",
     "hive_use_ffn": "use_ffn",
     "hive_placement": "placement",
 }

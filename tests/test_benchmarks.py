@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import run
+from benchmarks import gpu_check, run
 from benchmarks.configs import TINY
 from benchmarks.flops import count_step, hive_forward_flops, vision_tower_flops
 from benchmarks.measure import generation_costs, saved_activation_bytes, step_times
+from benchmarks.memory import training_memory
 from benchmarks.models import MODES, build, training_batch
+
+REPO = Path(__file__).resolve().parent.parent
 
 TOLERANCE = 0.01  # counted vs analytic forward FLOPs, relative
 
@@ -74,6 +81,7 @@ def test_generation_costs_count_the_vision_cache_once():
 def test_the_one_command_writes_json_table_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "PAIRS", {"1B": TINY, "7B": TINY})
     monkeypatch.setattr(run, "PAPER_1B", TINY)
+    monkeypatch.setattr(run, "PAPER_1B_SHALLOW", TINY)
     monkeypatch.setattr(run, "CPU_SMALL", TINY)
     monkeypatch.setattr(run, "VISION_SWEEP", (32, 64))
     monkeypatch.setattr(run, "TEXT_SWEEP", (16, 32))
@@ -81,13 +89,50 @@ def test_the_one_command_writes_json_table_and_plots(tmp_path, monkeypatch):
     run.main(["--suite", "cpu", "--rounds", "1", "--output_dir", str(tmp_path)])
     results = json.loads((tmp_path / "cpu.json").read_text())
     assert set(results["flops"]["1B"]["2"]) == set(MODES)
+    assert set(results["training_memory"]["1B"]["3"]) == set(run.MEMORY_MODES)
+    assert set(results["step_time_1B_widths"]) == set(run.MEMORY_MODES)
     table = (tmp_path / "cpu.md").read_text()
-    assert "hive/concat training FLOPs, LLM side" in table and ("met" in table or "MISSED" in table)
+    assert "training FLOPs / concat, LLM side, 1B" in table and "peak training memory / concat" in table
+    assert "Peak training memory (GB)" in table and "CPU step time at the 1B widths" in table
     for name in ("flops_vs_vision_tokens.png", "flops_vs_text_tokens.png", "cpu_time_vs_vision_tokens.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_gpu_suite_says_it_needs_cuda():
-    with pytest.raises(SystemExit, match="needs a CUDA device"):
+    with pytest.raises(SystemExit, match="no CUDA device is visible"):
         run.run_gpu(1)
+
+
+def test_the_gpu_check_plumbing_runs_on_cpu_from_a_checkout(tmp_path):
+    """`make gpu-check` as the GPU machine runs it (`PYTHONPATH=.`, no install), at a tiny shape on CPU."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--pair", "tiny", "--rounds", "1",
+               "--batch", "2", "--output_dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(results["modes"]) == set(gpu_check.MODES)
+    assert all(
+        row["median_s"] > 0 and row["predicted_bytes_without_optimizer"] > 0 for row in results["modes"].values()
+    )
+    assert "| hive_lean |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_the_memory_model_adds_states_and_activations():
+    hive, concat = (training_memory(TINY, mode, stage=2, text_tokens=20) for mode in ("hive", "concat"))
+    assert hive.state_bytes == 2 * hive.parameters + 14 * hive.trainable
+    assert 0 < hive.activation_bytes_per_sample < concat.activation_bytes_per_sample
+    assert hive.peak_bytes(16) - hive.peak_bytes(1) == 15 * hive.activation_bytes_per_sample
+    frozen = training_memory(TINY, "hive", stage=1, text_tokens=20)
+    assert frozen.trainable < hive.trainable and frozen.state_bytes < hive.state_bytes
+
+
+def test_the_lean_projector_meets_its_flop_targets_at_the_paper_shapes():
+    """Counted on meta at the full 1B and 7B shapes: LLM side <= 0.11 / 0.13 of concat, <= 1.2x text-only."""
+    from benchmarks.configs import PAPER_1B, PAPER_7B
+
+    one = {mode: count_step(PAPER_1B, mode, stage=2).llm_side for mode in ("hive_lean", "concat", "text")}
+    seven = {mode: count_step(PAPER_7B, mode, stage=2).llm_side for mode in ("hive_lean", "concat")}
+    assert one["hive_lean"] / one["concat"] <= 0.11 and one["hive_lean"] / one["text"] <= 1.2
+    assert seven["hive_lean"] / seven["concat"] <= 0.13

@@ -110,7 +110,7 @@ class HiveLlavaProjector(nn.Module):
         )
         self.vision_shape = vision
         self.hive_levels = build_level_encoder(self.hive_config, self.resolved, vision, text)
-        make_block = block_factory(self.hive_config, text, cross_attention_kernel(self.hive_config, config))
+        make_block = block_factory(self.hive_config, vision, text, cross_attention_kernel(self.hive_config, config))
         self.hive_blocks = nn.ModuleList(make_block() for _ in self.resolved.llm_layers)
         for module in (self.hive_levels, *self.hive_blocks):
             init_hive_weights(module, self.hive_config)
