@@ -22,6 +22,7 @@ from .projector import (
     FEATURE_SELECT,
     PROJECTOR_TYPE,
     HiveLlavaProjector,
+    add_projector_settings,
     hive_llava_settings,
     hive_projector_of,
     settings_in_adapter_file,
@@ -246,7 +247,6 @@ def prepare_for_training(model: nn.Module, training_args) -> None:
         model.config.unfreeze_mm_vision_tower = True  # LLaVA then loads the trained tower from the checkpoint
     if projector is None:
         return
-    projector.hive_settings.requires_grad_(False)  # --tune_mm_mlp_adapter unfreezes all of mm_projector
     counts = {"HIVE (mm_projector)": 0, "vision tower": 0, "language model": 0}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -273,3 +273,14 @@ def maybe_zero_3(param, ignore_status: bool = False, name: str | None = None):
         with zero.GatheredParameters([param]):
             return param.data.detach().cpu().clone()
     return param.detach().cpu().clone()
+
+
+def adapter_state(get_adapter_state):
+    """Wrap LLaVA's `get_mm_adapter_state_maybe_zero_3` (what `mm_projector.bin` is made of) so that a HIVE
+    projector's settings are saved with its weights."""
+
+    def get_mm_adapter_state_maybe_zero_3(named_params, keys_to_match):
+        named = list(named_params)
+        return add_projector_settings(get_adapter_state(named, keys_to_match), named)
+
+    return get_mm_adapter_state_maybe_zero_3

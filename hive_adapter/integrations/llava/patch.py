@@ -123,6 +123,7 @@ def _patch_training() -> None:
 
     for module in (train_module, llava_trainer):
         module.maybe_zero_3 = hooks.maybe_zero_3
+        _wrap(module, "get_mm_adapter_state_maybe_zero_3", hooks.adapter_state)
     _wrap(train_module, "safe_save_model_for_hf_trainer", _save_without_cuda)
 
     # LLaVA's argument dataclasses gain the HIVE flags; train() looks them up in its module at call time.

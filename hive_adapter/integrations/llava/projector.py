@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,11 @@ def hive_llava_settings(hive_config: HiveConfig, vision_config, num_llm_layers: 
     }
 
 
-# A frozen parameter of the projector holding its settings (JSON bytes as floats, exact in fp16/bf16 too): it
-# travels inside every file LLaVA writes the projector to, `mm_projector.bin` alone included.
+# A buffer of the projector holding its settings (JSON bytes as floats, exact in fp16/bf16 too). It is in every
+# state dict, and `add_projector_settings` puts it into `mm_projector.bin` (which LLaVA builds from the
+# parameters alone), so the file carries the settings it was trained with.
 SETTINGS_PARAMETER = "hive_settings"
+_LIVE_PROJECTORS: weakref.WeakSet = weakref.WeakSet()
 
 
 def encode_settings(settings: dict[str, Any]) -> torch.Tensor:
@@ -80,6 +83,20 @@ def decode_settings(tensor: torch.Tensor, *, source: str) -> dict[str, Any]:
         return json.loads(bytes(int(value) for value in tensor.round().tolist()).decode())
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{source}: its {SETTINGS_PARAMETER} do not decode ({error}); the file is damaged") from error
+
+
+def add_projector_settings(state: dict[str, torch.Tensor], named_parameters: list) -> dict[str, torch.Tensor]:
+    """`state` (LLaVA's adapter dict, built from `named_parameters`) with the HIVE projector's settings added
+    next to its weights, when one of them is there."""
+    for name, parameter in named_parameters:
+        if "mm_projector.hive_" not in name or name not in state:
+            continue
+        owner = next((p for p in _LIVE_PROJECTORS if any(q is parameter for q in p.parameters())), None)
+        if owner is not None:
+            prefix = name[: name.index("mm_projector.") + len("mm_projector.")]
+            state[prefix + SETTINGS_PARAMETER] = owner.hive_settings.detach().float().cpu().clone()
+        break
+    return state
 
 
 def settings_in_adapter_file(path: str | Path) -> dict[str, Any] | None:
@@ -115,8 +132,9 @@ class HiveLlavaProjector(nn.Module):
         for module in (self.hive_levels, *self.hive_blocks):
             init_hive_weights(module, self.hive_config)
         self.settings = dict(config.hive_config)
-        self.hive_settings = nn.Parameter(encode_settings(self.settings), requires_grad=False)
+        self.register_buffer(SETTINGS_PARAMETER, encode_settings(self.settings))
         self.register_load_state_dict_pre_hook(self._check_loaded)
+        _LIVE_PROJECTORS.add(self)
         self.runtime = HiveRuntime()
         self._injection: HiveAttachment | None = None
 
