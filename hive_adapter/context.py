@@ -125,14 +125,14 @@ class HiveVisionContext:
             return torch.cat(self.levels, dim=1)  # (batch, levels*images*tokens, hidden)
         return self.levels[level_index]
 
-    def key_values(self, block_index: int, level_index: int | None, block) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of one block; computed once per prompt when generating, every call when training."""
-        if self.cache_key_values and block_index in self._key_values:
-            return self._key_values[block_index]
-        key_value = block.key_values(self.media(level_index))
+    def cached_key_values(self, block_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A block's K/V from an earlier step of the same prompt (generation), or None."""
+        return self._key_values.get(block_index) if self.cache_key_values else None
+
+    def keep_key_values(self, block_index: int, key_value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Keep a block's K/V for the next decoding steps (only when generating: nothing trains)."""
         if self.cache_key_values:
             self._key_values[block_index] = key_value
-        return key_value
 
     def visibility(self, positions: torch.Tensor, level_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which keys each query column may see.

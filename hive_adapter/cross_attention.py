@@ -183,19 +183,27 @@ class HiveCrossAttentionBlock(nn.Module):
             self.hive_ffn = None
 
     def key_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected vision features (batch, keys, media) -> this block's K/V; cached per prompt by the caller."""
+        """Projected vision features (batch, keys, media) -> this block's K/V. Called from `forward` only:
+        FSDP gathers a block's sharded parameters for its forward."""
         return self.attn.key_values(self.hive_media_norm(media))
 
     def forward(
         self,
         hidden: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
+        media: torch.Tensor | None,
         visible: torch.Tensor,
         has_media: torch.Tensor,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden (batch, text, hidden) -> same shape; `has_media` (batch, text) bool."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """hidden (batch, text, hidden) -> (same shape, attention weights or None, this block's K/V).
+
+        media: (batch, keys, media width), projected to K/V here unless `key_value` brings them (computed once
+        per prompt when generating); has_media: (batch, text) bool.
+        """
+        if key_value is None:
+            key_value = self.key_values(media)
+        key, value = key_value
         # A row that sees nothing attends everywhere (no empty softmax); its update is then *selected* away,
         # not multiplied by 0: NaN x 0 is NaN, and one bad image would poison every row that sees no image.
         safe_visible = visible | ~has_media[..., None]
@@ -212,4 +220,4 @@ class HiveCrossAttentionBlock(nn.Module):
             hidden = hidden + torch.where(keep, update, nothing)
         if weights is not None:  # (batch, heads, text, keys): a row that sees no image attended to nothing
             weights = torch.where(has_media[:, None, :, None], weights, weights.new_zeros(()))
-        return hidden, weights
+        return hidden, weights, key_value

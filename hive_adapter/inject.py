@@ -37,35 +37,40 @@ class HiveBlockCall:
         self.block_index = block_index
         self.level_index = level_index
         self.runtime = runtime
-        # Set while a stack-level checkpoint replays the layer (transformers < 4.48): the K/V and masks
+        # Set while a stack-level checkpoint replays the layer (transformers < 4.48): the media and masks
         # that went into the checkpoint as explicit inputs.
         self.replay_inputs: tuple[torch.Tensor, ...] | None = None
 
-    def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """key, value, visible, has_media for this block and a batch of hidden states."""
+    def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """media, visible, has_media for this block and a batch of hidden states."""
         context = self.runtime.context_for(hidden)
-        key, value = context.key_values(self.block_index, self.level_index, self.block)
         positions = self.runtime.query_positions(hidden.shape[1], hidden.device)
         visible, has_media = context.visibility(positions, self.level_index)
-        return key, value, visible, has_media
+        return context.media(self.level_index), visible, has_media
 
     def __call__(self, hidden: torch.Tensor, checkpoint: Callable | None = None) -> torch.Tensor:
         """`hidden` plus the gated cross-attention (and FFN) update; `checkpoint`: the layer's checkpoint
         function when it checkpoints, so the block is recomputed in backward too."""
         if self.replay_inputs is not None:
-            hidden, _ = self.block(hidden, *self.replay_inputs)
+            hidden, _, _ = self.block(hidden, *self.replay_inputs)
             return hidden
         context = self.runtime.context_for(hidden)
-        key, value, visible, has_media = self.inputs(hidden)
+        media, visible, has_media = self.inputs(hidden)
+        if checkpoint is not None and not context.record_attention:
+            # The media and masks go in as explicit inputs, so reentrant checkpointing routes their gradients.
+            hidden, _, _ = checkpoint(self.block, hidden, media, visible, has_media)
+            return hidden
+        hidden, weights, key_value = self.block(
+            hidden,
+            media,
+            visible,
+            has_media,
+            key_value=context.cached_key_values(self.block_index),
+            return_weights=context.record_attention,
+        )
+        context.keep_key_values(self.block_index, key_value)
         if context.record_attention:
-            hidden, weights = self.block(hidden, key, value, visible, has_media, return_weights=True)
             context.attention_maps[self.block_index] = weights.detach()
-            return hidden
-        if checkpoint is not None:
-            # K/V and masks go in as explicit inputs, so reentrant checkpointing routes their gradients too.
-            hidden, _ = checkpoint(self.block, hidden, key, value, visible, has_media)
-            return hidden
-        hidden, _ = self.block(hidden, key, value, visible, has_media)
         return hidden
 
 
@@ -165,9 +170,9 @@ def hive_aware_checkpoint(checkpoint_function: Callable) -> Callable:
     """Wrap a decoder stack's `_gradient_checkpointing_func` so HIVE layers checkpoint correctly.
 
     transformers < 4.48 checkpoints each decoder layer from the stack (`checkpoint(layer.__call__, hidden,
-    ...)`). A HIVE block run inside that call would capture the vision K/V by closure, which reentrant
+    ...)`). A HIVE block run inside that call would capture the vision features by closure, which reentrant
     checkpointing cannot differentiate (and frozen hidden states make the whole output grad-less). Here
-    the K/V and masks are computed first and handed to the checkpoint as explicit inputs.
+    the media and masks are taken first and handed to the checkpoint as explicit inputs.
     """
 
     def checkpoint_with_hive(function, *args, **kwargs):
@@ -231,7 +236,7 @@ def attach_hive_hooks(
 
     Under layer-level checkpointing (transformers >= 4.48) the hooks run outside the checkpoint and
     checkpoint the block themselves; under stack-level checkpointing (< 4.48) `hive_aware_checkpoint`
-    hands the block's K/V to the checkpoint as explicit inputs.
+    hands the block's media and masks to the checkpoint as explicit inputs.
     """
     if len(blocks) != len(llm_layers):
         raise ValueError(f"{len(blocks)} HIVE blocks for {len(llm_layers)} decoder layers {list(llm_layers)}")
