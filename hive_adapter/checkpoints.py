@@ -23,6 +23,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer
 
 from .distributed import barrier, is_main_process, world_size
@@ -49,15 +51,16 @@ def missing_for_resume(folder: Path, ranks: int) -> list[str]:
     missing = []
     if "trainer_state.json" not in names:
         missing.append("trainer_state.json")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    if not deepspeed and not names & set(weights):
-        missing.append("model weights (model.safetensors)")
+    # whole weights, or FSDP's sharded ones (torch.distributed.checkpoint: a directory with its .metadata)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model_fsdp.bin")
+    if not deepspeed and not names & set(weights) and "pytorch_model_fsdp_0/.metadata" not in names:
+        missing.append("model weights (model.safetensors, or FSDP's pytorch_model_fsdp_0/)")
     if deepspeed:
         tag = (folder / "latest").read_text().strip()
         if not any(name.startswith(f"{tag}/") and name.endswith("optim_states.pt") for name in names):
             missing.append(f"DeepSpeed optimizer states ({tag}/*optim_states.pt)")
-    elif "optimizer.pt" not in names:
-        missing.append("optimizer.pt")
+    elif not names & {"optimizer.pt", "optimizer.bin", "optimizer_0/.metadata"}:
+        missing.append("optimizer state (optimizer.pt, or FSDP's optimizer_0/)")
     if not deepspeed and "scheduler.pt" not in names:
         missing.append("scheduler.pt")
     rng = {"rng_state.pth"} if ranks == 1 else {f"rng_state_{rank}.pth" for rank in range(ranks)}
@@ -145,12 +148,45 @@ def rotate(directory: Path, keep: int | None) -> None:
             delete_checkpoint(folder)
 
 
+def enable_fsdp_on_cpu_ranks(trainer: Trainer) -> None:
+    """accelerate turns FSDP on for accelerators only; on CPU ranks (gloo: how the tests run it) it is turned on
+    here, after the Trainer built its accelerator: FSDP2's `fully_shard` runs on CPU. On GPUs nothing changes."""
+    state = trainer.accelerator.state
+    if getattr(trainer.args, "fsdp_plugin_args", None) is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
+    trainer.is_fsdp_enabled = True
+
+
 class HiveTrainer(Trainer):
     """`Trainer` whose checkpoints are marked complete before any older one is deleted (see module docstring).
 
     `keep_checkpoints` replaces `args.save_total_limit`, which must be None here (the Trainer's own rotation
     deletes before anything is marked).
     """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu_ranks(self)
+
+    def save_whole_model(self, directory: Path) -> None:
+        """The model, whole, in `directory`: ZeRO-3 partitions gathered by the Trainer; FSDP shards gathered here
+        (a full state dict on rank 0, whatever the checkpoints' `state_dict_type`)."""
+        if not self.is_fsdp_enabled:
+            self.save_model(str(directory))
+            return
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.is_world_process_zero():
+            model = self.accelerator.unwrap_model(self.model)
+            model.save_pretrained(directory, state_dict=state_dict)
+            # FSDP2 swaps the model's class for `FSDP<name>`; the checkpoint names the model's own class.
+            config = json.loads((directory / "config.json").read_text())
+            config["architectures"] = [
+                cls.__name__ for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP")
+            ][:1]
+            (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -195,11 +195,12 @@ class HiveCrossAttentionBlock(nn.Module):
         has_media: torch.Tensor,
         key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_weights: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """hidden (batch, text, hidden) -> (same shape, attention weights or None, this block's K/V).
+        return_key_value: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """hidden (batch, text, hidden) -> (same shape, attention weights or None, this block's K/V or None).
 
         media: (batch, keys, media width), projected to K/V here unless `key_value` brings them (computed once
-        per prompt when generating); has_media: (batch, text) bool.
+        per prompt when generating, hence `return_key_value`); has_media: (batch, text) bool.
         """
         if key_value is None:
             key_value = self.key_values(media)
@@ -220,4 +221,4 @@ class HiveCrossAttentionBlock(nn.Module):
             hidden = hidden + torch.where(keep, update, nothing)
         if weights is not None:  # (batch, heads, text, keys): a row that sees no image attended to nothing
             weights = torch.where(has_media[:, None, :, None], weights, weights.new_zeros(()))
-        return hidden, weights, key_value
+        return hidden, weights, key_value if return_key_value else None

@@ -67,8 +67,10 @@ class HiveBlockCall:
             has_media,
             key_value=context.cached_key_values(self.block_index),
             return_weights=context.record_attention,
+            return_key_value=context.cache_key_values,
         )
-        context.keep_key_values(self.block_index, key_value)
+        if key_value is not None:
+            context.keep_key_values(self.block_index, key_value)
         if context.record_attention:
             context.attention_maps[self.block_index] = weights.detach()
         return hidden

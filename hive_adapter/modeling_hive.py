@@ -104,6 +104,10 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         if config.use_ffn:
             self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, *self._hive_ffn_fp32_modules]
         self.post_init()
+        # post_init merged the sub-models' lists, which name classes these sub-models may not contain (SigLIP's
+        # lists its text embeddings); FSDP's default wrapping and device maps take only what is here.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):

@@ -266,6 +266,9 @@ def stage_arguments(
         save_safetensors=True,
         save_total_limit=None,  # HiveTrainer rotates (keep_checkpoints), after marking the new checkpoint
     )
+    if base.fsdp and "state_dict_type" not in (base.fsdp_config or {}):
+        # Checkpoints sharded (each rank writes its part, resumable); the stage's model is gathered on save.
+        overrides["fsdp_config"] = {**(base.fsdp_config or {}), "state_dict_type": "SHARDED_STATE_DICT"}
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in fields})
 
@@ -352,8 +355,12 @@ def run_stage(
     if trainer.is_world_process_zero():
         start_partial(final, command=COMMAND)
     barrier()
-    trainer.save_model(str(tmp))  # gathers ZeRO-3 partitions into one safetensors file
+    trainer.save_whole_model(tmp)  # ZeRO-3 partitions and FSDP shards gathered into one safetensors file
     if trainer.is_world_process_zero():
+        if not (tmp / "model.safetensors").is_file() and not (tmp / "model.safetensors.index.json").is_file():
+            raise RuntimeError(
+                f"stage {stage.number}: no model weights were written to {tmp}; the stage is not installed"
+            )
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
@@ -366,14 +373,15 @@ def run_stage(
 
 
 def rank_fingerprints(trainer: Trainer) -> list[dict]:
-    """Every rank's view of the full weights (ZeRO-3 partitions gathered), compared on rank 0."""
+    """Every rank's view of the full weights (ZeRO-3 partitions gathered, FSDP shards made whole), compared
+    on rank 0."""
     parameters = list(trainer.model.named_parameters())
     gathered = _gathered(parameters)
     with gathered:
-        fingerprint = {
-            name: [float(param.detach().float().sum()), float(param.detach().float().abs().sum())]
-            for name, param in parameters
-        }
+        fingerprint = {}
+        for name, param in parameters:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # an FSDP2 DTensor shard
+            fingerprint[name] = [float(whole.detach().float().sum()), float(whole.detach().float().abs().sum())]
     views = [None] * world_size()
     if torch.distributed.is_initialized():
         torch.distributed.all_gather_object(views, fingerprint)

@@ -125,3 +125,39 @@ def test_zero3_stage3_trains_the_partitioned_vision_tower(runs):
     assert trained.shape == clip[vision_key(clip, suffix)].shape
     assert (trained.float() - clip[vision_key(clip, suffix)].float()).abs().max() > 0
     assert json.loads((root / "llava-s3" / "config.json").read_text())["unfreeze_mm_vision_tower"] is True
+
+
+def test_llava_stage1_under_fsdp_saves_a_whole_adapter_that_the_next_stage_loads(runs, tmp_path):
+    """LLaVA's own train() with --fsdp (FSDP2, 2 CPU ranks): the adapter is gathered from the shards, not one
+    rank's half, and a single-process stage 2 starts from it."""
+    root, toy, _ = runs
+    flags = [
+        "--vision_connector", "hive", "--model_name_or_path", str(toy["vicuna"]), "--version", "plain",
+        "--vision_tower", str(toy["clip"]), "--data_path", str(toy["pretrain"]), "--image_folder", str(toy["data"]),
+        "--tune_mm_mlp_adapter", "True", "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False",
+        "--mm_use_im_patch_token", "False", "--learning_rate", "1e-3", "--lazy_preprocess", "True", *CPU_FLAGS,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    fsdp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+         "hive_adapter.integrations.llava.train", *flags, "--output_dir", str(tmp_path / "fsdp"), "--fsdp", "full_shard"],
+        capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert fsdp.returncode == 0, (fsdp.stdout + fsdp.stderr)[-6000:]
+    adapter = torch.load(tmp_path / "fsdp" / "mm_projector.bin", map_location="cpu", weights_only=True)
+    reference = torch.load(root / "llava-s1" / "mm_projector.bin", map_location="cpu", weights_only=True)
+    assert adapter.keys() == reference.keys()
+    for key, value in adapter.items():
+        assert type(value) is torch.Tensor and value.shape == reference[key].shape, key  # whole, not a shard
+        assert torch.isfinite(value).all(), key
+    stage2 = subprocess.run(
+        [sys.executable, "-m", "hive_adapter.integrations.llava.train", "--vision_connector", "hive",
+         "--model_name_or_path", str(toy["vicuna"]), "--version", "v1", "--vision_tower", str(toy["clip"]),
+         "--data_path", str(toy["finetune"]), "--image_folder", str(toy["data"]), "--pretrain_mm_mlp_adapter",
+         str(tmp_path / "fsdp" / "mm_projector.bin"), "--mm_vision_select_layer", "-2", "--mm_use_im_start_end",
+         "False", "--mm_use_im_patch_token", "False", "--learning_rate", "2e-5", "--lazy_preprocess", "True",
+         *CPU_FLAGS, "--max_steps", "1", "--logging_steps", "1", "--output_dir", str(tmp_path / "stage2")],
+        capture_output=True, text=True, env=env, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    assert stage2.returncode == 0, (stage2.stdout + stage2.stderr)[-6000:]
+    assert_trained_on_real_labels(stage2.stdout + stage2.stderr)

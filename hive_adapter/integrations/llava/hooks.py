@@ -263,7 +263,10 @@ def prepare_for_training(model: nn.Module, training_args) -> None:
 
 
 def maybe_zero_3(param, ignore_status: bool = False, name: str | None = None):
-    """LLaVA's `maybe_zero_3`, importing DeepSpeed only for a ZeRO-3 parameter (runs without DeepSpeed)."""
+    """LLaVA's `maybe_zero_3`, importing DeepSpeed only for a ZeRO-3 parameter (runs without DeepSpeed), and
+    gathering an FSDP2 shard (every rank calls it: LLaVA collects the adapter on all ranks, saves on one)."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().detach().cpu().clone()
     if hasattr(param, "ds_id"):
         from deepspeed import zero
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus

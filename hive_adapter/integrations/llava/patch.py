@@ -87,6 +87,8 @@ def _patch_model() -> None:
     def make_initialize(original):
         def initialize_vision_modules(self, model_args, fsdp=None):
             hooks.configure(self, model_args)
+            if isinstance(fsdp, bool):  # transformers 5 turns `--fsdp ...` into True; LLaVA takes len(fsdp)
+                fsdp = ["full_shard"] if fsdp else []
             original(self, model_args, fsdp=fsdp)
             hooks.attach(self)
 
@@ -168,6 +170,12 @@ def _hive_trainer_class(base):
             if takes_processing_class and "tokenizer" in kwargs:
                 kwargs["processing_class"] = kwargs.pop("tokenizer")
             super().__init__(*args, **kwargs)
+
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from ...checkpoints import enable_fsdp_on_cpu_ranks
+
+            enable_fsdp_on_cpu_ranks(self)
 
         if sampler_takes_dataset:
 
