@@ -160,11 +160,8 @@ def generation_costs(
     full = statistics.median(timed(new_tokens + 1) for _ in range(rounds))
     output = model(**inputs, use_cache=True)
     kv_bytes = _cache_bytes(output.past_key_values)
-    vision_kv_bytes = 0
     runtime = getattr(model, "hive_runtime", None)
-    if runtime is not None and runtime.context is not None:
-        for key, value in runtime.context._key_values.values():
-            vision_kv_bytes += (key.numel() + value.numel()) * key.element_size()
+    vision_kv_bytes = runtime.cached_vision_bytes() if runtime is not None else 0
     return {
         "prefill_s": prefill,
         "decode_s_per_token": (full - prefill) / new_tokens,

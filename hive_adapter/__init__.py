@@ -6,13 +6,15 @@
 Importing the package registers `model_type="hive"` with transformers' Auto classes.
 """
 
+from .adapter_model import HiveModel, get_hive_model
 from .config import HiveConfig
-from .connector import image_token_id_from_tokenizer, mark_hive_trainable
-from .context import HiveRuntime, HiveVisionContext
+from .context import HiveVisionContext
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
+from .layout import image_token_id_from_tokenizer
 from .levels import HiveLevelEncoder, HiveProjector
-from .model import HiveModel, get_hive_model
 from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
+from .parameters import is_hive_parameter, mark_hive_trainable
+from .runtime import HiveRuntime
 from .version import __version__
 
 _register_auto_classes()
@@ -31,5 +33,6 @@ __all__ = [
     "HiveVisionContext",
     "get_hive_model",
     "image_token_id_from_tokenizer",
+    "is_hive_parameter",
     "mark_hive_trainable",
 ]

@@ -1,10 +1,7 @@
-"""The per-prompt vision context that wrapped decoder layers read, and the object that owns it.
-
-Why state at all: transformers 4.37 hands nothing but its own arguments to decoder layers, and 5.x
-hands its `**kwargs` on into attention, so "pass it as an argument" does not reach a wrapped layer on
-every version the library supports. Instead one `HiveRuntime` per model owns the current
-`HiveVisionContext`; the HIVE model's forward (or `generate`) replaces it for every new prompt, and it
-stays until the next one so that gradient checkpointing's recompute and every decoding step see it.
+"""The vision context of one batch of prompts: the projected levels laid out per sample, where each image's
+marker stands, and which keys each text column may see. Prompt data only; the state that changes from call
+to call (which context is current, the decoding offset, cached K/V, recorded attention) is the runtime's
+(`hive_adapter.runtime`).
 
 Masking follows Flamingo's media locations, with the leaks peers shipped (Idefics, Mllama) ruled out:
 a text token at column `p` sees image `m` of its sample only if that image's marker stands at or
@@ -15,10 +12,11 @@ prompt's last token sees: a generated marker id is text, there is no image behin
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+
+from .layout import ImageSlots
 
 
 @dataclass
@@ -38,51 +36,44 @@ class HiveVisionContext:
     prompt_length: int
     token_valid: torch.Tensor | None = None
     media_attention: str = "previous"
-    cache_key_values: bool = False
-    record_attention: bool = False
-    attention_maps: dict[int, torch.Tensor] = field(default_factory=dict)
-    _key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)
+    _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)  # for_batch's memo
 
     @classmethod
     def from_images(
         cls,
         levels: list[torch.Tensor],
         token_mask: torch.Tensor | None,
+        slots: ImageSlots,
         *,
-        image_index: torch.Tensor,
-        image_valid: torch.Tensor,
-        marker_positions: torch.Tensor,
         prompt_length: int,
         media_attention: str,
     ) -> HiveVisionContext:
         """Lay projected images out per sample.
 
         levels: each (images, tokens, hidden), as the level encoder returns them; token_mask: (images,
-        tokens) real patches or None; image_index / image_valid / marker_positions: (batch, slots), which
-        image fills each sample's slot, whether the slot is real, and the column its marker stands at.
+        tokens) real patches or None; slots: which image fills each sample's slot (`hive_adapter.layout`).
         """
-        batch_size, slots = image_index.shape
+        image_index = slots.image_index
+        batch_size, count = image_index.shape
         tokens = levels[0].shape[1]
         # Padding slots hold a copy of some image; they are zeroed (selected, not multiplied), so that a
         # non-finite image never reaches another sample through keys it cannot see (0 x NaN is NaN).
-        real = image_valid.repeat_interleave(tokens, dim=1)[..., None]  # (batch, slots*tokens, 1)
+        real = slots.image_valid.repeat_interleave(tokens, dim=1)[..., None]  # (batch, slots*tokens, 1)
         laid_out = [
-            torch.where(real, level[image_index.flatten()].reshape(batch_size, slots * tokens, -1), level.new_zeros(()))
+            torch.where(real, level[image_index.flatten()].reshape(batch_size, count * tokens, -1), level.new_zeros(()))
             for level in levels
         ]  # each (batch, slots*tokens, hidden)
         token_valid = None
         if token_mask is not None:
-            token_valid = token_mask[image_index.flatten()].reshape(batch_size, slots * tokens)
+            token_valid = token_mask[image_index.flatten()].reshape(batch_size, count * tokens)
         return cls(
             levels=laid_out,
-            image_valid=image_valid,
-            marker_positions=marker_positions,
+            image_valid=slots.image_valid,
+            marker_positions=slots.marker_positions,
             tokens_per_image=tokens,
             prompt_length=prompt_length,
             token_valid=token_valid,
             media_attention=media_attention,
-            cache_key_values=not torch.is_grad_enabled(),
         )
 
     @property
@@ -113,9 +104,6 @@ class HiveVisionContext:
                 prompt_length=self.prompt_length,
                 token_valid=None if self.token_valid is None else self.token_valid.repeat_interleave(k, dim=0),
                 media_attention=self.media_attention,
-                cache_key_values=self.cache_key_values,
-                record_attention=self.record_attention,
-                attention_maps=self.attention_maps,
             )
         return self._expanded[batch_size]
 
@@ -124,15 +112,6 @@ class HiveVisionContext:
         if level_index is None:
             return torch.cat(self.levels, dim=1)  # (batch, levels*images*tokens, hidden)
         return self.levels[level_index]
-
-    def cached_key_values(self, block_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A block's K/V from an earlier step of the same prompt (generation), or None."""
-        return self._key_values.get(block_index) if self.cache_key_values else None
-
-    def keep_key_values(self, block_index: int, key_value: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Keep a block's K/V for the next decoding steps (only when generating: nothing trains)."""
-        if self.cache_key_values:
-            self._key_values[block_index] = key_value
 
     def visibility(self, positions: torch.Tensor, level_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which keys each query column may see.
@@ -156,55 +135,3 @@ class HiveVisionContext:
         if level_index is None:
             visible = visible.repeat(1, 1, len(self.levels))  # (batch, text, levels*images*tokens)
         return visible, has_media
-
-
-class HiveRuntime:
-    """Named owner of HIVE's per-prompt state: the current context and the decoding offset.
-
-    `past_length` is read from the cache by a pre-hook on the decoder stack *before* layer 0 runs
-    (inside later layers the cache already holds the current step for earlier layers).
-    """
-
-    def __init__(self) -> None:
-        self.context: HiveVisionContext | None = None
-        self.past_length = 0
-        self.pinned = False  # True while generate() owns the context: forward calls must not replace it
-
-    def set_context(self, context: HiveVisionContext | None) -> None:
-        self.context = context
-
-    def clear(self) -> None:
-        self.context = None
-        self.past_length = 0
-        self.pinned = False
-
-    @contextmanager
-    def generation(self, context: HiveVisionContext):
-        """Hold `context` for every forward call of one `generate()`; cleared afterwards."""
-        self.context, self.pinned = context, True
-        try:
-            yield context
-        finally:
-            self.clear()
-
-    def context_for(self, hidden: torch.Tensor) -> HiveVisionContext:
-        if self.context is None:
-            raise RuntimeError(
-                "a HIVE-wrapped decoder layer ran without a vision context. Call the HIVE model (HiveModel or "
-                "HiveForConditionalGeneration) rather than the base model it wraps, or use hive_model.generate()."
-            )
-        return self.context.for_batch(hidden.shape[0])
-
-    def query_positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(self.past_length, self.past_length + length, device=device)
-
-
-def past_length_of(past_key_values: object) -> int:
-    """Tokens already in a KV cache: a `Cache` object (4.36+) or the legacy tuple of tuples."""
-    if past_key_values is None:
-        return 0
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    if isinstance(past_key_values, (tuple, list)) and past_key_values and past_key_values[0] is not None:
-        return int(past_key_values[0][0].shape[-2])
-    return 0

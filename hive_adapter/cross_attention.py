@@ -59,7 +59,8 @@ class HiveCrossAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.implementation = implementation
-        media_size = media_size or hidden_size  # width of the vision features keys and values are made from
+        self.hidden_size = hidden_size
+        self.media_size = media_size = media_size or hidden_size  # width of the features K/V are made from
         self.hive_q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.hive_k_proj = nn.Linear(media_size, num_kv_heads * head_dim, bias=False)
         self.hive_v_proj = nn.Linear(media_size, num_kv_heads * head_dim, bias=False)
@@ -147,29 +148,18 @@ class HiveCrossAttentionBlock(nn.Module):
 
     def __init__(
         self,
+        attention: HiveCrossAttention,
         *,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        media_size: int | None = None,
         use_ffn: bool = False,
         ffn_mult: int = 4,
         gate_init: float = 0.0,
         norm_eps: float = 1e-5,
-        implementation: str = "sdpa",
     ):
         super().__init__()
+        hidden_size = attention.hidden_size
         self.hive_attn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)
-        self.hive_media_norm = HiveLayerNorm(media_size or hidden_size, eps=norm_eps)
-        self.attn = HiveCrossAttention(
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            media_size=media_size,
-            implementation=implementation,
-        )
+        self.hive_media_norm = HiveLayerNorm(attention.media_size, eps=norm_eps)
+        self.attn = attention
         self.hive_attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         if use_ffn:
             self.hive_ffn_norm = HiveLayerNorm(hidden_size, eps=norm_eps)

@@ -20,7 +20,7 @@ import torch
 import transformers
 from torch import nn
 
-from .model import ADAPTER_CONFIG_NAME, HiveModel
+from .adapter_model import ADAPTER_CONFIG_NAME, HiveModel
 
 logger = logging.getLogger(__name__)
 

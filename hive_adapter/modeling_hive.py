@@ -21,9 +21,10 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.generation import GenerationMixin
 
+from .builders import init_hive_module
 from .config import HiveConfig
-from .connector import HiveMixin, init_hive_module
-from .model import check_finite
+from .mixin import HiveMixin
+from .parameters import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,6 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         """`GenerationMixin.generate` with the vision context built once per prompt."""
         return self._hive_generate(
             super().generate,
-            self.language_model,
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .connector import HIVE_PREFIX
+from .parameters import count_parameters, is_hive_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,48 @@ class StageSpec:
 
 
 STAGES: dict[int, StageSpec] = {
-    1: StageSpec(1, "projector", ("hive",), 1e-3, 1e-4, (0.9, 0.999), 0.0, 256, 1, 1.0, 70, 2326),
-    2: StageSpec(2, "projector+llm", ("hive", "llm"), 2e-5, 2e-6, (0.9, 0.95), 0.0, 256, 2, 10.0, 140, 4652),
-    3: StageSpec(3, "full", ("hive", "llm", "vision"), 2e-6, 0.0, (0.9, 0.95), 0.0, 1024, 1, 10.0, 18, 581),
+    1: StageSpec(
+        number=1,
+        name="projector",
+        trains=("hive",),
+        peak_lr=1e-3,
+        min_lr=1e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        global_batch_size=256,
+        epochs=1,
+        max_grad_norm=1.0,
+        paper_warmup_iters=70,
+        paper_total_iters=2326,
+    ),
+    2: StageSpec(
+        number=2,
+        name="projector+llm",
+        trains=("hive", "llm"),
+        peak_lr=2e-5,
+        min_lr=2e-6,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        global_batch_size=256,
+        epochs=2,
+        max_grad_norm=10.0,
+        paper_warmup_iters=140,
+        paper_total_iters=4652,
+    ),
+    3: StageSpec(
+        number=3,
+        name="full",
+        trains=("hive", "llm", "vision"),
+        peak_lr=2e-6,
+        min_lr=0.0,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        global_batch_size=1024,
+        epochs=1,
+        max_grad_norm=10.0,
+        paper_warmup_iters=18,
+        paper_total_iters=581,
+    ),
 }
 
 
@@ -73,7 +112,7 @@ def parse_stages(value: str) -> list[StageSpec]:
 
 
 def part_of(name: str) -> str:
-    if HIVE_PREFIX in name:
+    if is_hive_parameter(name):
         return "hive"
     for part, prefixes in PART_PREFIXES.items():
         if name.startswith(prefixes):
@@ -83,17 +122,12 @@ def part_of(name: str) -> str:
 
 def apply_stage(model: nn.Module, stage: StageSpec) -> dict[str, tuple[int, int]]:
     """Set `requires_grad` for `stage`; return {part: (trainable, total)} parameter counts (ZeRO-3 aware)."""
-    counts: dict[str, list[int]] = {}
+    by_part: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for name, param in model.named_parameters():
         part = part_of(name)
-        trains = part in stage.trains
-        param.requires_grad_(trains)
-        numel = getattr(param, "ds_numel", 0) or param.numel()
-        bucket = counts.setdefault(part, [0, 0])
-        bucket[1] += numel
-        if trains:
-            bucket[0] += numel
-    result = {part: (trainable, total) for part, (trainable, total) in counts.items()}
+        param.requires_grad_(part in stage.trains)
+        by_part.setdefault(part, []).append((name, param))
+    result = {part: count_parameters(named) for part, named in by_part.items()}
     trainable = sum(t for t, _ in result.values())
     total = sum(n for _, n in result.values())
     logger.info(

@@ -18,7 +18,7 @@ from tiny_models import (
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import hive_adapter as hive
-from hive_adapter.inject import hive_call_of
+from hive_adapter.attach import hive_call_of
 
 PAIRS = list(itertools.product(VISION_BUILDERS, TEXT_BUILDERS))
 
@@ -149,11 +149,9 @@ def test_siglip2_padded_patches_are_never_attended():
     inputs["pixel_attention_mask"][1, 12:] = 0  # image 1 has 12 real patches (3x4 grid) and 4 padding
     inputs["spatial_shapes"][1] = torch.tensor([3, 4])
     ids = text_ids(2, 6)
-    context = model.hive_prepare_context(ids, inputs.pop("pixel_values"), **inputs)
-    context.record_attention = True
-    with torch.no_grad():
-        model.language_model(input_ids=ids)
-    weights = context.attention_maps[0]  # (batch, heads, text, keys)
+    with torch.no_grad(), model.hive_runtime.recording_attention() as recorded:
+        model(input_ids=ids, **inputs)
+    weights = recorded[0]  # (batch, heads, text, keys)
     assert weights[1, :, :, 12:].abs().max() == 0
     assert weights[0, :, :, 12:].abs().max() > 0
 

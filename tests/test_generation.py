@@ -101,7 +101,7 @@ def test_left_padded_batch_matches_each_prompt_alone(kind):
 def test_vision_encoder_and_kv_projections_run_once_per_prompt(kind, use_cache):
     model = MODELS[kind]()
     calls = {"tower": 0, "k_proj": 0}
-    tower = model._hive_vision_tower
+    tower = model.hive_vision.tower
     handles = [tower.register_forward_hook(lambda *a: calls.__setitem__("tower", calls["tower"] + 1))]
     blocks = [m for m in model.modules() if isinstance(m, hive.HiveCrossAttention)]
     for block in blocks:

@@ -20,12 +20,12 @@ from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_
 from transformers import AutoModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import hive_adapter as hive
+from hive_adapter.adapter_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from hive_adapter.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint, mark_complete
 from hive_adapter.data.collator import HiveCaptionCollator
 from hive_adapter.data.datasets import read_records
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
 from hive_adapter.export import export_vision_encoder
-from hive_adapter.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from hive_adapter.outputs import OWNER_FILE, OutputRefused
 from hive_adapter.toy import ToySizes, word_tokenizer, write_toy_models
 from hive_adapter.train import main as train_main

@@ -25,11 +25,9 @@ def model_for(media_attention="previous", use_ffn=True, implementation="eager"):
 
 
 def attention_maps(model, ids, pixel_values):
-    context = model.hive_prepare_context(ids, pixel_values)
-    context.record_attention = True
-    with torch.no_grad():
-        model.language_model(input_ids=ids)
-    return context.attention_maps  # block -> (batch, heads, text, images*tokens)
+    with torch.no_grad(), model.hive_runtime.recording_attention() as recorded:
+        model(input_ids=ids, pixel_values=pixel_values)
+    return recorded  # block -> (batch, heads, text, images*tokens)
 
 
 def two_images(length=12, first=3, second=8):

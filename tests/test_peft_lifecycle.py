@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.inject import LAYER_HOOKS, STACK_HOOKS, _hive_hooks
+from hive_adapter.attach import LAYER_HOOKS, STACK_HOOKS, hive_hooks_of
 
 TARGETS = {
     "llm": r".*language_model.*\.(q_proj|v_proj)",
@@ -120,4 +120,4 @@ def test_hive_unload_after_a_merge_gives_the_base_back(target):
             plain.load_state_dict(merged_state)
         torch.testing.assert_close(base(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
     hive_hooks = (*LAYER_HOOKS, *STACK_HOOKS)  # (transformers adds hooks of its own to capture hidden states)
-    assert not [name for name, module in base.named_modules() if _hive_hooks(module, hive_hooks)]
+    assert not [name for name, module in base.named_modules() if hive_hooks_of(module, hive_hooks)]

@@ -56,17 +56,15 @@ def cross_attention_maps(model: torch.nn.Module, batch: dict[str, torch.Tensor])
             f"input_ids {tuple(input_ids.shape)}, pixel_values {None if pixel_values is None else tuple(pixel_values.shape)}"
         )
     runtime = model.hive_runtime
-    runtime.clear()
     context = model.hive_prompt_context(input_ids, None, pixel_values)
-    context.record_attention = True
-    with runtime.generation(context):  # pinned: the forward below reuses this context
+    with runtime.pinned_to(context), runtime.recording_attention() as recorded:
         model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
     patch = model.hive_vision_shape.patch_size
     grid = key_grid(context.tokens_per_image, (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch))
     layers = model.hive_layers.llm_layers
     maps = []
     for block in range(len(layers)):
-        weights = context.attention_maps[block][0].float().mean(0)  # (text, keys), heads averaged
+        weights = recorded[block][0].float().mean(0)  # (text, keys), heads averaged
         levels = weights.shape[-1] // context.tokens_per_image  # > 1 with level_mapping="all"
         weights = weights.reshape(weights.shape[0], levels, *grid).sum(1)  # (text, grid_h, grid_w)
         maps.append(weights)

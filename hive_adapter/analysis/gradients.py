@@ -88,7 +88,7 @@ def gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Gra
             f"pixel_values of shape {tuple(batch['pixel_values'].shape)}: gradient maps need images as "
             "(images, channels, height, width) (fixed-resolution encoders; patchified NaFlex inputs are not mapped)"
         )
-    tower = model._hive_vision_tower
+    tower = model.hive_vision.tower
     captured: list[tuple[torch.Tensor, ...]] = []
 
     def keep_hidden_states(module, args, output):

@@ -15,7 +15,7 @@ llava_train = pytest.importorskip("llava.train.train")
 from hive_adapter.integrations.llava import (
     apply_patch,
     drop_image_markers,
-    hive_projector_of,
+    hive_modules_of,
 )
 from hive_adapter.integrations.llava.toy import write_llava_toy
 
@@ -61,7 +61,7 @@ def lm_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """The plain language model's logits on `ids`: HIVE's hooks detached for the call, then put back."""
     from transformers import LlamaForCausalLM
 
-    projector = hive_projector_of(model)
+    projector = hive_modules_of(model)
     if projector is not None:
         projector.detach()
     try:
@@ -74,7 +74,7 @@ def lm_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def test_upstream_connector_is_unchanged(toy):
     model = build(toy, vision_connector="mlp")
-    assert hive_projector_of(model) is None
+    assert hive_modules_of(model) is None
     assert isinstance(model.get_model().mm_projector, torch.nn.Sequential)
     assert model.config.mm_projector_type == "mlp2x_gelu"
     assert not any(hasattr(layer, "hive_call") for layer in model.model.layers)

@@ -8,19 +8,20 @@ Two routes, one behaviour:
   before `llava.train.train.train()` or `llava.model.builder.load_pretrained_model()`.
 * a LLaVA checkout: `git apply patches/llava/*.patch` and keep using `llava/train/train_mem.py`.
 
-HIVE's modules live under `model.mm_projector` (see `projector`), so LLaVA's stage-1 adapter
+HIVE's modules live under `model.mm_projector` (see `modules`), so LLaVA's stage-1 adapter
 training/saving/loading, `--mm_projector_lr` and LoRA treat them as LLaVA's own connector.
 """
 
-from .hooks import LlavaHiveArguments, LlavaHiveTrainingArguments
+from .handlers import LlavaHiveArguments, LlavaHiveTrainingArguments
+from .markers import drop_image_markers
+from .modules import HiveLlavaModules, hive_modules_of
 from .patch import apply_patch
-from .projector import HiveLlavaProjector, drop_image_markers, hive_projector_of
 
 __all__ = [
-    "HiveLlavaProjector",
+    "HiveLlavaModules",
     "LlavaHiveArguments",
     "LlavaHiveTrainingArguments",
     "apply_patch",
     "drop_image_markers",
-    "hive_projector_of",
+    "hive_modules_of",
 ]

@@ -1,7 +1,7 @@
 """`apply_patch()`: add `--vision_connector hive` to the installed LLaVA repo (package `llava`).
 
 For users who run LLaVA from pip (`llava-torch`) rather than from a checkout they can edit. It wraps
-the same functions `patches/llava/*.patch` edits, and both call `hooks`, so the two routes behave
+the same functions `patches/llava/*.patch` edits, and both call `handlers`, so the two routes behave
 identically. Idempotent; LLaVA's behaviour is unchanged for every connector but HIVE's.
 
 It also keeps LLaVA's code running where its pins show their age:
@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from . import hooks
+from . import handlers
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def install_transformers_shims() -> None:
 
 
 def _patch_model() -> None:
-    from .projector import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from ...data.collator import IGNORE_INDEX
+    from .markers import IMAGE_TOKEN_INDEX
 
     constants = _import("llava.constants")
     if (constants.IMAGE_TOKEN_INDEX, constants.IGNORE_INDEX) != (IMAGE_TOKEN_INDEX, IGNORE_INDEX):
@@ -67,7 +68,7 @@ def _patch_model() -> None:
 
     def make_build(original):
         def build_vision_projector(config, delay_load=False, **kwargs):
-            projector = hooks.build_projector(config)
+            projector = handlers.build_projector(config)
             return projector if projector is not None else original(config, delay_load=delay_load, **kwargs)
 
         return build_vision_projector
@@ -78,7 +79,7 @@ def _patch_model() -> None:
     def make_init(original):
         def __init__(self, config):
             original(self, config)
-            hooks.attach(self)
+            handlers.attach(self)
 
         return __init__
 
@@ -86,11 +87,11 @@ def _patch_model() -> None:
 
     def make_initialize(original):
         def initialize_vision_modules(self, model_args, fsdp=None):
-            hooks.configure(self, model_args)
+            handlers.configure(self, model_args)
             if isinstance(fsdp, bool):  # transformers 5 turns `--fsdp ...` into True; LLaVA takes len(fsdp)
                 fsdp = ["full_shard"] if fsdp else []
             original(self, model_args, fsdp=fsdp)
-            hooks.attach(self)
+            handlers.attach(self)
 
         return initialize_vision_modules
 
@@ -98,7 +99,7 @@ def _patch_model() -> None:
 
     def make_prepare(original):
         def prepare_inputs_labels_for_multimodal(self, *args, **kwargs):
-            prepared = hooks.prepare_inputs(self, *args, **kwargs)
+            prepared = handlers.prepare_inputs(self, *args, **kwargs)
             return prepared if prepared is not None else original(self, *args, **kwargs)
 
         return prepare_inputs_labels_for_multimodal
@@ -107,9 +108,9 @@ def _patch_model() -> None:
 
     def make_generate(original):
         def generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
-            if hooks.hive_projector_of(self) is None:
+            if handlers.hive_modules_of(self) is None:
                 return original(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
-            return hooks.generate(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
+            return handlers.generate(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
 
         return generate
 
@@ -124,16 +125,16 @@ def _patch_training() -> None:
         return
 
     for module in (train_module, llava_trainer):
-        module.maybe_zero_3 = hooks.maybe_zero_3
-        _wrap(module, "get_mm_adapter_state_maybe_zero_3", hooks.adapter_state)
+        module.maybe_zero_3 = handlers.maybe_zero_3
+        _wrap(module, "get_mm_adapter_state_maybe_zero_3", handlers.adapter_state)
     _wrap(train_module, "safe_save_model_for_hf_trainer", _save_without_cuda)
 
     # LLaVA's argument dataclasses gain the HIVE flags; train() looks them up in its module at call time.
     # They take the place (module and name) of the classes they extend, so pickling them (the Trainer
     # saves its arguments with torch.save) finds them.
     for name, extra in (
-        ("ModelArguments", hooks.LlavaHiveArguments),
-        ("TrainingArguments", hooks.LlavaHiveTrainingArguments),
+        ("ModelArguments", handlers.LlavaHiveArguments),
+        ("TrainingArguments", handlers.LlavaHiveTrainingArguments),
     ):
         extended = type(name, (extra, getattr(train_module, name)), {"__module__": train_module.__name__})
         setattr(train_module, name, dataclasses.dataclass(extended))
@@ -163,10 +164,10 @@ def _hive_trainer_class(base):
     sampler_takes_dataset = len(inspect.signature(Trainer._get_train_sampler).parameters) > 1
 
     class LLaVATrainer(base):
-        """LLaVA's trainer, run after `hooks.prepare_for_training` and across transformers versions."""
+        """LLaVA's trainer, run after `handlers.prepare_for_training` and across transformers versions."""
 
         def __init__(self, *args, **kwargs):
-            hooks.prepare_for_training(kwargs.get("model"), kwargs.get("args"))
+            handlers.prepare_for_training(kwargs.get("model"), kwargs.get("args"))
             if takes_processing_class and "tokenizer" in kwargs:
                 kwargs["processing_class"] = kwargs.pop("tokenizer")
             super().__init__(*args, **kwargs)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .context import HiveRuntime, past_length_of
 from .cross_attention import HiveCrossAttentionBlock
+from .runtime import HiveRuntime, past_length_of
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ class HiveBlockCall:
         if self.replay_inputs is not None:
             hidden, _, _ = self.block(hidden, *self.replay_inputs)
             return hidden
-        context = self.runtime.context_for(hidden)
+        runtime = self.runtime
         media, visible, has_media = self.inputs(hidden)
-        if checkpoint is not None and not context.record_attention:
+        if checkpoint is not None and not runtime.recording:
             # The media and masks go in as explicit inputs, so reentrant checkpointing routes their gradients.
             hidden, _, _ = checkpoint(self.block, hidden, media, visible, has_media)
             return hidden
@@ -65,14 +65,14 @@ class HiveBlockCall:
             media,
             visible,
             has_media,
-            key_value=context.cached_key_values(self.block_index),
-            return_weights=context.record_attention,
-            return_key_value=context.cache_key_values,
+            key_value=runtime.cached_key_values(self.block_index, hidden.shape[0]),
+            return_weights=runtime.recording,
+            return_key_value=runtime.caching_key_values,
         )
         if key_value is not None:
-            context.keep_key_values(self.block_index, key_value)
-        if context.record_attention:
-            context.attention_maps[self.block_index] = weights.detach()
+            runtime.keep_key_values(self.block_index, hidden.shape[0], key_value)
+        if weights is not None:
+            runtime.record(self.block_index, weights)
         return hidden
 
 
@@ -118,34 +118,32 @@ class HiveStackStart:
         self.runtime = runtime
 
     def __call__(self, stack: nn.Module, args: tuple, kwargs: dict):
-        self.runtime.past_length = past_length_of(kwargs.get("past_key_values"))
+        self.runtime.begin_stack(past_length_of(kwargs.get("past_key_values")))
         function = getattr(stack, "_gradient_checkpointing_func", None)
         if function is not None and not hasattr(function, "hive_original"):
             stack._gradient_checkpointing_func = hive_aware_checkpoint(function)
 
 
 class HiveStackEnd:
-    """Hook after the decoder stack: a training step's context (every level's media and the graph they
-    carry) must not outlive the forward, nor can anything continue from a forward that returned no cache."""
+    """Hook after the decoder stack: tells the runtime the forward ended (`HiveRuntime.end_forward` decides
+    what of the prompt's state may outlive it)."""
 
     def __init__(self, runtime: HiveRuntime):
         self.runtime = runtime
 
     def __call__(self, stack: nn.Module, args: tuple, kwargs: dict, output):
-        if self.runtime.pinned:  # generate() owns the context and clears it itself
-            return
-        training_step = stack.training and torch.is_grad_enabled()
         # tuples (transformers < 4.48, return_dict=False) do not say whether they hold a cache: keep it
-        no_cache = not isinstance(output, tuple) and getattr(output, "past_key_values", None) is None
-        if training_step or no_cache:
-            self.runtime.set_context(None)
+        returned_cache = isinstance(output, tuple) or getattr(output, "past_key_values", None) is not None
+        self.runtime.end_forward(
+            training_step=stack.training and torch.is_grad_enabled(), returned_cache=returned_cache
+        )
 
 
 LAYER_HOOKS = (HiveBeforeLayer, HiveAfterLayer)
 STACK_HOOKS = (HiveStackStart, HiveStackEnd)
 
 
-def _hive_hooks(module: nn.Module, types: tuple[type, ...]) -> list[tuple[dict, int]]:
+def hive_hooks_of(module: nn.Module, types: tuple[type, ...]) -> list[tuple[dict, int]]:
     """(hook dict, key) of every HIVE hook of `types` on `module`."""
     found = []
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
@@ -155,7 +153,7 @@ def _hive_hooks(module: nn.Module, types: tuple[type, ...]) -> list[tuple[dict, 
 
 def _remove_hive_hooks(module: nn.Module, types: tuple[type, ...]) -> None:
     """Take HIVE's hooks of `types` off `module`, with the flags torch keeps beside them (as a handle would)."""
-    for hooks, key in _hive_hooks(module, types):
+    for hooks, key in hive_hooks_of(module, types):
         del hooks[key]
         for flags in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs):
             flags.pop(key, None)
@@ -163,7 +161,7 @@ def _remove_hive_hooks(module: nn.Module, types: tuple[type, ...]) -> None:
 
 def hive_call_of(layer: nn.Module) -> HiveBlockCall | None:
     """The HIVE block a decoder layer runs, or None."""
-    for hooks, key in _hive_hooks(layer, LAYER_HOOKS):
+    for hooks, key in hive_hooks_of(layer, LAYER_HOOKS):
         return hooks[key].call
     return None
 

@@ -25,30 +25,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
+from .builders import init_hive_weights
 from .config import HiveConfig
-from .connector import HiveMixin, init_hive_weights, mark_hive_trainable
+from .mixin import HiveMixin
 from .outputs import write_file
+from .parameters import check_finite, count_parameters, is_hive_parameter, mark_hive_trainable, numel
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG_NAME = "hive_config.json"
 ADAPTER_WEIGHTS_NAME = "hive_adapter.safetensors"
-
-
-def _numel(param: torch.Tensor) -> int:
-    # ZeRO-3 partitions parameters to shape 0 and keeps the real count in `ds_numel`.
-    return getattr(param, "ds_numel", 0) or param.numel()
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, ZeRO-3 aware."""
-    trainable = total = 0
-    for param in module.parameters():
-        n = _numel(param)
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return trainable, total
 
 
 class HiveModel(HiveMixin, nn.Module):
@@ -123,7 +109,6 @@ class HiveModel(HiveMixin, nn.Module):
         """`base.generate` with the images seen through HIVE (vision K/V computed once per prompt)."""
         return self._hive_generate(
             self.base_model.generate,
-            self.base_model,
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
@@ -142,11 +127,11 @@ class HiveModel(HiveMixin, nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return count_parameters(self)
+        return count_parameters(self.named_parameters())
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = count_parameters(self)
-        hive = sum(getattr(p, "ds_numel", 0) or p.numel() for _, p in self.hive_named_parameters())
+        trainable, total = count_parameters(self.named_parameters())
+        hive = sum(numel(p) for _, p in self.hive_named_parameters())
         print(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
             f" || HIVE params: {hive:,}"
@@ -164,7 +149,7 @@ class HiveModel(HiveMixin, nn.Module):
             raise ValueError(f"save_pretrained({str(directory)!r}): that is a file; give a directory for the adapter")
         directory.mkdir(parents=True, exist_ok=True)
         weights = state_dict if state_dict is not None else self.hive_state_dict()
-        weights = {name: tensor for name, tensor in weights.items() if "hive_" in name}
+        weights = {name: tensor for name, tensor in weights.items() if is_hive_parameter(name)}
         empty = [name for name, tensor in weights.items() if tensor.numel() == 0]
         if empty:
             raise ValueError(
@@ -280,13 +265,3 @@ def load_hive_state_dict(model: nn.Module, loaded: dict[str, torch.Tensor], *, s
     for name, param in own.items():
         with torch.no_grad():
             param.copy_(loaded[name].to(device=param.device, dtype=param.dtype))
-
-
-def check_finite(named_tensors, *, source: str) -> None:
-    """Refuse weights holding NaN or inf (a damaged file), naming them."""
-    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        raise ValueError(
-            f"HIVE weights in {source} hold NaN or inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
-            f"({len(bad)} tensors). The file is damaged; load an intact copy."
-        )

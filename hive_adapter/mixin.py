@@ -1,0 +1,320 @@
+"""`HiveMixin`: what a HIVE model does, whether it wraps a base model or is a full model.
+
+`HiveModel` (`adapter_model.py`, a PEFT-style wrapper around e.g. a llava-hf model) and
+`HiveForConditionalGeneration` (`modeling_hive.py`, a vision encoder + a causal LM composed into one
+`PreTrainedModel`) both inherit it. It builds HIVE's modules (`builders.py`), hooks the blocks into the decoder
+layers (`attach.py`), and runs a forward as four steps (docs/ARCHITECTURE.md, "The forward path"):
+
+    1. new prompt or decoding step?  runtime.context_for_call   (runtime.py)
+    2. the prompt's vision context   hive_prompt_context: markers (layout.py) + tower and levels (vision.py)
+    3. the language model            language_model(...), whose hooked layers read the context (attach.py)
+    4. end of the forward            runtime.end_forward, from the hook after the decoder stack
+
+The `concat` connector is the self-attention baseline through the same class: the deepest selected level is
+spliced into the input embeddings at the marker, as LLaVA does (`splice.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import TextShape, VisionShape, find_decoder_layers, text_shape_of, vision_shape_of
+from .attach import HiveAttachment, attach_hive_hooks
+from .builders import block_factory, build_level_encoder, cross_attention_kernel
+from .config import HiveConfig, ResolvedLayers
+from .context import HiveVisionContext
+from .cross_attention import HiveCrossAttentionBlock, HiveLayerNorm
+from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
+from .levels import HiveLevelEncoder
+from .parameters import is_hive_parameter
+from .runtime import HiveRuntime, past_length_of
+from .splice import splice_image_tokens
+from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context, usable_images
+
+logger = logging.getLogger(__name__)
+
+
+class HiveMixin:
+    """HIVE's modules and forward logic; the class that mixes it in decides where the base parts live."""
+
+    hive_config: HiveConfig
+    hive_layers: ResolvedLayers
+    hive_levels: HiveLevelEncoder
+    hive_blocks: nn.ModuleDict  # decoder layer index (as a string) -> its gated cross-attention block
+    hive_runtime: HiveRuntime
+
+    # ------------------------------------------------------------------ construction
+    def _init_hive(
+        self,
+        *,
+        config: HiveConfig,
+        vision_tower: nn.Module,
+        vision_config,
+        language_root: nn.Module,
+        text_config,
+        image_token_id: int | None,
+    ) -> None:
+        layers_path, layers = find_decoder_layers(language_root, config.layers_path)
+        text = text_shape_of(text_config, len(layers))
+        vision = vision_shape_of(vision_config)
+        resolved = config.resolve_layers(num_vision_layers=vision.num_layers, num_llm_layers=text.num_layers)
+
+        vocab_size = getattr(text_config, "vocab_size", None)
+        if image_token_id is not None and vocab_size is not None and not 0 <= image_token_id < vocab_size:
+            raise ValueError(
+                f"image_token_id={image_token_id} is outside the language model's vocabulary of {vocab_size} tokens; "
+                "add the marker to the tokenizer and resize the embeddings (model.resize_token_embeddings) first"
+            )
+
+        self.hive_config = config
+        self.hive_layers = resolved
+        self.hive_runtime = HiveRuntime()
+        object.__setattr__(self, "_hive_vision_tower", vision_tower)  # a reference, not a second registration
+        object.__setattr__(self, "_hive_vision_shape", vision)
+        object.__setattr__(self, "_hive_text_shape", text)
+        object.__setattr__(self, "_hive_image_token_id", image_token_id)
+        self.hive_levels = build_level_encoder(config, resolved, vision, text)
+        kernel = cross_attention_kernel(config, text_config)
+        make_block = block_factory(config, vision, text, kernel)
+        # Named by the decoder layer each block runs in (`hive_blocks.3.*`), beside the language model, whose
+        # parameter names stay its own.
+        self.hive_blocks = nn.ModuleDict({str(index): make_block() for index in resolved.llm_layers})
+        attachment = attach_hive_hooks(
+            model=language_root,
+            layers=layers,
+            layers_path=layers_path,
+            llm_layers=resolved.llm_layers,
+            level_of_block=resolved.level_of_block,
+            blocks=list(self.hive_blocks.values()),
+            placement=config.placement,
+            runtime=self.hive_runtime,
+        )
+        object.__setattr__(self, "_hive_attachment", attachment)
+        logger.info(
+            "HIVE (%s): vision layers %s -> decoder layers %s, %s cross-attention",
+            config.connector,
+            list(resolved.vision_layers),
+            list(resolved.llm_layers),
+            kernel,
+        )
+
+    @property
+    def hive_image_token_id(self) -> int | None:
+        return self._hive_image_token_id
+
+    @property
+    def hive_vision_shape(self) -> VisionShape:
+        return self._hive_vision_shape
+
+    @property
+    def hive_text_shape(self) -> TextShape:
+        return self._hive_text_shape
+
+    @property
+    def hive_vision(self) -> HiveVisionSide:
+        """The vision tower, its shape, the levels HIVE reads and their projectors (built on each access, so it
+        follows a module that was replaced, e.g. by PEFT)."""
+        return HiveVisionSide(
+            tower=self._hive_vision_tower,
+            shape=self._hive_vision_shape,
+            vision_layers=self.hive_layers.vision_layers,
+            levels=self.hive_levels,
+        )
+
+    def hive_top_modules(self) -> list[nn.Module]:
+        """The modules HIVE added: the level encoder and one block per chosen decoder layer."""
+        return [self.hive_levels, *self.hive_blocks.values()]
+
+    def hive_place_modules(self, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Put HIVE's modules on the base's device and dtype; gates and norms stay float32 for stability."""
+        for module in self.hive_top_modules():
+            module.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+            for sub in module.modules():
+                if isinstance(sub, HiveLayerNorm):
+                    sub.float()
+                elif isinstance(sub, HiveCrossAttentionBlock):
+                    for gate in (sub.hive_attn_gate, getattr(sub, "hive_ffn_gate", None)):
+                        if gate is not None:
+                            gate.data = gate.data.float()
+
+    def _remove_hive(self) -> HiveAttachment:
+        attachment: HiveAttachment = self._hive_attachment
+        attachment.remove()
+        self.hive_runtime.clear()
+        return attachment
+
+    # ------------------------------------------------------------------ the vision context of a prompt
+    def hive_encode_images(
+        self, pixel_values: torch.Tensor, **vision_inputs: Any
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Projected levels of `pixel_values`, each (images, n, media width), and the (images, n) mask of real
+        tokens (None when every token is real)."""
+        return self.hive_vision.encode(pixel_values, **vision_inputs)
+
+    def hive_markers(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """(batch, text) True where an image marker stands; None without a marker token (captioning)."""
+        return find_markers(
+            self.hive_image_token_id,
+            input_ids,
+            inputs_embeds,
+            embedding_table=lambda: self.get_input_embeddings().weight,
+        )
+
+    def hive_prompt_context(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        **vision_inputs: Any,
+    ) -> HiveVisionContext:
+        """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids).
+        Changes no state: the runtime makes it current (`context_for_call`, `generating`, `pinned_to`)."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if reference is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if reference.shape[1] == 0:
+            raise ValueError(f"an empty prompt (input of shape {tuple(reference.shape[:2])}): give at least one token")
+        batch = reference.shape[0]
+        markers = self.hive_markers(input_ids, inputs_embeds)
+
+        def slots_for(num_images: int) -> ImageSlots:
+            if markers is None:
+                return one_image_per_sample(batch, num_images, reference.device)
+            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id)
+
+        return build_vision_context(
+            self.hive_vision,
+            pixel_values,
+            vision_inputs,
+            slots_for=slots_for,
+            batch_size=batch,
+            prompt_length=reference.shape[1],
+            device=reference.device,
+            media_attention=self.hive_config.media_attention,
+            training=self.training,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def _hive_forward(
+        self,
+        language_model: nn.Module,
+        *,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ):
+        """One forward of the language model with the images seen through HIVE (or spliced, `concat`).
+
+        With `inputs_embeds`, `input_ids` may come alongside: the markers are read from the ids and only the
+        embeddings reach the language model.
+        """
+        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        if self.hive_config.connector == "concat":
+            if pixel_values is not None or (self.training and torch.is_grad_enabled()):
+                # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)
+                if past_length_of(past_key_values) > 0:
+                    raise ValueError(
+                        "connector='concat': pixel_values came with a decoding step (the cache already holds "
+                        f"{past_length_of(past_key_values)} tokens); images are spliced into the prompt, pass them "
+                        "with it"
+                    )
+                embeddings, attention_mask, labels = self._concat_embeddings(
+                    input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, padding_side="right"
+                )
+                text = {"inputs_embeds": embeddings}
+            # else text alone: a decoding step, or embeddings `generate` already spliced
+        else:
+            self.hive_runtime.context_for_call(
+                past_length=past_length_of(past_key_values),
+                has_images=pixel_values is not None,
+                build=lambda: self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs),
+            )
+        return language_model(
+            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
+        )
+
+    def _concat_embeddings(
+        self, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *, padding_side: str
+    ):
+        """Input embeddings with each image's tokens spliced in at its marker (the concat baseline).
+
+        Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
+        """
+        embeddings = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
+        vision = self.hive_vision
+        if pixel_values is None:
+            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
+            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
+        pixel_values, _ = usable_images(pixel_values, training=self.training)  # a left-out image: spliced blank
+        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
+        if token_mask is not None:
+            raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
+        return splice_image_tokens(
+            markers=self.hive_markers(input_ids, inputs_embeds),
+            embeddings=embeddings,
+            images=levels[-1].to(embeddings.dtype),
+            attention_mask=attention_mask,
+            labels=labels,
+            padding_side=padding_side,
+        )
+
+    # ------------------------------------------------------------------ generate
+    def _hive_generate(
+        self,
+        generate,
+        *,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Generation for every connector, returning what `generate` returns for a decoder-only LM: prompt +
+        new tokens when `input_ids` are given (with or without `inputs_embeds`), the new tokens alone from
+        `inputs_embeds` alone.
+
+        `hive`/`cascaded`: the prompt's vision context is built once here (vision tower and every block's K/V
+        run once per prompt) and pinned while `generate` runs on text alone. `concat`: the image tokens are
+        spliced into left-padded input embeddings and `generate` runs on those.
+        """
+        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        if self.hive_config.connector != "concat":
+            text = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+            text = {name: value for name, value in text.items() if value is not None}
+            context = self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
+            return self.hive_runtime.generating(
+                context, lambda: generate(**text, attention_mask=attention_mask, **kwargs)
+            )
+        embeddings, attention_mask, _ = self._concat_embeddings(
+            input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
+        )
+        output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            return output  # from embeddings alone: the new tokens only, as transformers returns them
+        # From token ids: the prompt in front of the new tokens, in the tensor and in `sequences` alike.
+        new_tokens = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0)
+        sequences = torch.cat([prompt, new_tokens], 1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
+
+    # ------------------------------------------------------------------ parameters
+    def hive_named_parameters(self):
+        """Every parameter HIVE added, by its name in this model (all carry the `hive_` prefix)."""
+        for name, param in self.named_parameters():
+            if is_hive_parameter(name):
+                yield name, param
+
+    def hive_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach() for name, param in self.hive_named_parameters()}

@@ -1,0 +1,102 @@
+"""The self-attention baseline's data flow (`connector="concat"`): image tokens spliced into the sequence at
+their markers, as LLaVA does, with masks and labels padded to one length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data.collator import IGNORE_INDEX
+
+
+def splice_image_tokens(
+    *,
+    markers: torch.Tensor | None,
+    embeddings: torch.Tensor,
+    images: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    padding_side: str = "right",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace each marker by its image's tokens (LLaVA's splice) and pad the rows to one length
+    (`"right"` for training, `"left"` for generation).
+
+    markers: (batch, text) True where a marker stands; None (no marker token): each sample's single image
+    goes in front of its text. embeddings: (batch, text, hidden); images: (images, tokens, hidden).
+    """
+    batch, length = embeddings.shape[:2]
+    tokens = images.shape[1]
+    if embeddings.device.type == "meta":
+        return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=tokens)
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
+    rows_embeds, rows_mask, rows_labels = [], [], []
+    next_image = 0
+    for b in range(batch):
+        if markers is None:
+            positions = [-1]  # "marker" in front of the text, nothing to drop
+        else:
+            positions = markers[b].nonzero().flatten().tolist()
+        pieces_e, pieces_m, pieces_l = [], [], []
+        start = 0
+        for position in positions:
+            if next_image >= images.shape[0]:
+                raise ValueError(
+                    f"the batch has more image markers than the {images.shape[0]} images in pixel_values; put one "
+                    "marker where each image goes"
+                )
+            image = images[next_image]
+            next_image += 1
+            cut = max(position, 0)
+            pieces_e += [embeddings[b, start:cut], image]
+            pieces_m += [attention_mask[b, start:cut], attention_mask.new_ones(tokens)]
+            if labels is not None:
+                pieces_l += [labels[b, start:cut], labels.new_full((tokens,), IGNORE_INDEX)]
+            start = position + 1
+        pieces_e.append(embeddings[b, start:])
+        pieces_m.append(attention_mask[b, start:])
+        if labels is not None:
+            pieces_l.append(labels[b, start:])
+        rows_embeds.append(torch.cat(pieces_e))
+        rows_mask.append(torch.cat(pieces_m))
+        if labels is not None:
+            rows_labels.append(torch.cat(pieces_l))
+    if next_image != images.shape[0]:
+        raise ValueError(
+            f"the batch has {next_image} image markers but pixel_values holds {images.shape[0]} images; put one "
+            "marker where each image goes"
+        )
+    width = max(row.shape[0] for row in rows_embeds)
+    out_embeds = embeddings.new_zeros(batch, width, embeddings.shape[-1])
+    out_mask = attention_mask.new_zeros(batch, width)
+    out_labels = labels.new_full((batch, width), IGNORE_INDEX) if labels is not None else None
+    for b in range(batch):
+        n = rows_embeds[b].shape[0]
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        out_embeds[b, span] = rows_embeds[b]
+        out_mask[b, span] = rows_mask[b]
+        if out_labels is not None:
+            out_labels[b, span] = rows_labels[b]
+    return out_embeds, out_mask, out_labels
+
+
+def _splice_on_meta(embeddings, images, attention_mask, labels, *, batch: int, tokens: int):
+    """No data on `meta` (FLOP counting): the images, spread evenly over the batch, replace as many
+    columns in front of each sample's text; shapes and costs are those of the real splice."""
+    per_sample = max(1, images.shape[0] // batch)
+    laid_out = images[: batch * per_sample].reshape(batch, per_sample * tokens, -1)  # (batch, images*tokens, hidden)
+    out_embeds = torch.cat([laid_out.to(embeddings.dtype), embeddings[:, per_sample:]], dim=1)
+    if attention_mask is None:
+        attention_mask = embeddings.new_ones(batch, embeddings.shape[1], dtype=torch.long)
+    if attention_mask.ndim == 4:  # a ready 4-D mask for the spliced length (what meta FLOP counting passes)
+        out_mask = attention_mask
+    else:
+        out_mask = torch.cat(
+            [attention_mask.new_ones(batch, per_sample * tokens), attention_mask[:, per_sample:]], dim=1
+        )
+    out_labels = None
+    if labels is not None:
+        out_labels = torch.cat(
+            [labels.new_full((batch, per_sample * tokens), IGNORE_INDEX), labels[:, per_sample:]], dim=1
+        )
+    return out_embeds, out_mask, out_labels
