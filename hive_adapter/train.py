@@ -42,9 +42,10 @@ from transformers import (
 )
 
 from .arguments import HiveArguments, hive_config_from
+from .connector import HIVE_PREFIX
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
-from .data.synthetic import SyntheticShapes
+from .data.synthetic import ATTRIBUTES, SyntheticShapes, checked_attributes
 from .distributed import (
     barrier,
     exit_if_launched,
@@ -93,6 +94,10 @@ class DataArguments:
     data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
     synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
+    synthetic_attributes: str = field(
+        default=",".join(ATTRIBUTES),
+        metadata={"help": "What synthetic captions name: a comma-separated subset of colour,texture,shape,position."},
+    )
     max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
     skip_bad_images: bool = field(
         default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
@@ -108,6 +113,14 @@ class StageArguments:
     verify_rank_consistency: bool = field(
         default=False,
         metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."},
+    )
+    hive_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of HIVE's modules in the stages that also train the LLM (2 and 3); the LLM "
+            "and the encoder keep the stage's (default: the stage's for everything, Table 3). Same warmup and "
+            "cosine shape, decayed to the same fraction of its peak."
+        },
     )
 
 
@@ -198,7 +211,12 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
 def build_dataset(data_args: DataArguments, *, image_size: int):
     """The training set; the synthetic one is drawn at the vision encoder's input size."""
     if data_args.data_format == "synthetic" or (data_args.data_path is None and data_args.data_format == "auto"):
-        return SyntheticShapes(data_args.synthetic_size, seed=data_args.synthetic_seed, image_size=image_size)
+        return SyntheticShapes(
+            data_args.synthetic_size,
+            seed=data_args.synthetic_seed,
+            image_size=image_size,
+            attributes=checked_attributes(data_args.synthetic_attributes),
+        )
     if data_args.data_path is None:
         raise ValueError("pass --data_path (LLaVA JSON or JSONL) or --data_format synthetic")
     records = read_records(data_args.data_path, data_args.data_format)
@@ -208,6 +226,42 @@ def build_dataset(data_args: DataArguments, *, image_size: int):
 
 def is_complete_stage(directory: Path) -> bool:
     return (directory / STAGE_REPORT).is_file() and (directory / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------- optimiser
+class HiveTrainer(Trainer):
+    """The HF Trainer; with `hive_learning_rate` set, HIVE's parameters get their own optimiser groups at that peak.
+
+    The Trainer's scheduler scales every group's own initial rate, so HIVE's modules follow the stage's warmup
+    and cosine at a different height (LLaVA's `mm_projector_lr` does the same for its connector).
+    """
+
+    def __init__(self, *args, hive_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hive_learning_rate = hive_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.hive_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decayed = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((HIVE_PREFIX in name, name in decayed), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(
+            [
+                {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if decays else 0.0,
+                    **({"lr": self.hive_learning_rate} if is_hive else {}),
+                }
+                for (is_hive, decays), params in groups.items()
+            ],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -323,8 +377,15 @@ def run_stage(
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
     image_processor = AutoImageProcessor.from_pretrained(previous)
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[CompleteCheckpointMarker()]
+    # Stage 1 trains HIVE's modules alone: its own rate is theirs.
+    hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
+    trainer = HiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[CompleteCheckpointMarker()],
+        hive_learning_rate=hive_learning_rate,
     )
     resume = None
     if base_args.resume_from_checkpoint:
@@ -338,6 +399,7 @@ def run_stage(
         f"lr {args.learning_rate:g} -> {stage.min_lr:g}, betas ({args.adam_beta1}, {args.adam_beta2}), "
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
+        + (f", HIVE modules at lr {hive_learning_rate:g}" if hive_learning_rate is not None else "")
     )
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -349,6 +411,8 @@ def run_stage(
         "losses": losses,
         "log_history": trainer.state.log_history,
         "train_loss": result.training_loss,
+        "learning_rate": args.learning_rate,
+        "hive_learning_rate": hive_learning_rate,
         "skipped_images": getattr(dataset, "skipped", 0),
         "world_size": world_size(),
         "deepspeed": deepspeed,
@@ -415,6 +479,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     stages = parse_stages(stage_args.stage)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
+    if stage_args.hive_learning_rate is not None and stage_args.hive_learning_rate <= 0:
+        raise ValueError(f"--hive_learning_rate {stage_args.hive_learning_rate}: must be positive")
+    checked_attributes(data_args.synthetic_attributes)
     init_distributed(deepspeed is not None)
     output_dir = Path(base_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
