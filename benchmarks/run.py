@@ -32,7 +32,10 @@ PAIRS = {"1B": PAPER_1B, "7B": PAPER_7B}
 VISION_SWEEP = (112, 224, 336, 448, 672)  # patch 14: 64, 256, 576, 1024, 2304 vision tokens
 TEXT_SWEEP = (32, 77, 256, 512, 1024)
 CPU_VISION_SWEEP = (112, 224, 336, 448)
-TARGETS = {"flops": 0.14, "activation": 0.41, "overhead": 1.15}
+TARGETS = {"flops": 0.14, "overhead": 1.15}
+# Supplementary Table 9 reports peak GPU memory (22.03 / 54.2 GB = 0.41); the CPU suite measures activation bytes
+# saved for backward, a different quantity, so it is reported next to the paper's figure, not judged against it.
+PAPER_PEAK_MEMORY_RATIO = 22.03 / 54.2
 
 
 def environment() -> dict:
@@ -145,25 +148,30 @@ def headline(results: dict) -> list[tuple[str, float, str]]:
     activation = results["activation_bytes"]["1B"]["2"]
     times = results["cpu_step_time"]
     rows = []
+    memory_note = f"activation bytes, not peak memory (paper, Table 9: peak GPU memory {PAPER_PEAK_MEMORY_RATIO:.2f})"
     for mode in ("hive", "hive_pooled"):
         f = ratio(flops[mode]["llm_side"], flops["concat"]["llm_side"])
+        end_to_end = ratio(flops[mode]["total"], flops["concat"]["total"])
         a = ratio(activation[mode], activation["concat"])
+        cpu_bytes = ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"])
         o = ratio(flops[mode]["llm_side"], flops["text"]["llm_side"])
         t = ratio(times[mode]["median_s"], times["concat"]["median_s"])
         rows += [
             (f"{mode}/concat training FLOPs, LLM side (1B, stage 2)", f, _verdict(f, TARGETS["flops"])),
-            (f"{mode}/concat activation bytes (1B, stage 2, meta)", a, _verdict(a, TARGETS["activation"])),
             (
-                f"{mode}/concat activation bytes (CPU-small, real kernels)",
-                ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-                _verdict(
-                    ratio(results["activation_bytes_cpu_small"][mode], results["activation_bytes_cpu_small"]["concat"]),
-                    TARGETS["activation"],
-                ),
+                f"{mode}/concat training FLOPs, end to end: LLM side + vision tower (1B, stage 2)",
+                end_to_end,
+                "measured (the paper's 0.14 does not state its scope)",
             ),
+            (f"{mode}/concat activation bytes saved for backward (1B, stage 2, meta)", a, memory_note),
+            (f"{mode}/concat activation bytes saved for backward (CPU-small, real kernels)", cpu_bytes, memory_note),
             (f"{mode}/text-only training FLOPs, LLM side (1B, stage 2)", o, _verdict(o, TARGETS["overhead"])),
             (f"{mode}/concat step time (CPU-small, stage 2)", t, "measured (paper: 1/3.43 = 0.29 on GPU)"),
         ]
+    if "7B" in results["flops"]:
+        flops_7b = results["flops"]["7B"]["2"]
+        f = ratio(flops_7b["hive"]["llm_side"], flops_7b["concat"]["llm_side"])
+        rows.append(("hive/concat training FLOPs, LLM side (7B, stage 2)", f, _verdict(f, TARGETS["flops"])))
     return rows
 
 
@@ -303,8 +311,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode (after one warm-up round)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--tables_only", action="store_true", help="rewrite <suite>.md from an existing <suite>.json; measure nothing"
+    )
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        for suite in ["cpu", "gpu"] if args.suite == "all" else [args.suite]:
+            source = args.output_dir / f"{suite}.json"
+            if source.is_file():
+                (args.output_dir / f"{suite}.md").write_text(markdown(json.loads(source.read_text())))
+                print("wrote", args.output_dir / f"{suite}.md", "from", source)
+        return
     suites = ["cpu", "gpu"] if args.suite == "all" else [args.suite]
     if args.suite == "all" and not torch.cuda.is_available():
         print("no CUDA device: running the cpu suite only")
