@@ -2,7 +2,8 @@
 
 For the demo, the tests and `hive-reproduce`: nothing is downloaded. The directories they write are
 exactly what `hive-train --vision_model DIR --language_model DIR` reads for real models (a SigLIP
-vision encoder with its image processor; a Llama causal LM with its tokenizer).
+vision encoder with its image processor; a Llama causal LM with its tokenizer). `--pretrain` (or
+`hive_adapter.toy_pretraining`) pre-trains them the way real checkpoints come, which HIVE assumes.
 """
 
 from __future__ import annotations
@@ -88,8 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hive_adapter.toy", description=main.__doc__)
     parser.add_argument("directory", help="writes DIR/vision and DIR/language")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train them (~2 min on one core): the LM on caption text, the encoder image-text contrastive",
+    )
     args = parser.parse_args(argv)
     vision, language = write_toy_models(args.directory, caption_vocabulary(), seed=args.seed)
+    if args.pretrain:
+        from .toy_pretraining import pretrain_toy_models
+
+        curves = pretrain_toy_models(args.directory, seed=args.seed)
+        print(
+            f"pre-trained: LM loss {curves['language'][0]:.2f} -> {curves['language'][-1]:.2f}, "
+            f"encoder contrastive loss {curves['vision'][0]:.2f} -> {curves['vision'][-1]:.2f}"
+        )
     print(f"vision encoder: {vision}\nlanguage model: {language}")
 
 
