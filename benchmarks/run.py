@@ -359,8 +359,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode (after one warm-up round)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--tables_only", action="store_true", help="rewrite <suite>.md from an existing <suite>.json; measure nothing"
+    )
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        for suite in ["cpu", "gpu"] if args.suite == "all" else [args.suite]:
+            source = args.output_dir / f"{suite}.json"
+            if source.is_file():
+                (args.output_dir / f"{suite}.md").write_text(markdown(json.loads(source.read_text())))
+                print("wrote", args.output_dir / f"{suite}.md", "from", source)
+        return
     suites = ["cpu", "gpu"] if args.suite == "all" else [args.suite]
     if args.suite == "all" and not torch.cuda.is_available():
         print("no CUDA device: running the cpu suite only")

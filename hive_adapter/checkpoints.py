@@ -23,12 +23,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from transformers import Trainer
-
-from .distributed import barrier, is_main_process, world_size
-
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "hive_checkpoint_complete"
@@ -146,68 +140,3 @@ def rotate(directory: Path, keep: int | None) -> None:
         if folder not in kept and step <= newest and folder != complete[0][1]:
             logger.info("deleting %s (--save_total_limit %s)", folder, keep)
             delete_checkpoint(folder)
-
-
-def enable_fsdp_on_cpu_ranks(trainer: Trainer) -> None:
-    """accelerate turns FSDP on for accelerators only; on CPU ranks (gloo: how the tests run it) it is turned on
-    here, after the Trainer built its accelerator: FSDP2's `fully_shard` runs on CPU. On GPUs nothing changes."""
-    state = trainer.accelerator.state
-    if getattr(trainer.args, "fsdp_plugin_args", None) is None or state.distributed_type != DistributedType.MULTI_CPU:
-        return
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
-    trainer.is_fsdp_enabled = True
-
-
-class HiveTrainer(Trainer):
-    """`Trainer` whose checkpoints are marked complete before any older one is deleted (see module docstring).
-
-    `keep_checkpoints` replaces `args.save_total_limit`, which must be None here (the Trainer's own rotation
-    deletes before anything is marked).
-    """
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        enable_fsdp_on_cpu_ranks(self)
-
-    def save_whole_model(self, directory: Path) -> None:
-        """The model, whole, in `directory`: ZeRO-3 partitions gathered by the Trainer; FSDP shards gathered here
-        (a full state dict on rank 0, whatever the checkpoints' `state_dict_type`)."""
-        if not self.is_fsdp_enabled:
-            self.save_model(str(directory))
-            return
-        state_dict = self.accelerator.get_state_dict(self.model)
-        if self.is_world_process_zero():
-            model = self.accelerator.unwrap_model(self.model)
-            model.save_pretrained(directory, state_dict=state_dict)
-            # FSDP2 swaps the model's class for `FSDP<name>`; the checkpoint names the model's own class.
-            config = json.loads((directory / "config.json").read_text())
-            config["architectures"] = [
-                cls.__name__ for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP")
-            ][:1]
-            (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.args.save_total_limit is not None:
-            raise ValueError("pass the checkpoint limit as keep_checkpoints; args.save_total_limit must be None")
-        self.keep_checkpoints = keep_checkpoints
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"checkpoint-{self.state.global_step}"
-        if is_main_process() and folder.exists() and why_incomplete(folder) is not None:
-            logger.info("removing %s, a torn save of an interrupted run", folder)
-            shutil.rmtree(folder)
-        barrier()
-        super()._save_checkpoint(model, trial)
-        barrier()  # every rank's part is on disk
-        if is_main_process():
-            missing = missing_for_resume(folder, world_size())
-            if missing:
-                logger.warning("%s cannot resume a run (it lacks %s); not marked complete", folder, "; ".join(missing))
-            else:
-                mark_complete(folder, self.state.global_step)
-                rotate(run_dir, self.keep_checkpoints)
-        barrier()

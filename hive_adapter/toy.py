@@ -2,13 +2,16 @@
 
 For the demo, the tests and `hive-reproduce`: nothing is downloaded. The directories they write are
 exactly what `hive-train --vision_model DIR --language_model DIR` reads for real models (a SigLIP
-vision encoder with its image processor; a Llama causal LM with its tokenizer).
+vision encoder with its image processor; a Llama causal LM with its tokenizer). `--pretrain` (or
+`hive_adapter.toy_pretraining`) pre-trains them the way real checkpoints come, which HIVE assumes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -16,6 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from .outputs import OutputRefused, staged_directory
 
+if TYPE_CHECKING:
+    from .toy_pretraining import ToyPretraining
+
+PRETRAINING_RECORD = "pretraining.json"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 
 
@@ -41,13 +48,27 @@ class ToySizes:
     text_layers: int = 4
 
 
-def write_toy_models(directory: str | Path, words: list[str], *, sizes: ToySizes = ToySizes(), seed: int = 0):
-    """Write `directory/vision` (SigLIP + image processor) and `directory/language` (Llama + tokenizer).
+def write_toy_models(
+    directory: str | Path,
+    words: list[str],
+    *,
+    sizes: ToySizes = ToySizes(),
+    seed: int = 0,
+    pretraining: ToyPretraining | None = None,
+):
+    """Write `directory/vision` (SigLIP + image processor) and `directory/language` (Llama + tokenizer); with
+    `pretraining`, pre-trained before they are put in place (loss curves in `directory/pretraining.json`, `PRETRAINING_RECORD`).
 
     `directory` must be new, empty, or an earlier output of this function (replaced whole): nothing else is
     ever overwritten (`hive_adapter.outputs`)."""
     with staged_directory(directory, command="hive-toy", replace=True) as tmp:
         _write_toy_models(tmp, words, sizes=sizes, seed=seed)
+        if pretraining is not None:
+            from .toy_pretraining import pretrain_toy_models
+
+            curves = pretrain_toy_models(tmp, pretraining, seed=seed)
+            record = {"seed": seed, "settings": asdict(pretraining), "losses": curves}
+            (tmp / PRETRAINING_RECORD).write_text(json.dumps(record, indent=1))
     return Path(directory) / "vision", Path(directory) / "language"
 
 
@@ -93,15 +114,32 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from .data.synthetic import caption_vocabulary
+    from .toy_pretraining import ToyPretraining
 
     parser = argparse.ArgumentParser(prog="python -m hive_adapter.toy", description=main.__doc__)
     parser.add_argument("directory", help="writes DIR/vision and DIR/language")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="pre-train them (~2 min on one core): the LM on caption text, the encoder image-text contrastive",
+    )
     args = parser.parse_args(argv)
     try:
-        vision, language = write_toy_models(args.directory, caption_vocabulary(), seed=args.seed)
+        vision, language = write_toy_models(
+            args.directory,
+            caption_vocabulary(),
+            seed=args.seed,
+            pretraining=ToyPretraining() if args.pretrain else None,
+        )
     except OutputRefused as error:
         parser.exit(2, f"{parser.prog}: refused: {error}\n")
+    if args.pretrain:
+        curves = json.loads((Path(args.directory) / PRETRAINING_RECORD).read_text())["losses"]
+        print(
+            f"pre-trained: LM loss {curves['language'][0]:.2f} -> {curves['language'][-1]:.2f}, "
+            f"encoder contrastive loss {curves['vision'][0]:.2f} -> {curves['vision'][-1]:.2f}"
+        )
     print(f"vision encoder: {vision}\nlanguage model: {language}")
 
 

@@ -43,11 +43,11 @@ from transformers import (
 )
 
 from .arguments import HiveArguments, hive_config_from
-from .checkpoints import HiveTrainer, choose_resume_checkpoint, why_incomplete
+from .checkpoints import choose_resume_checkpoint, why_incomplete
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.supervision import supervision_report
-from .data.synthetic import SyntheticShapes
+from .data.synthetic import ATTRIBUTES, SyntheticShapes, checked_attributes
 from .distributed import (
     barrier,
     exit_if_launched,
@@ -61,6 +61,7 @@ from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, install, partial_path, start_partial
 from .stage_plan import STAGE_REPORT, is_complete_stage, plan_stages, stage_report, validate_run_arguments
 from .stages import StageSpec, apply_stage, parse_stages
+from .trainer import HiveTrainer
 
 logger = logging.getLogger("hive_adapter.train")
 
@@ -97,6 +98,10 @@ class DataArguments:
     data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
     synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
+    synthetic_attributes: str = field(
+        default=",".join(ATTRIBUTES),
+        metadata={"help": "What synthetic captions name: a comma-separated subset of colour,texture,shape,position."},
+    )
     max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
     skip_bad_images: bool = field(
         default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
@@ -112,6 +117,14 @@ class StageArguments:
     verify_rank_consistency: bool = field(
         default=False,
         metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."},
+    )
+    hive_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of HIVE's modules in the stages that also train the LLM (2 and 3); the LLM "
+            "and the encoder keep the stage's (default: the stage's for everything, Table 3). Same warmup and "
+            "cosine shape, decayed to the same fraction of its peak."
+        },
     )
 
 
@@ -207,7 +220,12 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
 def build_dataset(data_args: DataArguments, *, image_size: int):
     """The training set; the synthetic one is drawn at the vision encoder's input size."""
     if data_args.data_format == "synthetic" or (data_args.data_path is None and data_args.data_format == "auto"):
-        return SyntheticShapes(data_args.synthetic_size, seed=data_args.synthetic_seed, image_size=image_size)
+        return SyntheticShapes(
+            data_args.synthetic_size,
+            seed=data_args.synthetic_seed,
+            image_size=image_size,
+            attributes=checked_attributes(data_args.synthetic_attributes),
+        )
     if data_args.data_path is None:
         raise ValueError("pass --data_path (LLaVA JSON or JSONL) or --data_format synthetic")
     records = read_records(data_args.data_path, data_args.data_format)
@@ -319,12 +337,15 @@ def run_stage(
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
     image_processor = AutoImageProcessor.from_pretrained(previous)
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
+    # Stage 1 trains HIVE's modules alone: its own rate is theirs.
+    hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
     trainer = HiveTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         keep_checkpoints=base_args.save_total_limit,
+        hive_learning_rate=hive_learning_rate,
     )
     resume = resume_point(base_args.resume_from_checkpoint, checkpoints, stage)
     trainable = sum(t for t, _ in counts.values())
@@ -333,6 +354,7 @@ def run_stage(
         f"lr {args.learning_rate:g} -> {stage.min_lr:g}, betas ({args.adam_beta1}, {args.adam_beta2}), "
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
+        + (f", HIVE modules at lr {hive_learning_rate:g}" if hive_learning_rate is not None else "")
     )
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -345,6 +367,8 @@ def run_stage(
         "losses": losses,
         "log_history": trainer.state.log_history,
         "train_loss": result.training_loss,
+        "learning_rate": args.learning_rate,
+        "hive_learning_rate": hive_learning_rate,
         "skipped_images": getattr(dataset, "skipped", 0),
         "world_size": world_size(),
         "deepspeed": deepspeed,
@@ -435,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     stages = parse_stages(stage_args.stage)
     validate_run_arguments(global_batch_size=stage_args.global_batch_size, training_args=base_args, explicit=explicit)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
+    if stage_args.hive_learning_rate is not None and stage_args.hive_learning_rate <= 0:
+        raise ValueError(f"--hive_learning_rate {stage_args.hive_learning_rate}: must be positive")
+    checked_attributes(data_args.synthetic_attributes)
     output_dir = Path(base_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputRefused(f"--output_dir {output_dir} is a file; give a directory")

@@ -1,6 +1,7 @@
 """Analysis tools on tiny saved checkpoints: gradient flow, cross-attention maps, caption alignment, CLIs."""
 
 import json
+import math
 import random
 
 import numpy
@@ -12,13 +13,18 @@ from PIL import Image
 from hive_adapter.analysis import (
     GradientFlow,
     aligned_logits,
+    attention_entropy,
     caption_accuracy,
     caption_batch,
     cross_attention_maps,
     gradient_flow,
+    image_reading,
+    token_groups,
 )
+from hive_adapter.analysis.captioning import per_sample_caption_loss
 from hive_adapter.analysis.cli import main as analyze
-from hive_adapter.data.synthetic import PROMPT, SyntheticShapes
+from hive_adapter.data.collator import HiveCaptionCollator
+from hive_adapter.data.synthetic import ATTRIBUTE_WORDS, PROMPT, SyntheticShapes
 from hive_adapter.loading import load_hive
 
 SHAPES = SyntheticShapes(8, seed=7, image_size=32)
@@ -191,10 +197,87 @@ def test_concat_logits_are_aligned_with_the_text_around_a_marker(models, tmp_pat
 def test_caption_accuracy_is_the_same_measure_for_every_connector(checkpoints):
     for connector, path in checkpoints.items():
         loaded = load_hive(path)
-        batches = [caption_batch(loaded, *pairs(range(4)), prompt=PROMPT)]
-        with_images = caption_accuracy(loaded.model, batches)
-        without = caption_accuracy(loaded.model, batches, with_images=False)
-        assert 0.0 <= with_images <= 1.0 and 0.0 <= without <= 1.0, connector
+        batch = caption_batch(loaded, *pairs(range(4)), prompt=PROMPT)
+        predicted = aligned_logits(loaded.model, batch)[:, :-1].argmax(-1)
+        scored = batch["labels"][:, 1:] != -100
+        expected = (predicted == batch["labels"][:, 1:])[scored].float().mean().item()
+        assert caption_accuracy(loaded.model, [batch]) == pytest.approx(expected), connector
+
+
+def test_token_groups_name_the_content_words_and_refuse_a_word_in_two_groups(checkpoints):
+    tokenizer = load_hive(checkpoints["hive"]).tokenizer
+    groups = token_groups(tokenizer, ATTRIBUTE_WORDS)
+    assert {tokenizer.convert_ids_to_tokens(t): g for t, g in groups.items()} == {
+        word: group for group, words in ATTRIBUTE_WORDS.items() for word in words
+    }
+    with pytest.raises(ValueError, match="'red'.* in both 'colour' and 'shape'"):
+        token_groups(tokenizer, {"colour": ["red"], "shape": ["red"]})
+
+
+@pytest.mark.parametrize("connector", ["hive", "concat"])
+def test_image_reading_scores_every_caption_token_once_and_only_the_image_differs(checkpoints, connector):
+    loaded = load_hive(checkpoints[connector])
+    collator = HiveCaptionCollator(loaded.tokenizer, loaded.image_processor)
+    groups = token_groups(loaded.tokenizer, ATTRIBUTE_WORDS)
+    reading = image_reading(loaded.model, collator, SHAPES, groups, batch_size=3)
+    # "a {colour} {texture} {shape} in the {top left}" + end of text: 5 content and 4 structural tokens
+    # (the centre position is one word)
+    positions = sum(len(SHAPES.sample(i).position.split()) for i in range(len(SHAPES)))
+    assert reading.tokens["content"] == 3 * len(SHAPES) + positions and reading.tokens["position"] == positions
+    assert reading.tokens["structural"] == 4 * len(SHAPES)
+    assert reading.tokens["all"] == reading.tokens["content"] + reading.tokens["structural"]
+    expected = caption_accuracy(loaded.model, [caption_batch(loaded, *pairs(range(len(SHAPES))), prompt=PROMPT)])
+    assert reading.real["all"] == pytest.approx(expected)
+    same_picture = [{**SHAPES[i], "image": SHAPES.image(0)} for i in range(len(SHAPES))]
+    one_image = image_reading(loaded.model, collator, same_picture, groups)
+    assert one_image.real == one_image.swapped  # the control changes the image and nothing else
+
+
+def test_image_reading_tells_a_model_that_reads_the_colour_from_its_control(models, tmp_path):
+    """200 steps on "a <colour>" captions: the colour comes from the picture, and another picture undoes it."""
+    loaded = load_hive(save_hive_checkpoint(models, tmp_path / "hive", connector="hive"))
+    model, collator = loaded.model, HiveCaptionCollator(loaded.tokenizer, loaded.image_processor)
+    data = SyntheticShapes(512, seed=3, image_size=32, attributes=("colour",))
+    batches = [collator([data[i] for i in range(start, start + 32)]) for start in range(0, len(data), 32)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(200):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    held_out = SyntheticShapes(96, seed=99, image_size=32, attributes=("colour",))
+    reading = image_reading(model, collator, held_out, token_groups(loaded.tokenizer, ATTRIBUTE_WORDS))
+    assert reading.real["colour"] >= 0.8 and reading.swapped["colour"] <= 0.35, reading.describe()
+    assert reading.image_dependent("content") >= 0.5 and reading.real["structural"] == 1.0
+    assert reading.tokens["shape"] == 0 and "content" in reading.describe()
+
+
+def test_gradients_relative_to_the_text_input_are_the_gradient_at_the_lm_input_embeddings(checkpoints):
+    loaded = load_hive(checkpoints["hive"])
+    model = loaded.model
+    batch = caption_batch(loaded, *pairs([0, 1]), prompt=PROMPT)
+    flow = gradient_flow(model, batch)
+    embeddings = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "input_ids")}
+    logits = model(inputs_embeds=embeddings, **inputs).logits
+    per_sample_caption_loss(logits, batch["labels"]).sum().backward()
+    reference = (embeddings.grad * batch["attention_mask"][..., None]).flatten(1).norm(dim=-1)
+    torch.testing.assert_close(flow.text_input_norms, reference, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(flow.relative_norms, flow.layer_norms / reference[:, None], rtol=1e-4, atol=1e-9)
+
+
+def test_attention_entropy_is_ln_keys_for_uniform_attention_and_lower_when_selective(checkpoints, models, tmp_path):
+    loaded = load_hive(checkpoints["hive"])
+    batch = caption_batch(loaded, *pairs([0, 1, 2]), prompt=PROMPT)
+    entropy = attention_entropy(loaded.model, batch)
+    assert entropy.shape == (2,) and (entropy > 0).all() and (entropy < math.log(4)).all()  # 4 keys per image
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name.endswith("hive_k_proj.weight"):
+                param.zero_()  # every key the same: nothing to choose between
+    torch.testing.assert_close(attention_entropy(loaded.model, batch), torch.full((2,), math.log(4)))
+    with pytest.raises(ValueError, match="concat"):
+        attention_entropy(load_hive(checkpoints["concat"]).model, batch)
 
 
 def test_hive_analyze_gradients_and_attention_write_png_and_json(checkpoints, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Linear probe (Table 4) and the small-scale rerun of the comparison."""
 
 import json
+import math
 import random
 
 import pytest
@@ -112,15 +113,31 @@ def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
     from hive_adapter.analysis.reproduce import main as reproduce
 
     out = tmp_path / "out"
-    reproduce(["--output_dir", str(out), "--train_size", "32", "--held_out_size", "8", "--gradient_samples", "2",
-               "--probe_size", "16", "--probe_epochs", "2", "--connectors", "hive,concat"])  # fmt: skip
+    reproduce(["--quick", "--output_dir", str(out), "--seeds", "0,1", "--train_size", "32", "--held_out_size", "8",
+               "--gradient_samples", "2", "--probe_size", "16", "--probe_epochs", "2", "--language_pretraining_steps",
+               "2", "--vision_pretraining_steps", "2", "--connectors", "hive,concat"])  # fmt: skip
     report = json.loads((out / "reproduce.json").read_text())
-    assert set(report["results"]) == {"hive", "concat"}
+    assert set(report["results"]) == {"hive", "concat"} and report["budget"]["seeds"] == [0, 1]
+    assert set(report["timings"]) == {"pretraining", "training", "probes", "evaluation", "costs", "figures"}
+    assert len(report["start_probe"]["shapes"]["values"]) == 2  # the encoder each seed started from
     for row in report["results"].values():
-        assert len(row["grad_norm"]) == 8 and len(row["object_share"]) == 8  # the toy encoder's 8 layers
-        assert 0 <= row["probe"]["digits"] <= 1 and row["gflops"] > row["gflops_without_tower"] > 0
-        assert set(row["losses"]) == {"1", "2", "3"}
+        gradients = row["gradients"]
+        assert len(gradients["relative_grad_norm"]) == 8 and len(gradients["object_share"]) == 8  # 8 encoder layers
+        assert gradients["relative_grad_norm"][0] == pytest.approx(
+            gradients["grad_norm"][0] / gradients["text_input_grad_norm"], rel=0.5
+        )  # a mean of ratios against a ratio of means
+        reading = row["image_reading"]
+        assert len(reading["real"]["content"]["values"]) == 2 and 0 <= reading["swapped"]["structural"]["mean"] <= 1
+        assert set(row["image_reading_by_stage"]) == {"1", "2", "3"}
+        assert 0 <= row["probe"]["digits"]["mean"] <= 1 and row["gflops"] > row["gflops_without_tower"] > 0
+    entropy = report["results"]["hive"]["cross_attention"]
+    assert len(entropy["attention_entropy"]) == 4 and entropy["uniform_entropy"] == pytest.approx(math.log(16))
+    assert all(0 < value <= math.log(16) + 1e-4 for value in entropy["attention_entropy"])
+    assert "cross_attention" not in report["results"]["concat"]
     table = (out / "reproduce.md").read_text()
-    assert "| hive |" in table and "| concat |" in table and "hive-reproduce --output_dir" in table
-    for figure in ("gradient_norms.png", "gradient_object_share.png", "gradient_maps.png", "attention_maps.png"):
+    assert "| hive |" in table and "| concat |" in table and "hive-reproduce --quick --output_dir" in table
+    assert "content, swapped image" in table and "±" in table  # two seeds: mean ± spread
+    figures = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
+               "attention_entropy.png", "attention_maps.png")  # fmt: skip
+    for figure in figures:
         assert (out / figure).stat().st_size > 1000

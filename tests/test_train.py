@@ -107,6 +107,9 @@ def test_synthetic_set_is_deterministic_and_captions_follow_the_picture():
     image = a.image(0)
     assert image.size == (32, 32)
     assert sample.caption.startswith(f"a {sample.colour} {sample.texture} {sample.shape} in the ")
+    easier = SyntheticShapes(20, seed=3, image_size=32, attributes=("position", "colour"))
+    assert easier[0]["caption"] == f"a {sample.colour} in the {sample.position}"  # caption order, not argument order
+    assert list(easier.image(5).getdata()) == list(a.image(5).getdata())  # the same pictures
 
 
 def test_llava_json_and_jsonl_load_and_bad_images_are_named(tmp_path):
@@ -261,11 +264,50 @@ def test_bad_arguments_are_named(toy, tmp_path):
     assert result.returncode != 0 and "--deepspeed 'zero9'" in result.stderr and "zero3_offload" in result.stderr
     result = hive_train("--output_dir", tmp_path, "--data_format", "synthetic", check=False)
     assert result.returncode != 0 and "pass --vision_model and --language_model" in result.stderr
+    result = hive_train("--output_dir", tmp_path, "--hive_learning_rate", "0", check=False)
+    assert result.returncode != 0 and "--hive_learning_rate 0.0: must be positive" in result.stderr
+    result = hive_train("--output_dir", tmp_path, "--synthetic_attributes", "colour,smell", check=False)
+    assert result.returncode != 0 and "attributes=('colour', 'smell')" in result.stderr
+
+
+def mean_change(before: dict, after: dict, hive: bool) -> float:
+    """Mean absolute change of the HIVE (or the language model's) weights between two state dicts."""
+    names = [n for n in before if ("hive_" in n) == hive and (hive or n.startswith("language_model."))]
+    return sum(float((after[n] - before[n]).abs().sum()) for n in names) / sum(before[n].numel() for n in names)
+
+
+def test_hive_learning_rate_moves_hive_modules_at_their_own_rate_in_stage_2_only(toy, tmp_path):
+    from safetensors.torch import load_file
+
+    vision_dir, language_dir = toy
+    common = ["--data_format", "synthetic", "--synthetic_size", 64, "--stage", "1,2", "--max_steps", 4,
+              "--global_batch_size", 16, "--per_device_train_batch_size", 16, "--hive_tokens_per_level", 4,
+              "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+    hive_train("--vision_model", vision_dir, "--language_model", language_dir, *common, "--output_dir", tmp_path / "a")
+    faster = hive_train(
+        "--model_name_or_path", tmp_path / "a" / "stage0", *common, "--output_dir", tmp_path / "b",
+        "--hive_learning_rate", 1e-3,
+    )  # fmt: skip
+    assert "HIVE modules at lr 0.001" in faster.stdout
+    reports = {run: json.loads((tmp_path / run / "stage2" / "hive_stage.json").read_text()) for run in "ab"}
+    assert reports["a"]["hive_learning_rate"] is None and reports["b"]["hive_learning_rate"] == 1e-3
+    assert json.loads((tmp_path / "b" / "stage1" / "hive_stage.json").read_text())["hive_learning_rate"] is None
+    weights = {
+        (run, stage): load_file(tmp_path / run / f"stage{stage}" / "model.safetensors")
+        for run in "ab"
+        for stage in (1, 2)
+    }
+    torch.testing.assert_close(weights["a", 1], weights["b", 1])  # stage 1: the flag does not apply
+    hive_moved = {run: mean_change(weights[run, 1], weights[run, 2], hive=True) for run in "ab"}
+    llm_moved = {run: mean_change(weights[run, 1], weights[run, 2], hive=False) for run in "ab"}
+    assert hive_moved["b"] > 10 * hive_moved["a"], hive_moved  # Adam's step scales with the rate: 1e-3 vs 2e-5
+    assert llm_moved["b"] == pytest.approx(llm_moved["a"], rel=0.5), llm_moved  # the LLM keeps Table 3's rate
 
 
 def test_help_is_readable():
     result = hive_train("--help")
-    for flag in ("--vision_connector", "--stage", "--hive_vision_layers", "--global_batch_size", "--skip_bad_images"):
+    for flag in ("--vision_connector", "--stage", "--hive_vision_layers", "--global_batch_size", "--skip_bad_images",
+                 "--hive_learning_rate", "--synthetic_attributes"):  # fmt: skip
         assert flag in result.stdout
     assert "paper: 77" in result.stdout
 

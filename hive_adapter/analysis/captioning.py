@@ -69,39 +69,19 @@ def per_sample_caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def caption_accuracy(model, batches: Any, *, with_images: bool = True) -> float:
-    """Teacher-forced top-1 accuracy on caption tokens over an iterable of collated batches.
+def scored_caption_tokens(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption token of `batch` (1-D, in order) and whether the model's top-1 prediction was that token."""
+    predictions = aligned_logits(model, batch)[:, :-1].argmax(-1)  # position j predicts token j + 1
+    target = batch["labels"][:, 1:]
+    scored = target != IGNORE_INDEX
+    return target[scored].cpu(), (predictions[scored] == target[scored]).cpu()
 
-    with_images=False withholds the pictures (HIVE then sees a masked-out dummy, concat none): how much
-    of the accuracy comes from the images.
-    """
-    correct = total = 0
-    for batch in batches:
-        batch = dict(batch)
-        if not with_images:
-            batch.pop("pixel_values")
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        else:
-            logits = aligned_logits(model, batch)
-        predictions = logits[:, :-1].argmax(-1)
-        target = batch["labels"][:, 1:]
-        mask = target != IGNORE_INDEX
-        correct += (predictions[mask] == target[mask]).sum().item()
-        total += mask.sum().item()
-    if total == 0:
+
+def caption_accuracy(model, batches: Any) -> float:
+    """Teacher-forced top-1 accuracy on every caption token of an iterable of collated batches. Whether the
+    image is what earns it: `image_reading` (content and structural tokens, real and swapped images)."""
+    correct = [scored_caption_tokens(model, batch)[1] for batch in batches]
+    scored = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    if scored.numel() == 0:
         raise ValueError("no caption tokens to score (every label is -100)")
-    return correct / total
-
-
-def checkpoint_caption_accuracy(checkpoint, samples, *, with_images: bool = True, batch_size: int = 64) -> float:
-    """`caption_accuracy` of a saved checkpoint on a sequence of `{"image", "prompt", "caption"}` samples
-    (e.g. a held-out `SyntheticShapes`), batched the way `hive-train` batches."""
-    from ..loading import load_hive
-
-    loaded = load_hive(checkpoint)
-    collator = HiveCaptionCollator(loaded.tokenizer, loaded.image_processor, image_token=loaded.image_token)
-    batches = (
-        collator([samples[i] for i in range(start, min(start + batch_size, len(samples)))])
-        for start in range(0, len(samples), batch_size)
-    )
-    return caption_accuracy(loaded.model, batches, with_images=with_images)
+    return float(scored.float().mean())

@@ -7,6 +7,11 @@ norm over the patches). The paper's claim, measurable here: under HIVE the early
 stronger and more localised signal than under `cascaded` or `concat`, where it must pass back
 through every layer above them.
 
+Raw norms scale with how sharp each model's loss is, which differs between connectors and checkpoints.
+The same loss is therefore also differentiated at the LM's input embeddings of the text tokens:
+`relative_norms` (encoder layer over text input) compares how much of the LM's signal reaches the
+encoder, whatever the loss scale.
+
 Works for every connector (`hive`, `cascaded`, `concat`), for `HiveForConditionalGeneration` and
 `HiveModel` alike. The model's own parameters are not touched (no `.grad` is written).
 """
@@ -34,6 +39,14 @@ class GradientFlow:
     patch_maps: torch.Tensor
     layer_norms: torch.Tensor
     losses: torch.Tensor  # (images,) caption loss per image
+    text_input_norms: torch.Tensor | None = None  # (images,) gradient L2 norm at the text tokens' input embeddings
+
+    @property
+    def relative_norms(self) -> torch.Tensor:
+        """(images, layers) each layer's gradient norm over the gradient norm at the LM's text input embeddings."""
+        if self.text_input_norms is None:
+            raise ValueError("this GradientFlow holds no text-input gradient norms")
+        return self.layer_norms / self.text_input_norms[:, None].clamp(min=1e-30)
 
     @property
     def num_layers(self) -> int:
@@ -90,6 +103,14 @@ def gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Gra
         )
     tower = model.hive_vision.tower
     captured: list[tuple[torch.Tensor, ...]] = []
+    text_inputs: list[torch.Tensor] = []
+
+    def differentiable_text_input(module, args, output):
+        # The parameters are frozen, so the embedding output is a constant: make it a leaf that collects its
+        # gradient (the values, and everything computed from them, are unchanged).
+        leaf = output.detach().requires_grad_(True)
+        text_inputs.append(leaf)
+        return leaf
 
     def keep_hidden_states(module, args, output):
         states = output.hidden_states
@@ -104,14 +125,18 @@ def gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Gra
     pixel_values = batch["pixel_values"].detach().clone().requires_grad_(True)
     was_training = model.training
     model.eval()
-    handle = tower.register_forward_hook(keep_hidden_states)
+    handles = [
+        tower.register_forward_hook(keep_hidden_states),
+        model.get_input_embeddings().register_forward_hook(differentiable_text_input),
+    ]
     try:
         with torch.enable_grad(), _parameters_frozen(model):
             logits = aligned_logits(model, {**batch, "pixel_values": pixel_values})
             losses = per_sample_caption_loss(logits, batch["labels"])
             losses.sum().backward()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
         model.hive_runtime.clear()
     if len(captured) != 1:
@@ -126,4 +151,14 @@ def gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Gra
         maps.append(grad.float().norm(dim=-1).reshape(grad.shape[0], *grid))  # (images, grid_h, grid_w)
     patch_maps = torch.stack(maps, 1)  # (images, layers, grid_h, grid_w)
     layer_norms = patch_maps.flatten(2).norm(dim=-1)  # (images, layers)
-    return GradientFlow(patch_maps=patch_maps.detach(), layer_norms=layer_norms.detach(), losses=losses.detach())
+    if len(text_inputs) != 1 or text_inputs[0].grad is None:
+        raise RuntimeError(f"the LM's input embeddings ran {len(text_inputs)} times or got no gradient; expected once")
+    text_grad = text_inputs[0].grad  # (images, text, width)
+    if batch.get("attention_mask") is not None:
+        text_grad = text_grad * batch["attention_mask"][..., None].to(text_grad.dtype)  # padding dropped
+    return GradientFlow(
+        patch_maps=patch_maps.detach(),
+        layer_norms=layer_norms.detach(),
+        losses=losses.detach(),
+        text_input_norms=text_grad.flatten(1).norm(dim=-1).detach(),  # (images,)
+    )

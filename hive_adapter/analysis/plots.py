@@ -105,19 +105,50 @@ def plot_attention_maps(
 
 
 def plot_layer_curves(
-    curves: dict[str, Sequence[float]], path: str | Path, *, ylabel: str, title: str, log: bool = False
+    curves: dict[str, Sequence[float]],
+    path: str | Path,
+    *,
+    ylabel: str,
+    title: str,
+    log: bool = False,
+    xlabel: str = "vision encoder layer",
 ) -> Path:
-    """Lines over vision-encoder layers (1..L), one per model."""
+    """Lines over layers (1..L), one per model."""
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(5.2, 3.4))
     for label, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
+    ax.set_xticks(np.arange(1, max(len(values) for values in curves.values()) + 1))
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("vision encoder layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_image_reading(readings: dict[str, dict], path: str | Path, *, title: str) -> Path:
+    """Bars of content-token accuracy with each sample's own image and with another sample's, per model, with
+    one dot per seed. readings: label -> `{"real"|"swapped": {"content": {"mean", "values"}}}`."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(5.2, 3.4))
+    width = 0.38
+    for offset, (kind, label, colour) in enumerate(
+        (("real", "own image", "tab:blue"), ("swapped", "swapped image (control)", "tab:gray"))
+    ):
+        for index, reading in enumerate(readings.values()):
+            summary = reading[kind]["content"]
+            x = index + (offset - 0.5) * width
+            ax.bar(x, summary["mean"], width, color=colour, label=label if index == 0 else None)
+            ax.scatter([x] * len(summary["values"]), summary["values"], color="black", s=8, zorder=3)
+    ax.set_xticks(range(len(readings)), list(readings))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("content-token accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     figure.tight_layout()
     return _save(figure, path)

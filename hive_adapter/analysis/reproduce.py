@@ -1,25 +1,36 @@
 """`hive-reproduce`: the paper's comparison (HIVE vs cascaded vs concat) rerun small, on a CPU.
 
-    hive-reproduce --output_dir benchmarks/results/reproduce
+    hive-reproduce --output_dir benchmarks/results/reproduce          # 3 seeds, under 30 min on 2 cores
+    hive-reproduce --quick --output_dir /tmp/reproduce                # 1 seed, smaller sets, under 5 min
 
-The same tiny vision encoder (SigLIP-style, 8 layers) and language model (Llama-style, 4 layers), with
-the same random initialisation, are pre-trained three ways on the built-in synthetic captioning set
-with the same budget (samples, batch, stages, epochs, seed), through `hive-train`:
+Per seed, a tiny vision encoder (SigLIP-style, 8 layers) and language model (Llama-style, 4 layers) are
+built and pre-trained the way real checkpoints come (the LM on caption text, the encoder image-text
+contrastive: `hive_adapter.toy_pretraining`), then pre-trained with HIVE's three stages (Table 3,
+`hive-train`) three ways from that same start, with the same data and budget:
 
 - `hive`: levels from layers 2, 4, 6, 8 feed decoder layers 1-4 through gated cross-attention;
 - `cascaded`: the same cross-attention, every decoder layer fed the deepest level only;
 - `concat`: the deepest level's tokens spliced into the LM's input (the self-attention baseline).
 
-Then, for each: a linear probe of the exported encoder (synthetic shape labels and scikit-learn's
-digits), held-out caption-token accuracy (with and without the images), the LM-loss gradient reaching
-every encoder layer (norm, and the share that falls on the captioned object), and the FLOPs and
-time of one training step. Writes `reproduce.json`, `reproduce.md` and PNGs; prints the table.
+Then, for each connector (mean and spread over the seeds):
+- image reading: held-out caption-token accuracy on content words (colour, texture, shape, position)
+  with each sample's own image and with the next sample's (the control), and on structural words;
+- linear probes (synthetic shapes, scikit-learn's digits) of the exported encoder against the encoder
+  it started from;
+- the caption loss's gradient at every encoder layer (stage-2 checkpoints: what stage 3 trains the
+  encoder with), relative to its gradient at the LM's text input embeddings (comparable across
+  connectors whatever their loss scale), and the share of it on the captioned object;
+- the entropy of each cross-attention block over the image's keys (hive, cascaded);
+- FLOPs and time of one training step.
+Writes `reproduce.json`, `reproduce.md` and PNGs; prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -27,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,44 +48,101 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..data.collator import HiveCaptionCollator
 from ..data.synthetic import PROMPT, SyntheticShapes, caption_vocabulary
 from ..loading import load_hive
-from ..toy import ToySizes, write_toy_models
-from .attention import cross_attention_maps
-from .captioning import caption_batch, checkpoint_caption_accuracy
+from ..toy import PRETRAINING_RECORD, ToySizes, write_toy_models
+from ..toy_pretraining import ToyPretraining
+from .attention import attention_entropy
+from .captioning import caption_batch
 from .gradients import gradient_flow
-from .plots import plot_attention_maps, plot_gradient_maps, plot_layer_curves
+from .image_reading import checkpoint_image_reading
 from .probe import ProbeConfig, linear_probe, load_frozen_encoder
 from .probe_data import built_in
+from .reproduce_report import (
+    elementwise_mean,
+    markdown_tables,
+    mean_and_spread,
+    report_markdown,
+    summarise_readings,
+    write_figures,
+)
 
 CONNECTORS = ("hive", "cascaded", "concat")
+CROSS_ATTENTION = ("hive", "cascaded")
 HIVE_FLAGS = ["--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3", "--hive_tokens_per_level", "16"]
 # Table 4's optimiser; on these small sets its batch 512 would give a handful of steps, so the probe
-# uses batch 64 for 200 epochs on features encoded once (no augmentation: re-encoding every epoch
-# would triple the run time).
+# uses batch 64 on features encoded once (no augmentation: re-encoding every epoch triples the time).
 PROBE = dict(batch_size=64, augment=False)
-PROBE_EPOCHS = 200
+HELD_OUT_SEED_OFFSET = 10_000  # held-out synthetic seeds: apart from hive-train's (the run's seed) and pre-training's
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big a run is; `--quick` is the small one. Pre-training steps of 0 leave a stand-in random."""
+
+    seeds: tuple[int, ...]
+    train_size: int
+    held_out_size: int
+    gradient_samples: int
+    probe_size: int
+    probe_epochs: int
+    language_pretraining_steps: int
+    vision_pretraining_steps: int
+
+
+FULL = Budget(
+    seeds=(0, 1, 2), train_size=4000, held_out_size=256, gradient_samples=32, probe_size=2000, probe_epochs=200,
+    language_pretraining_steps=300, vision_pretraining_steps=600,
+)  # fmt: skip
+QUICK = Budget(
+    seeds=(0,), train_size=2000, held_out_size=128, gradient_samples=16, probe_size=500, probe_epochs=50,
+    language_pretraining_steps=200, vision_pretraining_steps=300,
+)  # fmt: skip
 
 
 def say(message: str) -> None:
     print(f"[hive-reproduce] {message}", flush=True)
 
 
-def train(connector: str, models: Path, run: Path, args) -> Path:
-    """Three-stage `hive-train` for one connector; returns the stage-3 directory (reused if finished)."""
-    command = [
-        sys.executable, "-m", "hive_adapter.train",
+# ---------------------------------------------------------------------- models and training
+def prepare_models(directory: Path, *, seed: int, language_steps: int, vision_steps: int) -> Path:
+    """Tiny stand-ins for the two checkpoints (seeded), pre-trained as asked; reused when already written."""
+    if (directory / PRETRAINING_RECORD).is_file():
+        return directory
+    settings = ToyPretraining(language_steps=language_steps, vision_steps=vision_steps)
+    write_toy_models(directory, caption_vocabulary(), seed=seed, pretraining=settings)
+    return directory
+
+
+def hive_train(
+    connector: str,
+    models: Path,
+    run: Path,
+    *,
+    seed: int,
+    train_size: int,
+    batch_size: int,
+    flags: list[str] = (),
+    stages: str = "all",
+    start: Path | None = None,
+) -> Path:
+    """`hive-train` of one connector (the three stages by default) from the stand-ins in `models`, or from the
+    HIVE checkpoint `start`; returns the stage-3 directory (finished stages are reused)."""
+    source = ["--model_name_or_path", str(start)] if start is not None else [
         "--vision_model", str(models / "vision"), "--language_model", str(models / "language"),
         "--vision_connector", connector, *HIVE_FLAGS,
-        "--data_format", "synthetic", "--synthetic_size", str(args.train_size), "--stage", "all",
-        "--output_dir", str(run), "--global_batch_size", str(args.batch_size),
-        "--per_device_train_batch_size", str(args.batch_size), "--save_strategy", "no", "--report_to", "none",
-        "--seed", str(args.seed), "--disable_tqdm", "True",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "hive_adapter.train", *source,
+        "--data_format", "synthetic", "--synthetic_size", str(train_size), "--synthetic_seed", str(seed),
+        "--stage", stages, "--output_dir", str(run), "--global_batch_size", str(batch_size),
+        "--per_device_train_batch_size", str(batch_size), "--save_strategy", "no", "--report_to", "none",
+        "--seed", str(seed), "--disable_tqdm", "True", *flags,
     ]  # fmt: skip
     started = time.time()
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"hive-train failed for connector {connector!r} (exit {completed.returncode})")
-    say(f"  {connector}: trained in {time.time() - started:.0f} s")
+    say(f"  {connector}: stages {stages} trained in {time.time() - started:.0f} s")
     return run / "stage3"
 
 
@@ -86,6 +155,7 @@ def seconds_per_step(report: dict) -> float:
     return runtime / max(1, report["global_steps"])
 
 
+# ---------------------------------------------------------------------- measurements
 def encoder_change(before: Path, after: Path) -> float:
     """Relative L2 change of the vision encoder's weights between two checkpoints (how far stage 3 moved it)."""
     first, second = load_frozen_encoder(before)[0].state_dict(), load_frozen_encoder(after)[0].state_dict()
@@ -94,22 +164,42 @@ def encoder_change(before: Path, after: Path) -> float:
     return (moved / size) ** 0.5
 
 
-def gradient_profile(checkpoint: Path, held_out: SyntheticShapes, count: int) -> dict:
-    """Mean per-layer gradient norm and object share over `count` held-out pairs, plus sample 0's maps."""
-    loaded = load_hive(checkpoint)
+def held_out_batch(loaded, held_out: SyntheticShapes, count: int) -> dict[str, torch.Tensor]:
     indices = range(min(count, len(held_out)))
-    images = [held_out.image(i) for i in indices]
-    captions = [held_out.sample(i).caption for i in indices]
-    flow = gradient_flow(loaded.model, caption_batch(loaded, images, captions, prompt=PROMPT))
-    masks = torch.stack([torch.from_numpy(np.array(held_out.object_mask(i), dtype=np.float32) / 255) for i in indices])
-    object_area = float(masks.mean())
+    return caption_batch(
+        loaded, [held_out.image(i) for i in indices], [held_out.caption(i) for i in indices], prompt=PROMPT
+    )
+
+
+def gradient_profile(checkpoint: Path, held_out: SyntheticShapes, count: int) -> dict:
+    """Per-layer gradient norms (raw, and relative to the text input's) and object share, mean over `count`
+    held-out pairs, plus sample 0's maps."""
+    loaded = load_hive(checkpoint)
+    flow = gradient_flow(loaded.model, held_out_batch(loaded, held_out, count))
+    masks = torch.stack(
+        [torch.from_numpy(np.array(held_out.object_mask(i), dtype=np.float32) / 255) for i in range(len(flow.losses))]
+    )
     return {
         "grad_norm": flow.layer_norms.mean(0).tolist(),
+        "relative_grad_norm": flow.relative_norms.mean(0).tolist(),
+        "text_input_grad_norm": float(flow.text_input_norms.mean()),
         "object_share": flow.object_share(masks).mean(0).tolist(),
-        "object_area": object_area,
+        "object_area": float(masks.mean()),
         "sample_maps": flow.patch_maps[0],
         "sample_norms": flow.layer_norms[0].tolist(),
     }
+
+
+def cross_attention_profile(checkpoint: Path, held_out: SyntheticShapes, count: int) -> dict:
+    """Attention entropy per block (nats, over `count` held-out pairs), its uniform maximum and tanh(gate) per block."""
+    loaded = load_hive(checkpoint)
+    entropy = attention_entropy(loaded.model, held_out_batch(loaded, held_out, count))
+    gates = [
+        math.tanh(param.item()) for name, param in loaded.model.named_parameters() if name.endswith("hive_attn_gate")
+    ]
+    config, shape = loaded.model.hive_config, loaded.model.hive_vision_shape
+    keys = config.tokens_per_level or (shape.image_size // shape.patch_size) ** 2  # one level per block ("paired")
+    return {"attention_entropy": entropy.tolist(), "uniform_entropy": math.log(keys), "tanh_gate": gates}
 
 
 def step_costs(stage0: dict[str, Path], sample_batch: dict, rounds: int = 5) -> dict[str, dict]:
@@ -139,29 +229,8 @@ def step_costs(stage0: dict[str, Path], sample_batch: dict, rounds: int = 5) -> 
     return out
 
 
-def markdown_table(results: dict, probes_untrained: dict) -> str:
-    header = (
-        "| connector | probe: shapes | probe: digits | caption acc. | caption acc., images withheld | "
-        "grad norm layer 1 | grad norm layer 8 | layer 1 / layer 8 | object share layer 1 | object share layer 8 | "
-        "encoder change in stage 3 | GFLOPs / step | GFLOPs / step without the tower | ms / step (fwd+bwd) | "
-        "train s / step (stage 3) |"
-    )
-    lines = [header, "|" + " --- |" * 15]
-    lines.append(
-        f"| untrained encoder | {probes_untrained['shapes']:.1%} | {probes_untrained['digits']:.1%} |" + " |" * 12
-    )
-    for connector, row in results.items():
-        grad, share = row["grad_norm"], row["object_share"]
-        lines.append(
-            f"| {connector} | {row['probe']['shapes']:.1%} | {row['probe']['digits']:.1%} | {row['caption_accuracy']:.1%} | "
-            f"{row['caption_accuracy_no_images']:.1%} | {grad[0]:.2e} | {grad[-1]:.2e} | {grad[0] / grad[-1]:.2f} | "
-            f"{share[0]:.1%} | {share[-1]:.1%} | {row['encoder_change_stage3']:.2e} | {row['gflops']:.2f} | {row['gflops_without_tower']:.2f} | {row['ms_per_step']:.0f} | "
-            f"{row['train_seconds_per_step']:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
+# ---------------------------------------------------------------------- main
+def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget, list[str]]:
     parser = argparse.ArgumentParser(
         prog="hive-reproduce", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -171,31 +240,59 @@ def main(argv: list[str] | None = None) -> None:
         "--work_dir",
         type=Path,
         default=None,
-        help="checkpoints (kept, and reused on a rerun); default: a temporary directory",
+        help="checkpoints (kept, and reused on a rerun); default: a temporary one",
     )
-    parser.add_argument("--train_size", type=int, default=4000, help="synthetic pre-training pairs (default 4000)")
+    parser.add_argument("--quick", action="store_true", help="the small budget: 1 seed, smaller sets (under 5 min)")
+    parser.add_argument("--seeds", default=None, help=f"comma-separated (default {','.join(map(str, FULL.seeds))})")
+    sizes = {
+        "train_size": "synthetic pre-training pairs per seed",
+        "held_out_size": "held-out pairs for image reading",
+        "gradient_samples": "held-out pairs the gradient norms and attention entropies average over",
+        "probe_size": "training images of the shapes probe",
+        "probe_epochs": "linear-probe epochs",
+        "language_pretraining_steps": "text-only steps of the toy LM before the stages (0: random LM)",
+        "vision_pretraining_steps": "contrastive steps of the toy encoder before the stages (0: random encoder)",
+    }
+    for name, text in sizes.items():
+        parser.add_argument(
+            f"--{name}",
+            type=int,
+            default=None,
+            help=f"{text} (default {getattr(FULL, name)}, --quick {getattr(QUICK, name)})",
+        )
     parser.add_argument("--batch_size", type=int, default=32, help="global batch of every stage (default 32)")
-    parser.add_argument("--held_out_size", type=int, default=256, help="held-out pairs for caption accuracy")
     parser.add_argument(
-        "--gradient_samples", type=int, default=32, help="held-out pairs the gradient norms average over"
+        "--hive_learning_rate", type=float, default=None, help="hive-train's option (default: Table 3's rates)"
     )
-    parser.add_argument("--probe_size", type=int, default=2000, help="training images of the shapes probe")
-    parser.add_argument("--probe_epochs", type=int, default=PROBE_EPOCHS, help="linear-probe epochs (default 200)")
     parser.add_argument(
         "--connectors", default=",".join(CONNECTORS), help="comma-separated subset of hive,cascaded,concat"
     )
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     connectors = [name.strip() for name in args.connectors.split(",") if name.strip()]
-    unknown = sorted(set(connectors) - set(CONNECTORS))
-    if unknown or not connectors:
+    if sorted(set(connectors) - set(CONNECTORS)) or not connectors:
         parser.error(f"--connectors {args.connectors!r}: choose from {','.join(CONNECTORS)}")
-    for name in ("train_size", "batch_size", "held_out_size", "gradient_samples", "probe_size", "probe_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    profile = QUICK if args.quick else FULL
+    overrides = {name: getattr(args, name) for name in sizes if getattr(args, name) is not None}
+    if args.seeds is not None:
+        try:
+            overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+    budget = dataclasses.replace(profile, **overrides)
+    for name in ("train_size", "held_out_size", "gradient_samples", "probe_size", "probe_epochs"):
+        if getattr(budget, name) < 1:
+            parser.error(f"--{name} {getattr(budget, name)}: must be at least 1")
+    if args.batch_size < 1 or budget.held_out_size < 2:
+        parser.error("--batch_size must be at least 1 and --held_out_size at least 2 (the swapped-image control)")
+    return args, budget, connectors
 
-    probe_config = ProbeConfig(epochs=args.probe_epochs, **PROBE)
+
+def main(argv: list[str] | None = None) -> None:
+    args, budget, connectors = parse_arguments(argv)
+    probe_config = ProbeConfig(epochs=budget.probe_epochs, **PROBE)
+    flags = [] if args.hive_learning_rate is None else ["--hive_learning_rate", str(args.hive_learning_rate)]
     started = time.time()
+    timings: dict[str, float] = {}
     temporary = None
     work = args.work_dir
     if work is None:
@@ -203,61 +300,131 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(temporary)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    image_size = ToySizes().image_size
+    seeds = budget.seeds
+
+    def phase(name: str, since: float) -> float:
+        timings[name] = time.time() - since
+        return time.time()
+
     try:
-        say(f"1/5 tiny models (seed {args.seed}) in {work / 'models'}")
-        write_toy_models(work / "models", caption_vocabulary(), seed=args.seed)
+        clock = time.time()
         say(
-            f"2/5 pre-training {', '.join(connectors)}: {args.train_size} pairs, batch {args.batch_size}, stages 1-3 each"
+            f"1/6 tiny models per seed {list(seeds)}, pre-trained: LM {budget.language_pretraining_steps} text steps, "
+            f"encoder {budget.vision_pretraining_steps} contrastive steps"
         )
-        finals = {connector: train(connector, work / "models", work / connector, args) for connector in connectors}
+        models = {
+            seed: prepare_models(
+                work / f"seed{seed}" / "models", seed=seed, language_steps=budget.language_pretraining_steps,
+                vision_steps=budget.vision_pretraining_steps,
+            )
+            for seed in seeds
+        }  # fmt: skip
+        clock = phase("pretraining", clock)
 
-        say("3/5 linear probes of the exported encoders (shapes, digits)")
-        probe_sets = {name: built_in(name, seed=args.seed, size=args.probe_size) for name in ("shapes", "digits")}
+        say(f"2/6 stages 1-3 of {', '.join(connectors)}: {budget.train_size} pairs, batch {args.batch_size}")
+        runs = {seed: {c: work / f"seed{seed}" / c for c in connectors} for seed in seeds}
+        for seed in seeds:
+            for connector in connectors:
+                hive_train(
+                    connector, models[seed], runs[seed][connector], seed=seed, train_size=budget.train_size,
+                    batch_size=args.batch_size, flags=flags,
+                )  # fmt: skip
+        clock = phase("training", clock)
 
-        def probe(path: Path) -> dict[str, float]:
+        say("3/6 linear probes: each exported encoder and the encoder it started from (shapes, digits)")
+        probe_sets = {
+            seed: {name: built_in(name, seed=seed, size=budget.probe_size) for name in ("shapes", "digits")}
+            for seed in seeds
+        }
+
+        def probe(path: Path, seed: int) -> dict[str, float]:
             encoder, processor = load_frozen_encoder(path)
             return {
                 name: linear_probe(encoder, processor, *sets, probe_config, progress=False).test_accuracy
-                for name, sets in probe_sets.items()
+                for name, sets in probe_sets[seed].items()
             }
 
-        untrained = probe(work / connectors[0] / "stage0")
-        results = {connector: {"probe": probe(final)} for connector, final in finals.items()}
+        start_probes = [probe(runs[seed][connectors[0]] / "stage0", seed) for seed in seeds]
+        start_probe = {name: mean_and_spread([p[name] for p in start_probes]) for name in ("shapes", "digits")}
+        results = {}
+        for connector in connectors:
+            probes = [probe(runs[seed][connector] / "stage3", seed) for seed in seeds]
+            results[connector] = {"probe": {n: mean_and_spread([p[n] for p in probes]) for n in ("shapes", "digits")}}
+        clock = phase("probes", clock)
 
-        say("4/5 held-out caption accuracy, gradient flow into the encoder")
-        image_size = ToySizes().image_size
-        held_out = SyntheticShapes(args.held_out_size, seed=10_000 + args.seed, image_size=image_size)
+        say("4/6 image reading (own vs swapped image), gradients into the encoder, attention entropy")
+        held_out = {
+            seed: SyntheticShapes(budget.held_out_size, seed=HELD_OUT_SEED_OFFSET + seed, image_size=image_size)
+            for seed in seeds
+        }
         profiles = {}
-        for connector, final in finals.items():
+        for connector in connectors:
             row = results[connector]
-            row["caption_accuracy"] = checkpoint_caption_accuracy(final, held_out, with_images=True)
-            row["caption_accuracy_no_images"] = checkpoint_caption_accuracy(final, held_out, with_images=False)
-            # the signal the encoder trains on in stage 3: gradients at the stage-2 checkpoint
-            profiles[connector] = gradient_profile(work / connector / "stage2", held_out, args.gradient_samples)
-            row.update({key: profiles[connector][key] for key in ("grad_norm", "object_share", "object_area")})
-            report = stage_report(work / connector, 3)
-            row["train_seconds_per_step"] = seconds_per_step(report)
-            row["encoder_change_stage3"] = encoder_change(work / connector / "stage2", final)
-            row["losses"] = {stage: stage_report(work / connector, stage)["losses"] for stage in (1, 2, 3)}
+            by_stage = {
+                stage: [
+                    checkpoint_image_reading(runs[s][connector] / f"stage{stage}", held_out[s]).to_dict() for s in seeds
+                ]
+                for stage in (1, 2, 3)
+            }
+            row["image_reading"] = summarise_readings(by_stage[3])
+            row["image_reading_by_stage"] = {
+                stage: summarise_readings(readings) for stage, readings in by_stage.items()
+            }
+            # the signal the encoder trains on in stage 3: gradients at the stage-2 checkpoints
+            per_seed = [
+                gradient_profile(runs[s][connector] / "stage2", held_out[s], budget.gradient_samples) for s in seeds
+            ]
+            profiles[connector] = per_seed[0]  # sample maps of the first seed
+            row["gradients"] = {
+                key: elementwise_mean([p[key] for p in per_seed])
+                for key in ("grad_norm", "relative_grad_norm", "object_share")
+            } | {"text_input_grad_norm": statistics.fmean(p["text_input_grad_norm"] for p in per_seed)}
+            row["object_area"] = per_seed[0]["object_area"]
+            if connector in CROSS_ATTENTION:
+                attention = [
+                    cross_attention_profile(runs[s][connector] / "stage3", held_out[s], budget.gradient_samples)
+                    for s in seeds
+                ]
+                row["cross_attention"] = {
+                    "attention_entropy": elementwise_mean([a["attention_entropy"] for a in attention]),
+                    "tanh_gate": elementwise_mean([a["tanh_gate"] for a in attention]),
+                    "uniform_entropy": attention[0]["uniform_entropy"],
+                    "per_seed": attention,
+                }
+            row["encoder_change_stage3"] = statistics.fmean(
+                encoder_change(runs[s][connector] / "stage2", runs[s][connector] / "stage3") for s in seeds
+            )
+            row["train_seconds_per_step"] = statistics.fmean(
+                seconds_per_step(stage_report(runs[s][connector], 3)) for s in seeds
+            )
+            row["final_losses"] = {
+                stage: [stage_report(runs[s][connector], stage)["losses"][-1] for s in seeds] for stage in (1, 2, 3)
+            }
+        clock = phase("evaluation", clock)
 
-        say("5/5 FLOPs and time of one training step (all parameters training)")
-        first = load_hive(work / connectors[0] / "stage0")
-        train_set = SyntheticShapes(args.batch_size, seed=args.seed, image_size=image_size)
-        collator = HiveCaptionCollator(first.tokenizer, first.image_processor)
-        sample_batch = collator([train_set[i] for i in range(len(train_set))])
-        costs = step_costs({connector: work / connector / "stage0" for connector in connectors}, sample_batch)
+        say("5/6 FLOPs and time of one training step (all parameters training)")
+        first = load_hive(runs[seeds[0]][connectors[0]] / "stage0")
+        train_set = SyntheticShapes(args.batch_size, seed=seeds[0], image_size=image_size)
+        sample_batch = HiveCaptionCollator(first.tokenizer, first.image_processor)(
+            [train_set[i] for i in range(len(train_set))]
+        )
+        costs = step_costs({c: runs[seeds[0]][c] / "stage0" for c in connectors}, sample_batch)
         for connector, cost in costs.items():
-            results[connector]["gflops"] = cost["gflops"]
-            results[connector]["gflops_without_tower"] = cost["gflops_without_tower"]
-            results[connector]["ms_per_step"] = cost["ms"]
+            results[connector].update(
+                gflops=cost["gflops"], gflops_without_tower=cost["gflops_without_tower"], ms_per_step=cost["ms"]
+            )
+        clock = phase("costs", clock)
 
-        figures = write_figures(out, finals, profiles, held_out, work)
+        say("6/6 figures")
+        figures = write_figures(out, results, profiles, held_out[seeds[0]], {c: runs[seeds[0]][c] for c in connectors})
+        phase("figures", clock)
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
 
     command = "hive-reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = markdown_table(results, untrained)
+    tables = markdown_tables(results, start_probe)
     import transformers
 
     environment = {
@@ -271,9 +438,11 @@ def main(argv: list[str] | None = None) -> None:
                 "command": command,
                 "environment": environment,
                 "seconds": seconds,
+                "timings": timings,
+                "budget": dataclasses.asdict(budget),
                 "settings": vars(args) | {"output_dir": str(out), "work_dir": str(args.work_dir)},
                 "probe_recipe": vars(probe_config),
-                "untrained_probe": untrained,
+                "start_probe": start_probe,
                 "results": results,
                 "figures": figures,
             },
@@ -282,60 +451,11 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     )
     (out / "reproduce.md").write_text(
-        f"# hive-reproduce\n\n`{command}` ({seconds / 60:.1f} min, {environment['date']}, {environment['machine']}, "
-        f"{environment['cpu_threads']} CPU threads, torch {environment['torch']}, transformers {environment['transformers']})\n\n"
-        f"{table}\n\n"
-        f"- Probe: test accuracy of a linear classifier on the frozen encoder; {probe_config.epochs} epochs, batch "
-        f"{probe_config.batch_size}, Table 4's optimiser, no augmentation. shapes: 4 classes, digits: 10.\n"
-        "- Caption acc.: teacher-forced top-1 on held-out caption tokens; images withheld: HIVE/cascaded get a "
-        "masked-out dummy image, concat the text alone.\n"
-        f"- Gradients: at the stage-2 checkpoints (what stage 3 trains the encoder with), mean over "
-        f"{args.gradient_samples} held-out pairs; object share: the part of a layer's squared gradient on the "
-        f"captioned shape's patches (the shapes cover {results[connectors[0]]['object_area']:.1%} of an image).\n"
-        "- Encoder change: relative L2 change of the encoder's weights from stage 2 to stage 3.\n"
-        "- FLOPs (torch.utils.flop_counter) and ms: one forward+backward, batch "
-        f"{args.batch_size}, every parameter training; train s / step: the Trainer's stage-3 wall time per step.\n\n"
-        + "".join(f"![{name}]({name})\n" for name in figures)
+        report_markdown(command, environment, seconds, timings, budget, tables, results, figures)
     )
-    print("\n" + table + "\n")
+    print("\n" + tables + "\n")
     say(f"written: {out / 'reproduce.json'}, {out / 'reproduce.md'}, " + ", ".join(figures))
-    say(f"finished in {seconds / 60:.1f} min")
-
-
-def write_figures(
-    out: Path, finals: dict[str, Path], profiles: dict[str, dict], held_out: SyntheticShapes, work: Path
-) -> list[str]:
-    written = [
-        plot_layer_curves(
-            {c: p["grad_norm"] for c, p in profiles.items()}, out / "gradient_norms.png", log=True,
-            ylabel="L2 norm of dLoss / d hidden", title="LM-loss gradient reaching each vision layer (stage-2 checkpoints)",
-        ),
-        plot_layer_curves(
-            {c: p["object_share"] for c, p in profiles.items()}, out / "gradient_object_share.png",
-            ylabel="share of squared gradient on the object", title="How much of each layer's gradient falls on the captioned shape",
-        ),
-        plot_gradient_maps(
-            held_out.image(0), {c: (p["sample_maps"], p["sample_norms"]) for c, p in profiles.items()},
-            out / "gradient_maps.png", caption=held_out.sample(0).caption,
-        ),
-    ]  # fmt: skip
-    if "hive" in finals:
-        loaded = load_hive(finals["hive"])
-        batch = caption_batch(loaded, [held_out.image(0)], [held_out.sample(0).caption], prompt=PROMPT)
-        maps = cross_attention_maps(loaded.model, batch)
-        positions = [i for i, label in enumerate(batch["labels"][0].tolist()) if label != -100 and i > 0]
-        tokens = [loaded.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, i].item()) for i in positions]
-        chosen = torch.stack([maps.predicting(i) for i in positions])
-        written.append(
-            plot_attention_maps(
-                held_out.image(0),
-                chosen,
-                row_labels=[f"-> {t}" for t in tokens],
-                llm_layers=maps.llm_layers,
-                path=out / "attention_maps.png",
-            )
-        )
-    return [path.name for path in written]
+    say(f"finished in {seconds / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + ")")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """A synthetic captioning set drawn with PIL: shapes, colours, positions and textures.
 
 Deterministic by (seed, index), so no file needs to exist: sample `i` is always the same picture and
-caption. Every caption word that matters depends on the image (colour, texture, shape, position), so
-caption-token accuracy measures how much the language model actually reads from the vision side.
-The shape (or colour x shape) doubles as a class label for linear probes.
+caption. The content words of a caption (colour, texture, shape, position: `ATTRIBUTE_WORDS`) depend on
+the image; the structural ones (a / in / the, the end of text) do not. Content-token accuracy with the
+sample's own image against another sample's image (`hive_adapter.analysis.image_reading`) measures how
+much the model reads from the picture. `attributes` chooses which content the captions name (easier
+tasks for the same pictures). The shape doubles as a class label for linear probes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ POSITIONS = {
     "center": (0.5, 0.5),
 }
 PROMPT = "describe the image ."
+ATTRIBUTES = ("colour", "texture", "shape", "position")
+# The caption words naming each attribute: content tokens. Every other caption word is structural.
+ATTRIBUTE_WORDS = {
+    "colour": tuple(COLOURS),
+    "texture": TEXTURES,
+    "shape": SHAPES,
+    "position": tuple(sorted({word for position in POSITIONS for word in position.split()})),
+}
 
 
 @dataclass(frozen=True)
@@ -47,11 +57,27 @@ class ShapeSample:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.texture} {self.shape} in the {self.position}"
+        return self.caption_naming(ATTRIBUTES)
+
+    def caption_naming(self, attributes: tuple[str, ...]) -> str:
+        """The caption with only `attributes` named, e.g. ("colour", "position") -> "a red in the top left"."""
+        words = ["a", *(getattr(self, name) for name in ("colour", "texture", "shape") if name in attributes)]
+        if "position" in attributes:
+            words += ["in", "the", self.position]
+        return " ".join(words)
 
     @property
     def shape_label(self) -> int:
         return SHAPES.index(self.shape)
+
+
+def checked_attributes(attributes: tuple[str, ...] | str) -> tuple[str, ...]:
+    """`attributes` (or "colour,position") in caption order, or a ValueError naming the unknown ones."""
+    if isinstance(attributes, str):
+        attributes = tuple(name.strip() for name in attributes.split(",") if name.strip())
+    if not attributes or set(attributes) - set(ATTRIBUTES):
+        raise ValueError(f"attributes={tuple(attributes)}: choose one or more of {ATTRIBUTES}")
+    return tuple(name for name in ATTRIBUTES if name in attributes)
 
 
 def caption_vocabulary() -> list[str]:
@@ -65,12 +91,15 @@ def caption_vocabulary() -> list[str]:
 class SyntheticShapes:
     """`len(dataset)` deterministic (image, caption) pairs; images are `image_size` square RGB."""
 
-    def __init__(self, size: int = 2000, *, seed: int = 0, image_size: int = 64):
+    def __init__(
+        self, size: int = 2000, *, seed: int = 0, image_size: int = 64, attributes: tuple[str, ...] = ATTRIBUTES
+    ):
         if size < 1:
             raise ValueError(f"size={size}: a synthetic set needs at least one sample")
         self.size = size
         self.seed = seed
         self.image_size = image_size
+        self.attributes = checked_attributes(attributes)
 
     def __len__(self) -> int:
         return self.size
@@ -123,14 +152,17 @@ class SyntheticShapes:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
-        sample = self.sample(index)
         return {
             "image": self.image(index),
             "prompt": PROMPT,
-            "caption": sample.caption,
-            "label": sample.shape_label,
+            "caption": self.caption(index),
+            "label": self.sample(index).shape_label,
             "source": f"synthetic sample {index} (seed {self.seed})",
         }
+
+    def caption(self, index: int) -> str:
+        """Sample `index`'s caption, naming this set's `attributes`."""
+        return self.sample(index).caption_naming(self.attributes)
 
     # ------------------------------------------------------------------ writing to disk
     def write_llava_json(self, directory: str | Path, *, name: str = "synthetic.json") -> Path:
@@ -146,14 +178,13 @@ class SyntheticShapes:
         for index in tqdm(range(self.size), desc="writing synthetic images", leave=False):
             file = f"{index:06d}.png"
             self.image(index).save(directory / "images" / file)
-            sample = self.sample(index)
             records.append(
                 {
                     "id": f"synthetic-{index}",
                     "image": file,
                     "conversations": [
                         {"from": "human", "value": f"<image>\n{PROMPT}"},
-                        {"from": "gpt", "value": sample.caption},
+                        {"from": "gpt", "value": self.caption(index)},
                     ],
                 }
             )

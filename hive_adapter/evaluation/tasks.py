@@ -193,7 +193,7 @@ def _write_local_tasks(directory: Path, sources: dict[str, str]) -> list[Path]:
 def write_demo_tasks(directory: str | Path, *, size: int = 8, seed: int = 0, image_size: int = 64) -> list[Path]:
     """Generated images in MME's and GQA's formats (parquet, as on the hub) and their YAMLs. `directory` must be
     new, empty, or an earlier output of hive-eval-tasks (replaced whole)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser().resolve()  # the YAMLs name absolute files; lmms-eval runs anywhere
     with staged_directory(directory, command=COMMAND, replace=True) as tmp:
         written = _write_demo_tasks(tmp, data_root=directory / "data", size=size, seed=seed, image_size=image_size)
     return [directory / path.name for path in written]

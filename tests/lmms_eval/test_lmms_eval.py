@@ -66,6 +66,14 @@ def test_demo_tasks_are_in_the_hub_formats(tasks):
     assert "process_docs: !function hive_demo_vqa_utils.process_docs" in yaml and "*" not in yaml  # exact paths
 
 
+def test_demo_tasks_in_a_relative_directory_point_at_absolute_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the README's `hive-eval-tasks demo eval_tasks/`, run from the working directory
+    written = write_demo_tasks("eval_tasks", size=2, image_size=16)
+    assert sorted(path.name for path in written) == ["hive_demo_mme.yaml", "hive_demo_vqa.yaml"]
+    yaml = (tmp_path / "eval_tasks" / "hive_demo_mme.yaml").read_text()
+    assert str(tmp_path / "eval_tasks" / "data" / "mme" / "test.parquet") in yaml and ".partial" not in yaml
+
+
 def test_hive_checkpoint_through_the_cli_matches_direct_generation(tasks, checkpoint, tmp_path):
     results, samples, log = lmms_eval(tmp_path / "out", tasks, f"pretrained={checkpoint}")
     assert results is not None, log[-3000:]
