@@ -20,7 +20,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer
 
-from .checkpoints import mark_complete, missing_for_resume, rotate, why_incomplete
+from . import checkpoints  # called through the module: fault-injection tests replace its functions
 from .distributed import barrier, is_main_process, world_size
 from .parameters import is_hive_parameter
 
@@ -98,17 +98,17 @@ class HiveTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"checkpoint-{self.state.global_step}"
-        if is_main_process() and folder.exists() and why_incomplete(folder) is not None:
+        if is_main_process() and folder.exists() and checkpoints.why_incomplete(folder) is not None:
             logger.info("removing %s, a torn save of an interrupted run", folder)
             shutil.rmtree(folder)
         barrier()
         super()._save_checkpoint(model, trial)
         barrier()  # every rank's part is on disk
         if is_main_process():
-            missing = missing_for_resume(folder, world_size())
+            missing = checkpoints.missing_for_resume(folder, world_size())
             if missing:
                 logger.warning("%s cannot resume a run (it lacks %s); not marked complete", folder, "; ".join(missing))
             else:
-                mark_complete(folder, self.state.global_step)
-                rotate(run_dir, self.keep_checkpoints)
+                checkpoints.mark_complete(folder, self.state.global_step)
+                checkpoints.rotate(run_dir, self.keep_checkpoints)
         barrier()
