@@ -47,16 +47,16 @@ from hive_adapter.analysis.reproduce import (  # noqa: E402
     CROSS_ATTENTION,
     HELD_OUT_SEED_OFFSET,
     HIVE_FLAGS,
-    held_out_batch,
     hive_train,
     prepare_models,
     stage_report,
 )
+from hive_adapter.analysis.reproduce_measures import held_out_batch  # noqa: E402
 from hive_adapter.arguments import HiveArguments  # noqa: E402
 from hive_adapter.cross_attention import HiveCrossAttentionBlock  # noqa: E402
 from hive_adapter.data.synthetic import ATTRIBUTES, SyntheticShapes  # noqa: E402
 from hive_adapter.loading import load_hive  # noqa: E402
-from hive_adapter.train import ModelArguments  # noqa: E402
+from hive_adapter.train_arguments import ModelArguments  # noqa: E402
 
 OUTPUT = Path(__file__).parent / "results" / "reproduce" / "hypotheses"
 PRETRAINED = dict(language_steps=300, vision_steps=600)  # hive-reproduce's defaults

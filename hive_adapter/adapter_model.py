@@ -6,8 +6,8 @@
     base = model.unload()                            # the same modules, flags and weights as before
 
 Follows PEFT's `PeftModel` in spirit (wrapper that forwards attribute access to the base, adapter-only
-checkpoints, `print_trainable_parameters`) with one documented file layout, strict loading (DESIGN
-§6.3: a missing or unexpected HIVE key is an error, never `strict=False` silence) and safetensors only.
+checkpoints, `print_trainable_parameters`) with one documented file layout, strict loading
+(docs/ARCHITECTURE.md §7.4: a missing or unexpected HIVE key is an error, never `strict=False` silence) and safetensors only.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Shared by every front end (`HiveModel`, `HiveForConditionalGeneration`, the LLaVA integration): the level
 encoder (one projector per selected vision level), the gated cross-attention blocks with their head counts
-resolved against the language model, and the initialisation every construction path applies (DESIGN §8:
-a freshly built or partially loaded model never holds uninitialised memory).
+resolved against the language model, and the initialisation every construction path applies
+(docs/ARCHITECTURE.md §7.5: a freshly built or partially loaded model never holds uninitialised memory).
 """
 
 from __future__ import annotations

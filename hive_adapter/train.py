@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
+    PrinterCallback,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -44,10 +44,12 @@ from transformers import (
 
 from .arguments import HiveArguments, hive_config_from
 from .checkpoints import choose_resume_checkpoint, why_incomplete
+from .console import on_a_terminal, quiet_progress_bars
+from .console import say as console_say
 from .data.collator import HiveCaptionCollator
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.supervision import supervision_report
-from .data.synthetic import ATTRIBUTES, SyntheticShapes, checked_attributes
+from .data.synthetic import SyntheticShapes, checked_attributes
 from .distributed import (
     barrier,
     exit_if_launched,
@@ -61,123 +63,13 @@ from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, install, partial_path, start_partial
 from .stage_plan import STAGE_REPORT, is_complete_stage, plan_stages, stage_report, validate_run_arguments
 from .stages import StageSpec, apply_stage, parse_stages
-from .trainer import HiveTrainer
+from .train_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
+from .trainer import HiveTrainer, StepLines
 
 logger = logging.getLogger("hive_adapter.train")
 
-COMMAND = "hive-train"
-DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
-
-
-# ---------------------------------------------------------------------- arguments
-@dataclass
-class ModelArguments:
-    vision_model: str | None = field(
-        default=None, metadata={"help": "HF vision encoder directory (CLIP, SigLIP, SigLIP2, DINOv2, ...)."}
-    )
-    language_model: str | None = field(default=None, metadata={"help": "HF causal LM directory (Llama, Qwen, ...)."})
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Start from an existing HIVE checkpoint (e.g. out/stage1) instead of composing."},
-    )
-    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: the LM's)."})
-    image_processor: str | None = field(
-        default=None, metadata={"help": "Image processor directory (default: the vision encoder's)."}
-    )
-
-
-@dataclass
-class DataArguments:
-    data_path: str | None = field(
-        default=None,
-        metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."},
-    )
-    image_folder: str | None = field(
-        default=None, metadata={"help": "Folder the data file's image paths are relative to."}
-    )
-    data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
-    synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
-    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
-    synthetic_attributes: str = field(
-        default=",".join(ATTRIBUTES),
-        metadata={"help": "What synthetic captions name: a comma-separated subset of colour,texture,shape,position."},
-    )
-    max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
-    skip_bad_images: bool = field(
-        default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
-    )
-
-
-@dataclass
-class StageArguments:
-    stage: str = field(default="all", metadata={"help": "1 | 2 | 3 | all (1 -> 2 -> 3) | an ascending list like 2,3."})
-    global_batch_size: int | None = field(
-        default=None, metadata={"help": "Samples per optimiser step over all ranks (default: Table 3, 256/256/1024)."}
-    )
-    verify_rank_consistency: bool = field(
-        default=False,
-        metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."},
-    )
-    hive_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Peak learning rate of HIVE's modules in the stages that also train the LLM (2 and 3); the LLM "
-            "and the encoder keep the stage's (default: the stage's for everything, Table 3). Same warmup and "
-            "cosine shape, decayed to the same fraction of its peak."
-        },
-    )
-
-
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the options given on the command line (their values may equal the defaults)."""
-    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-
-
-def resolve_deepspeed(value: str | None) -> str | None:
-    """`zero2`, `zero3`, `zero3_offload` (shipped with the package) or a path to a JSON config."""
-    if value is None:
-        return None
-    shipped = DEEPSPEED_CONFIGS / f"{value}.json"
-    if shipped.is_file():
-        return str(shipped)
-    if Path(value).is_file():
-        return value
-    names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
-    raise ValueError(f"--deepspeed {value!r}: neither a shipped config ({', '.join(names)}) nor a file")
-
-
-def parse_arguments(argv: list[str]):
-    # `--deepspeed` is applied per stage, after stage 0 is composed without ZeRO-3 partitioning.
-    argv = list(argv)
-    deepspeed = None
-    for index, arg in enumerate(argv):
-        if arg == "--deepspeed" and index + 1 < len(argv):
-            deepspeed = argv[index + 1]
-            del argv[index : index + 2]
-            break
-        if arg.startswith("--deepspeed="):
-            deepspeed = arg.split("=", 1)[1]
-            del argv[index]
-            break
-    parser = HfArgumentParser((ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments))
-    parser.prog = "hive-train"
-    model_args, hive_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return (
-        model_args,
-        hive_args,
-        data_args,
-        stage_args,
-        training_args,
-        resolve_deepspeed(deepspeed),
-        explicit_flags(argv),
-    )
-
-
 # ---------------------------------------------------------------------- output
-def say(message: str) -> None:
-    """CLI output, from the main process only."""
-    if is_main_process():
-        print(f"[hive-train] {message}", flush=True)
+say = partial(console_say, COMMAND)
 
 
 # ---------------------------------------------------------------------- model, data
@@ -284,6 +176,8 @@ def stage_arguments(
         save_safetensors=True,
         save_total_limit=None,  # HiveTrainer rotates (keep_checkpoints), after marking the new checkpoint
     )
+    if "disable_tqdm" not in explicit and not on_a_terminal():
+        overrides["disable_tqdm"] = True  # a log file gets StepLines' lines, not a redrawn bar
     if base.fsdp and "state_dict_type" not in (base.fsdp_config or {}):
         # Checkpoints sharded (each rank writes its part, resumable); the stage's model is gathered on save.
         overrides["fsdp_config"] = {**(base.fsdp_config or {}), "state_dict_type": "SHARDED_STATE_DICT"}
@@ -347,6 +241,9 @@ def run_stage(
         keep_checkpoints=base_args.save_total_limit,
         hive_learning_rate=hive_learning_rate,
     )
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)  # its dict per logging step, replaced by one short line
+        trainer.add_callback(StepLines(f"stage {stage.number}"))
     resume = resume_point(base_args.resume_from_checkpoint, checkpoints, stage)
     trainable = sum(t for t, _ in counts.values())
     say(
@@ -451,6 +348,7 @@ def check_supervision(dataset, tokenizer_source: str | Path, max_length: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_progress_bars()
     model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -90,7 +90,7 @@ class HiveVisionSide:
         """One blank image in the tower's input format, for batches without images.
 
         Every HIVE module must run on every rank, even when a rank's batch has no image, or ZeRO-3 and FSDP
-        wait forever for the skipped parameters (DESIGN §6.1). Nobody sees the dummy.
+        wait forever for the skipped parameters (docs/ARCHITECTURE.md §7.1). Nobody sees the dummy.
         """
         shape, channels = self.shape, getattr(self.tower.config, "num_channels", 3)
         if "spatial_shapes" in inspect.signature(self.tower.forward).parameters:  # NaFlex-style encoders

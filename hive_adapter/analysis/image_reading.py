@@ -1,7 +1,7 @@
 """Does a model read the picture? Caption-token accuracy by kind of token, with real and swapped images.
 
 Withholding the image (a masked-out dummy in its place) only shows that *an* image changes the output: an
-image-independent offset that the dummy removes looks like "using the image" (DESIGN §8). The control
+image-independent offset that the dummy removes looks like "using the image". The control
 here keeps an image but gives sample i the image of sample i + 1 of the evaluated set: a model that reads
 the picture loses its content tokens, one that does not keeps its accuracy. Tokens are split into content
 (the words that name what is in the picture; for the synthetic set `ATTRIBUTE_WORDS`: colour, texture,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import shutil
 import statistics
@@ -39,23 +38,22 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..console import quiet_progress_bars
+from ..console import say as console_say
 from ..data.collator import HiveCaptionCollator
-from ..data.synthetic import PROMPT, SyntheticShapes, caption_vocabulary
+from ..data.synthetic import SyntheticShapes, caption_vocabulary
 from ..loading import load_hive
 from ..toy import PRETRAINING_RECORD, ToySizes, write_toy_models
 from ..toy_pretraining import ToyPretraining
-from .attention import attention_entropy
-from .captioning import caption_batch
-from .gradients import gradient_flow
 from .image_reading import checkpoint_image_reading
 from .probe import ProbeConfig, linear_probe, load_frozen_encoder
 from .probe_data import built_in
+from .reproduce_measures import cross_attention_profile, encoder_change, gradient_profile, step_costs
 from .reproduce_report import (
     elementwise_mean,
     markdown_tables,
@@ -98,8 +96,7 @@ QUICK = Budget(
 )  # fmt: skip
 
 
-def say(message: str) -> None:
-    print(f"[hive-reproduce] {message}", flush=True)
+say = partial(console_say, "hive-reproduce")
 
 
 # ---------------------------------------------------------------------- models and training
@@ -153,80 +150,6 @@ def stage_report(run: Path, stage: int) -> dict:
 def seconds_per_step(report: dict) -> float:
     runtime = next(entry["train_runtime"] for entry in reversed(report["log_history"]) if "train_runtime" in entry)
     return runtime / max(1, report["global_steps"])
-
-
-# ---------------------------------------------------------------------- measurements
-def encoder_change(before: Path, after: Path) -> float:
-    """Relative L2 change of the vision encoder's weights between two checkpoints (how far stage 3 moved it)."""
-    first, second = load_frozen_encoder(before)[0].state_dict(), load_frozen_encoder(after)[0].state_dict()
-    moved = sum(float((second[name].float() - tensor.float()).pow(2).sum()) for name, tensor in first.items())
-    size = sum(float(tensor.float().pow(2).sum()) for tensor in first.values())
-    return (moved / size) ** 0.5
-
-
-def held_out_batch(loaded, held_out: SyntheticShapes, count: int) -> dict[str, torch.Tensor]:
-    indices = range(min(count, len(held_out)))
-    return caption_batch(
-        loaded, [held_out.image(i) for i in indices], [held_out.caption(i) for i in indices], prompt=PROMPT
-    )
-
-
-def gradient_profile(checkpoint: Path, held_out: SyntheticShapes, count: int) -> dict:
-    """Per-layer gradient norms (raw, and relative to the text input's) and object share, mean over `count`
-    held-out pairs, plus sample 0's maps."""
-    loaded = load_hive(checkpoint)
-    flow = gradient_flow(loaded.model, held_out_batch(loaded, held_out, count))
-    masks = torch.stack(
-        [torch.from_numpy(np.array(held_out.object_mask(i), dtype=np.float32) / 255) for i in range(len(flow.losses))]
-    )
-    return {
-        "grad_norm": flow.layer_norms.mean(0).tolist(),
-        "relative_grad_norm": flow.relative_norms.mean(0).tolist(),
-        "text_input_grad_norm": float(flow.text_input_norms.mean()),
-        "object_share": flow.object_share(masks).mean(0).tolist(),
-        "object_area": float(masks.mean()),
-        "sample_maps": flow.patch_maps[0],
-        "sample_norms": flow.layer_norms[0].tolist(),
-    }
-
-
-def cross_attention_profile(checkpoint: Path, held_out: SyntheticShapes, count: int) -> dict:
-    """Attention entropy per block (nats, over `count` held-out pairs), its uniform maximum and tanh(gate) per block."""
-    loaded = load_hive(checkpoint)
-    entropy = attention_entropy(loaded.model, held_out_batch(loaded, held_out, count))
-    gates = [
-        math.tanh(param.item()) for name, param in loaded.model.named_parameters() if name.endswith("hive_attn_gate")
-    ]
-    config, shape = loaded.model.hive_config, loaded.model.hive_vision_shape
-    keys = config.tokens_per_level or (shape.image_size // shape.patch_size) ** 2  # one level per block ("paired")
-    return {"attention_entropy": entropy.tolist(), "uniform_entropy": math.log(keys), "tanh_gate": gates}
-
-
-def step_costs(stage0: dict[str, Path], sample_batch: dict, rounds: int = 5) -> dict[str, dict]:
-    """FLOPs (counted; in total and without the vision tower's share) and median seconds of one
-    forward+backward with every parameter training (stage 3)."""
-    models = {}
-    for connector, path in stage0.items():
-        model = load_hive(path).model.train()
-        model.requires_grad_(True)
-        models[connector] = model
-    out = {}
-    for connector, model in models.items():
-        with FlopCounterMode(display=False) as counter:
-            model(**sample_batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-        tower = sum(counter.get_flop_counts().get(f"{type(model).__name__}.vision_model", {}).values())
-        total = counter.get_total_flops()
-        out[connector] = {"gflops": total / 1e9, "gflops_without_tower": (total - tower) / 1e9, "times": []}
-    for _ in range(rounds):  # interleaved, so machine noise hits every connector alike
-        for connector, model in models.items():
-            started = time.perf_counter()
-            model(**sample_batch).loss.backward()
-            out[connector]["times"].append(time.perf_counter() - started)
-            model.zero_grad(set_to_none=True)
-    for connector in out:
-        out[connector]["ms"] = 1000 * statistics.median(out[connector].pop("times"))
-    return out
 
 
 # ---------------------------------------------------------------------- main
@@ -288,6 +211,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_progress_bars(reloads_models=True)
     args, budget, connectors = parse_arguments(argv)
     probe_config = ProbeConfig(epochs=budget.probe_epochs, **PROBE)
     flags = [] if args.hive_learning_rate is None else ["--hive_learning_rate", str(args.hive_learning_rate)]

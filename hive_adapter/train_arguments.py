@@ -1,0 +1,122 @@
+"""`hive-train`'s command line: the model, data and stage arguments next to HiveArguments and the HF
+TrainingArguments, and what `--deepspeed` may name.
+
+Every flag is a dataclass field with its help text, so `hive-train --help` and the dataclasses are one source.
+`explicit_flags` records what the user typed: a stage's Table 3 defaults apply only where no flag was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from .arguments import HiveArguments
+from .data.synthetic import ATTRIBUTES
+
+COMMAND = "hive-train"
+DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
+
+
+@dataclass
+class ModelArguments:
+    vision_model: str | None = field(
+        default=None, metadata={"help": "HF vision encoder directory (CLIP, SigLIP, SigLIP2, DINOv2, ...)."}
+    )
+    language_model: str | None = field(default=None, metadata={"help": "HF causal LM directory (Llama, Qwen, ...)."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from an existing HIVE checkpoint (e.g. out/stage1) instead of composing."},
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: the LM's)."})
+    image_processor: str | None = field(
+        default=None, metadata={"help": "Image processor directory (default: the vision encoder's)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None,
+        metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."},
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the data file's image paths are relative to."}
+    )
+    data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
+    synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
+    synthetic_attributes: str = field(
+        default=",".join(ATTRIBUTES),
+        metadata={"help": "What synthetic captions name: a comma-separated subset of colour,texture,shape,position."},
+    )
+    max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
+    skip_bad_images: bool = field(
+        default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
+    )
+
+
+@dataclass
+class StageArguments:
+    stage: str = field(default="all", metadata={"help": "1 | 2 | 3 | all (1 -> 2 -> 3) | an ascending list like 2,3."})
+    global_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples per optimiser step over all ranks (default: Table 3, 256/256/1024)."}
+    )
+    verify_rank_consistency: bool = field(
+        default=False,
+        metadata={"help": "After each stage, check every rank holds identical weights (writes a report)."},
+    )
+    hive_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of HIVE's modules in the stages that also train the LLM (2 and 3); the LLM "
+            "and the encoder keep the stage's (default: the stage's for everything, Table 3). Same warmup and "
+            "cosine shape, decayed to the same fraction of its peak."
+        },
+    )
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """Names of the options given on the command line (their values may equal the defaults)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
+def resolve_deepspeed(value: str | None) -> str | None:
+    """`zero2`, `zero3`, `zero3_offload` (shipped with the package) or a path to a JSON config."""
+    if value is None:
+        return None
+    shipped = DEEPSPEED_CONFIGS / f"{value}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if Path(value).is_file():
+        return value
+    names = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
+    raise ValueError(f"--deepspeed {value!r}: neither a shipped config ({', '.join(names)}) nor a file")
+
+
+def parse_arguments(argv: list[str]):
+    # `--deepspeed` is applied per stage, after stage 0 is composed without ZeRO-3 partitioning.
+    argv = list(argv)
+    deepspeed = None
+    for index, arg in enumerate(argv):
+        if arg == "--deepspeed" and index + 1 < len(argv):
+            deepspeed = argv[index + 1]
+            del argv[index : index + 2]
+            break
+        if arg.startswith("--deepspeed="):
+            deepspeed = arg.split("=", 1)[1]
+            del argv[index]
+            break
+    parser = HfArgumentParser((ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments))
+    parser.prog = COMMAND
+    model_args, hive_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return (
+        model_args,
+        hive_args,
+        data_args,
+        stage_args,
+        training_args,
+        resolve_deepspeed(deepspeed),
+        explicit_flags(argv),
+    )
