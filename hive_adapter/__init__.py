@@ -8,6 +8,7 @@ Importing the package registers `model_type="hive"` with transformers' Auto clas
 
 from .adapter_model import HiveModel, get_hive_model
 from .config import HiveConfig
+from .console import drop_deepspeed_cpu_notice
 from .context import HiveVisionContext
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
 from .layout import image_token_id_from_tokenizer
@@ -18,6 +19,7 @@ from .runtime import HiveRuntime
 from .version import __version__
 
 _register_auto_classes()
+drop_deepspeed_cpu_notice()
 
 __all__ = [
     "__version__",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import AutoImageProcessor
 
+from .console import quiet_progress_bars
 from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, check_target, staged_directory
 
@@ -43,6 +44,7 @@ def export_vision_encoder(checkpoint: str | Path, output: str | Path, *, overwri
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_progress_bars()
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a HIVE checkpoint directory (e.g. out/stage3)")
     parser.add_argument("output", help="where to write the plain HF vision encoder (a new or empty directory)")

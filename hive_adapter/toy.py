@@ -73,7 +73,10 @@ def write_toy_models(
 
 
 def _write_toy_models(directory: Path, words: list[str], *, sizes: ToySizes, seed: int) -> None:
-    from transformers import SiglipImageProcessor
+    try:  # transformers 5: the PIL backend by name (the plain name wants torchvision, else warns and falls back)
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:  # transformers 4
+        from transformers import SiglipImageProcessor
 
     torch.manual_seed(seed)
     vision = SiglipVisionModel(

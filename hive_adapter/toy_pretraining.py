@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
+from .console import progress
 from .data.synthetic import PROMPT, SyntheticShapes
 from .loading import load_vision_encoder
 
@@ -68,7 +68,7 @@ def _train(parameters, loss_of_step, *, steps: int, peak: float, description: st
     parameters = list(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=peak, weight_decay=0.0)
     losses = []
-    for step in tqdm(range(steps), desc=description, leave=False):
+    for step in progress(range(steps), description=description):
         for group in optimizer.param_groups:
             group["lr"] = _cosine(step, steps, peak)
         loss = loss_of_step(step)
@@ -134,7 +134,7 @@ def siglip_loss(
 def _pixel_values(processor, dataset: SyntheticShapes, chunk: int = 256) -> torch.Tensor:
     """(images, channels, height, width): every picture of `dataset`, drawn and processed once."""
     chunks = []
-    for start in tqdm(range(0, len(dataset), chunk), desc="drawing the contrastive split", leave=False):
+    for start in progress(range(0, len(dataset), chunk), description="drawing the contrastive split"):
         images = [dataset.image(i) for i in range(start, min(start + chunk, len(dataset)))]
         chunks.append(processor(images=images, return_tensors="pt")["pixel_values"])
     return torch.cat(chunks)

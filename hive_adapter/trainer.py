@@ -5,7 +5,9 @@
 - with `hive_learning_rate`, HIVE's parameters get their own optimiser groups at that peak: the Trainer's
   scheduler scales every group's own initial rate, so HIVE's modules follow the stage's warmup and cosine at a
   different height (LLaVA's `--mm_projector_lr` does the same for its connector);
-- FSDP runs on CPU ranks too (gloo: how the tests run it), and the stage's model is saved whole.
+- FSDP runs on CPU ranks too (gloo: how the tests run it), and the stage's model is saved whole;
+- without a terminal, `StepLines` prints one short line per logging step (at most one per `every_seconds`)
+  where the Trainer would redraw a progress bar or print a dict.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import checkpoints  # called through the module: fault-injection tests replace its functions
+from .console import say
 from .distributed import barrier, is_main_process, world_size
 from .parameters import is_hive_parameter
 
@@ -37,6 +41,32 @@ def enable_fsdp_on_cpu_ranks(trainer: Trainer) -> None:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
     trainer.is_fsdp_enabled = True
+
+
+class StepLines(TrainerCallback):
+    """`[hive-train] stage 2 step 50/125 loss 2.9012 lr 1.6e-05 (21 s)` at a logging step, at most one line per
+    `every_seconds` (the last step always), and how long the stage took: a log file's view of training."""
+
+    def __init__(self, label: str, *, every_seconds: float = 10.0):
+        self.label, self.every_seconds = label, every_seconds
+        self.started = self.last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.last = self.started - self.every_seconds  # the first logging step prints
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs, now = logs or {}, time.monotonic()
+        if "train_runtime" in logs:
+            say("hive-train", f"{self.label}: {state.global_step} steps in {logs['train_runtime']:.0f} s")
+        elif "loss" in logs and (now - self.last >= self.every_seconds or state.global_step >= state.max_steps):
+            self.last = now
+            rate = f" lr {logs['learning_rate']:.1e}" if "learning_rate" in logs else ""
+            say(
+                "hive-train",
+                f"{self.label} step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{rate} "
+                f"({now - self.started:.0f} s)",
+            )
 
 
 class HiveTrainer(Trainer):

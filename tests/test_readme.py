@@ -64,3 +64,17 @@ def test_readme_shell_blocks_run_in_order(tmp_path):
     assert (tmp_path / "run_zero3" / "stage1" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive-pretrain" / "mm_projector.bin").is_file()
     assert (tmp_path / "checkpoints" / "llava-hive" / "model.safetensors").is_file()
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: lower case, punctuation dropped (not `-` or `_`), spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_to_its_own_sections_resolve():
+    text = README.read_text()
+    anchors = {
+        github_anchor(h) for h in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M)
+    }
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and not links - anchors, sorted(links - anchors)

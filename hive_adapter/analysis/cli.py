@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..console import quiet_progress_bars
 from ..data.collator import IGNORE_INDEX
 from ..loading import load_hive
 from ..outputs import OutputRefused, output_file, write_file
@@ -106,6 +107,7 @@ def run_attention(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_progress_bars(reloads_models=True)
     parser = argparse.ArgumentParser(prog="hive-analyze", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..console import quiet_progress_bars
 from ..loading import load_vision_encoder
 from ..outputs import OutputRefused, output_file, write_file
 from .augment import Table4Augment
@@ -230,6 +231,7 @@ def linear_probe(
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_progress_bars(reloads_models=True)
     parser = argparse.ArgumentParser(
         prog="hive-probe", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),

@@ -23,6 +23,7 @@ import random
 import sys
 from pathlib import Path
 
+from ..console import quiet_progress_bars
 from ..outputs import OutputRefused, staged_directory
 
 COMMAND = "hive-eval-tasks"
@@ -264,6 +265,7 @@ def _write_demo_tasks(directory: Path, *, data_root: Path, size: int, seed: int,
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_progress_bars()
     parser = argparse.ArgumentParser(
         prog="hive-eval-tasks", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),

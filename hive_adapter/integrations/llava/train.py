@@ -50,8 +50,10 @@ def init_cpu_distributed() -> None:
 
 
 def main(attn_implementation: str | None = None) -> None:
+    from hive_adapter.console import quiet_progress_bars
     from hive_adapter.integrations.llava.patch import apply_patch
 
+    quiet_progress_bars()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     apply_patch()
     sys.argv = [sys.argv[0], *translate_renamed_flags(sys.argv[1:])]
