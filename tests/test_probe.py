@@ -115,9 +115,11 @@ def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
     out = tmp_path / "out"
     reproduce(["--quick", "--output_dir", str(out), "--seeds", "0,1", "--train_size", "32", "--held_out_size", "8",
                "--gradient_samples", "2", "--probe_size", "16", "--probe_epochs", "2", "--language_pretraining_steps",
-               "2", "--vision_pretraining_steps", "2", "--connectors", "hive,concat"])  # fmt: skip
+               "2", "--vision_pretraining_steps", "2", "--connectors", "hive,hive_lean,concat"])  # fmt: skip
     report = json.loads((out / "reproduce.json").read_text())
-    assert set(report["results"]) == {"hive", "concat"} and report["budget"]["seeds"] == [0, 1]
+    assert set(report["results"]) == {"hive", "hive_lean", "concat"} and report["budget"]["seeds"] == [0, 1]
+    lean, hive = report["results"]["hive_lean"], report["results"]["hive"]
+    assert lean["gflops_without_tower"] < hive["gflops_without_tower"]  # the lean projector, trained as a variant
     assert set(report["timings"]) == {"pretraining", "training", "probes", "evaluation", "costs", "figures"}
     assert len(report["start_probe"]["shapes"]["values"]) == 2  # the encoder each seed started from
     for row in report["results"].values():

@@ -63,8 +63,13 @@ from .reproduce_report import (
     write_figures,
 )
 
-CONNECTORS = ("hive", "cascaded", "concat")
-CROSS_ATTENTION = ("hive", "cascaded")
+CONNECTORS = ("hive", "cascaded", "concat")  # the default comparison
+# What --connectors may name: a connector, or a variant of one (the hive-train flags it adds).
+VARIANTS = {
+    "hive": ("hive", []), "cascaded": ("cascaded", []), "concat": ("concat", []),
+    "hive_lean": ("hive", ["--hive_projector_type", "lean"]),  # issue 19's leaner projector, same levels
+}  # fmt: skip
+CROSS_ATTENTION = ("hive", "cascaded", "hive_lean")
 HIVE_FLAGS = ["--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3", "--hive_tokens_per_level", "16"]
 # Table 4's optimiser; on these small sets its batch 512 would give a handful of steps, so the probe
 # uses batch 64 on features encoded once (no augmentation: re-encoding every epoch triples the time).
@@ -120,6 +125,7 @@ def hive_train(
     flags: list[str] = (),
     stages: str = "all",
     start: Path | None = None,
+    label: str | None = None,
 ) -> Path:
     """`hive-train` of one connector (the three stages by default) from the stand-ins in `models`, or from the
     HIVE checkpoint `start`; returns the stage-3 directory (finished stages are reused)."""
@@ -138,8 +144,8 @@ def hive_train(
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"hive-train failed for connector {connector!r} (exit {completed.returncode})")
-    say(f"  {connector}: stages {stages} trained in {time.time() - started:.0f} s")
+        raise SystemExit(f"hive-train failed for connector {label or connector!r} (exit {completed.returncode})")
+    say(f"  {label or connector}: stages {stages} trained in {time.time() - started:.0f} s")
     return run / "stage3"
 
 
@@ -188,12 +194,14 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
         "--hive_learning_rate", type=float, default=None, help="hive-train's option (default: Table 3's rates)"
     )
     parser.add_argument(
-        "--connectors", default=",".join(CONNECTORS), help="comma-separated subset of hive,cascaded,concat"
+        "--connectors",
+        default=",".join(CONNECTORS),
+        help=f"comma-separated, of {','.join(VARIANTS)} (default {','.join(CONNECTORS)})",
     )
     args = parser.parse_args(argv)
     connectors = [name.strip() for name in args.connectors.split(",") if name.strip()]
-    if sorted(set(connectors) - set(CONNECTORS)) or not connectors:
-        parser.error(f"--connectors {args.connectors!r}: choose from {','.join(CONNECTORS)}")
+    if sorted(set(connectors) - set(VARIANTS)) or not connectors:
+        parser.error(f"--connectors {args.connectors!r}: choose from {','.join(VARIANTS)}")
     profile = QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in sizes if getattr(args, name) is not None}
     if args.seeds is not None:
@@ -249,10 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         say(f"2/6 stages 1-3 of {', '.join(connectors)}: {budget.train_size} pairs, batch {args.batch_size}")
         runs = {seed: {c: work / f"seed{seed}" / c for c in connectors} for seed in seeds}
         for seed in seeds:
-            for connector in connectors:
+            for name in connectors:
+                connector, variant_flags = VARIANTS[name]
                 hive_train(
-                    connector, models[seed], runs[seed][connector], seed=seed, train_size=budget.train_size,
-                    batch_size=args.batch_size, flags=flags,
+                    connector, models[seed], runs[seed][name], seed=seed, train_size=budget.train_size,
+                    batch_size=args.batch_size, flags=[*variant_flags, *flags], label=name,
                 )  # fmt: skip
         clock = phase("training", clock)
 
