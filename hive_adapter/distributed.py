@@ -6,6 +6,7 @@ Only torch is imported here, so LLaVA's pinned transformers world can use it too
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from typing import NoReturn
@@ -75,3 +76,37 @@ def exit_if_launched() -> None:
     a single process returns normally."""
     if world_size() > 1:
         exit_rank(0)
+
+
+def rank_fingerprints(model: torch.nn.Module) -> list[dict]:
+    """Every rank's view of the full weights (ZeRO-3 partitions gathered, FSDP shards made whole), compared
+    on rank 0."""
+    parameters = list(model.named_parameters())
+    gathered = _gathered(parameters)
+    with gathered:
+        fingerprint = {}
+        for name, param in parameters:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # an FSDP2 DTensor shard
+            fingerprint[name] = [float(whole.detach().float().sum()), float(whole.detach().float().abs().sum())]
+    views = [None] * world_size()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_gather_object(views, fingerprint)
+    else:
+        views = [fingerprint]
+    mismatched = [name for name in views[0] if any(view[name] != views[0][name] for view in views[1:])]
+    if mismatched:
+        raise RuntimeError(f"ranks disagree on {len(mismatched)} parameters, e.g. {mismatched[:3]}")
+    return views
+
+
+def _gathered(parameters):
+    """ZeRO-3 partitions gathered on every rank for the duration (a no-op otherwise)."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - old transformers
+        return contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
+    return contextlib.nullcontext()

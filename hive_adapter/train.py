@@ -21,7 +21,6 @@ any flag given explicitly wins.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +36,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PrinterCallback,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -46,7 +44,7 @@ from .arguments import HiveArguments, hive_config_from
 from .checkpoints import choose_resume_checkpoint, why_incomplete
 from .console import on_a_terminal, quiet_progress_bars
 from .console import say as console_say
-from .data.collator import HiveCaptionCollator
+from .data.collator import HiveCaptionCollator, with_pad_token
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.supervision import supervision_report
 from .data.synthetic import SyntheticShapes, checked_attributes
@@ -55,6 +53,7 @@ from .distributed import (
     exit_if_launched,
     init_distributed,
     is_main_process,
+    rank_fingerprints,
     shutdown_distributed,
     world_size,
 )
@@ -73,17 +72,6 @@ say = partial(console_say, COMMAND)
 
 
 # ---------------------------------------------------------------------- model, data
-def with_pad_token(tokenizer):
-    """Batches need a pad token; LMs without one (Llama, Vicuna) pad with unk, as LLaVA does, else with eos."""
-    if tokenizer.pad_token is None:
-        replacement = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-        if replacement is None:
-            raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
-        tokenizer.pad_token = replacement
-        say(f"the tokenizer has no pad token: padding with {replacement!r} (masked out of the loss)")
-    return tokenizer
-
-
 def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directory: Path, *, seed: int) -> None:
     """Vision encoder + LLM + fresh zero-gated HIVE modules (initialised from `seed`), saved as a HIVE checkpoint."""
     if not (model_args.vision_model and model_args.language_model):
@@ -271,7 +259,7 @@ def run_stage(
         "deepspeed": deepspeed,
     }
     if stage_args.verify_rank_consistency:
-        report["rank_fingerprints"] = rank_fingerprints(trainer)
+        report["rank_fingerprints"] = rank_fingerprints(trainer.model)
     tmp = partial_path(final)
     if trainer.is_world_process_zero():
         start_partial(final, command=COMMAND)
@@ -291,39 +279,6 @@ def run_stage(
     barrier()
     del trainer, model
     return report
-
-
-def rank_fingerprints(trainer: Trainer) -> list[dict]:
-    """Every rank's view of the full weights (ZeRO-3 partitions gathered, FSDP shards made whole), compared
-    on rank 0."""
-    parameters = list(trainer.model.named_parameters())
-    gathered = _gathered(parameters)
-    with gathered:
-        fingerprint = {}
-        for name, param in parameters:
-            whole = param.full_tensor() if hasattr(param, "full_tensor") else param  # an FSDP2 DTensor shard
-            fingerprint[name] = [float(whole.detach().float().sum()), float(whole.detach().float().abs().sum())]
-    views = [None] * world_size()
-    if torch.distributed.is_initialized():
-        torch.distributed.all_gather_object(views, fingerprint)
-    else:
-        views = [fingerprint]
-    mismatched = [name for name in views[0] if any(view[name] != views[0][name] for view in views[1:])]
-    if mismatched:
-        raise RuntimeError(f"ranks disagree on {len(mismatched)} parameters, e.g. {mismatched[:3]}")
-    return views
-
-
-def _gathered(parameters):
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - old transformers
-        return contextlib.nullcontext()
-    if is_deepspeed_zero3_enabled():
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([p for _, p in parameters], modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- main

@@ -325,7 +325,7 @@ def test_word_tokenizer_round_trips():
 
 
 def test_a_tokenizer_without_a_pad_token_pads_with_unk_then_eos():
-    from hive_adapter.train import with_pad_token
+    from hive_adapter.data.collator import with_pad_token
 
     tokenizer = word_tokenizer(caption_vocabulary())
     tokenizer.pad_token = None

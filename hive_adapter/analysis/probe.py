@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import quiet_progress_bars
+from ..console import on_a_terminal, quiet_progress_bars
 from ..loading import load_vision_encoder
 from ..outputs import OutputRefused, output_file, write_file
 from .augment import Table4Augment
@@ -188,7 +188,7 @@ def linear_probe(
             batch,
         )
     losses, step = [], 0
-    for _ in tqdm(range(config.epochs), desc="linear probe", disable=not progress, leave=False):
+    for _ in tqdm(range(config.epochs), desc="linear probe", disable=not (progress and on_a_terminal()), leave=False):
         if augment is not None:
             features = encode(
                 encoder, processor, [augment(image, rng) for image in train_images], features=config.features

@@ -8,12 +8,27 @@ put in front of the prompt (and the model must know its id).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+logger = logging.getLogger(__name__)
+
+
+def with_pad_token(tokenizer):
+    """Batches need a pad token; LMs without one (Llama, Vicuna) pad with unk, as LLaVA does, else with eos."""
+    if tokenizer.pad_token is None:
+        replacement = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+        if replacement is None:
+            raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
+        tokenizer.pad_token = replacement
+        logger.warning("the tokenizer has no pad token: padding with %r (masked out of the loss)", replacement)
+    return tokenizer
 
 
 @dataclass

@@ -30,6 +30,17 @@ class CaptionRecord:
     caption: str
 
 
+def llava_entry(entry_id: str, image: str, turns: list[str]) -> dict:
+    """One sample of LLaVA's JSON: `turns` alternate human and gpt, starting with the human turn that carries
+    the `<image>` marker."""
+    speakers = ("human", "gpt")
+    return {
+        "id": entry_id,
+        "image": image,
+        "conversations": [{"from": speakers[number % 2], "value": value} for number, value in enumerate(turns)],
+    }
+
+
 def read_llava_json(path: str | Path) -> list[CaptionRecord]:
     """LLaVA's format: a list of {"image", "conversations": [{"from": "human"|"gpt", "value"}, ...]}.
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
+from ..console import progress
 from ..outputs import staged_directory
+from .datasets import llava_entry
 
 COLOURS = {
     "red": (214, 40, 40),
@@ -175,26 +176,17 @@ class SyntheticShapes:
     def _write_llava_json(self, directory: Path, name: str) -> None:
         (directory / "images").mkdir()
         records = []
-        for index in tqdm(range(self.size), desc="writing synthetic images", leave=False):
+        for index in progress(range(self.size), description="writing synthetic images"):
             file = f"{index:06d}.png"
             self.image(index).save(directory / "images" / file)
-            records.append(
-                {
-                    "id": f"synthetic-{index}",
-                    "image": file,
-                    "conversations": [
-                        {"from": "human", "value": f"<image>\n{PROMPT}"},
-                        {"from": "gpt", "value": self.caption(index)},
-                    ],
-                }
-            )
+            records.append(llava_entry(f"synthetic-{index}", file, [f"<image>\n{PROMPT}", self.caption(index)]))
         (directory / name).write_text(json.dumps(records, indent=1))
 
     def write_image_folder(self, directory: str | Path) -> Path:
         """`directory/<shape>/<index>.png`, the layout linear probes read. `directory` must be new, empty, or an
         earlier output of these writers (replaced whole)."""
         with staged_directory(directory, command="hive-synthetic", replace=True) as tmp:
-            for index in tqdm(range(self.size), desc="writing image folder", leave=False):
+            for index in progress(range(self.size), description="writing image folder"):
                 sample = self.sample(index)
                 (tmp / sample.shape).mkdir(exist_ok=True)
                 self.image(index).save(tmp / sample.shape / f"{index:06d}.png")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ...data.datasets import llava_entry
 from ...data.synthetic import COLOURS, POSITIONS, SHAPES, TEXTURES, SyntheticShapes
 from ...outputs import OutputRefused, staged_directory
 
@@ -154,28 +155,9 @@ def _write_llava_toy(directory: Path, *, samples: int, seed: int) -> None:
         sample = shapes.sample(index)
         file = f"images/{index:05d}.png"
         shapes.image(index).save(data / file)
-        pretrain.append(
-            {
-                "id": f"{index:05d}",
-                "image": file,
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{PRETRAIN_PROMPT}"},
-                    {"from": "gpt", "value": sample.caption},
-                ],
-            }
-        )
-        finetune.append(
-            {
-                "id": f"{index:05d}",
-                "image": file,
-                "conversations": [
-                    {"from": "human", "value": f"{QUESTION}\n<image>"},
-                    {"from": "gpt", "value": sample.caption},
-                    {"from": "human", "value": COLOUR_QUESTION},
-                    {"from": "gpt", "value": sample.colour},
-                ],
-            }
-        )
+        pretrain.append(llava_entry(f"{index:05d}", file, [f"<image>\n{PRETRAIN_PROMPT}", sample.caption]))
+        turns = [f"{QUESTION}\n<image>", sample.caption, COLOUR_QUESTION, sample.colour]  # two rounds, like LLaVA-665K
+        finetune.append(llava_entry(f"{index:05d}", file, turns))
     (data / "pretrain.json").write_text(json.dumps(pretrain, indent=1))
     (data / "finetune.json").write_text(json.dumps(finetune, indent=1))
 
