@@ -27,6 +27,7 @@ from transformers import AutoModel
 
 import hive_adapter  # noqa: F401  (registers model_type "hive" with AutoModel)
 from hive_adapter.analysis.image_reading import checkpoint_image_reading
+from hive_adapter.console import quiet_progress_bars
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
 from hive_adapter.toy import write_toy_models
 from hive_adapter.toy_pretraining import ToyPretraining
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--held_out_size", type=int, default=256)
     parser.add_argument("--global_batch_size", type=int, default=32)
     args = parser.parse_args()
+    quiet_progress_bars(reloads_models=True)  # the demo reloads every stage: no "Loading weights" bar each time
     started = time.time()
     out = args.output_dir
     models = out / "models"

@@ -305,9 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     quiet_progress_bars()
     model_args, hive_args, data_args, stage_args, base_args, deepspeed, explicit = parse_arguments(argv)
+    # The [hive-train] lines tell the story; library logs below WARNING only with --log_level info / debug.
+    wanted = base_args.log_level if "log_level" in explicit and base_args.log_level != "passive" else "warning"
+    level = getattr(logging, wanted.upper(), logging.DEBUG)  # "detail" is DEBUG
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if is_main_process() else logging.WARNING,
+        level=level if is_main_process() else logging.WARNING,
     )
     stages = parse_stages(stage_args.stage)
     validate_run_arguments(global_batch_size=stage_args.global_batch_size, training_args=base_args, explicit=explicit)

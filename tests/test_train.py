@@ -167,6 +167,7 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
     assert "\r" not in console and "it/s]" not in console, console[-2000:]
     assert "[hive-train] stage 2 step 12/12 loss" in result.stdout and "{'loss'" not in console, result.stdout
     assert "Setting accelerator to CPU" not in console and "falling back to" not in console, console[-2000:]
+    assert " INFO " not in console, console[-2000:]  # library logs at INFO only with --log_level info
     expected_parts = {1: {"hive"}, 2: {"hive", "llm"}, 3: {"hive", "llm", "vision"}}
     for stage in (1, 2, 3):
         report = json.loads((out / f"stage{stage}" / "hive_stage.json").read_text())
