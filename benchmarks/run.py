@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from hive_adapter.console import on_a_terminal, progress
 
 from . import gpu_check
 from .configs import CPU_SMALL, PAPER_1B, PAPER_1B_SHALLOW, PAPER_7B, TEXT_TOKENS, ModelPair
@@ -39,6 +40,13 @@ LEAN_TARGETS = {"flops_1B": 0.11, "overhead_1B": 1.2, "flops_7B": 0.13}  # the l
 MEMORY_MODES = ("hive", "hive_pooled", "hive_lean", "concat", "text")
 MEMORY_BATCHES = (1, 16)  # per-device batch of the memory tables
 PAPER_MEMORY = {"Table 9 (peak GB)": 22.03 / 54.2, "Table 6 (memory overhead)": 0.8}
+
+
+def phase(items, description: str):
+    """A progress bar on a terminal; elsewhere one line saying what is being measured."""
+    if not on_a_terminal():
+        print(f"[benchmarks] {description}...", flush=True)
+    return progress(items, description=description)
 
 
 def environment() -> dict:
@@ -63,7 +71,7 @@ def environment() -> dict:
 def flops_tables(pairs: dict[str, ModelPair], stages=(1, 2, 3)) -> dict:
     out = {}
     jobs = [(name, stage, mode) for name in pairs for stage in stages for mode in MODES]
-    for name, stage, mode in tqdm(jobs, desc="FLOPs (meta)"):
+    for name, stage, mode in phase(jobs, "FLOPs (meta)"):
         pair = pairs[name]
         counted = count_step(pair, mode, stage=stage).as_dict()
         counted["analytic_llm_forward"] = hive_forward_flops(pair, mode)
@@ -75,7 +83,7 @@ def flops_tables(pairs: dict[str, ModelPair], stages=(1, 2, 3)) -> dict:
 def activation_tables(pairs: dict[str, ModelPair], stages=(1, 2)) -> dict:
     jobs = [(name, stage, mode) for name in pairs for stage in stages for mode in MODES]
     out = {}
-    for name, stage, mode in tqdm(jobs, desc="activation bytes (meta)"):
+    for name, stage, mode in phase(jobs, "activation bytes (meta)"):
         out.setdefault(name, {}).setdefault(str(stage), {})[mode] = saved_activation_bytes(
             pairs[name], mode, stage=stage
         )
@@ -85,7 +93,7 @@ def activation_tables(pairs: dict[str, ModelPair], stages=(1, 2)) -> dict:
 def memory_tables(pairs: dict[str, ModelPair], stages=(1, 2, 3)) -> dict:
     jobs = [(name, stage, mode) for name in pairs for stage in stages for mode in MEMORY_MODES]
     out = {}
-    for name, stage, mode in tqdm(jobs, desc="training memory (meta)"):
+    for name, stage, mode in phase(jobs, "training memory (meta)"):
         memory = training_memory(pairs[name], mode, stage=stage)
         out.setdefault(name, {}).setdefault(str(stage), {})[mode] = memory.as_dict(MEMORY_BATCHES)
     return out
@@ -94,11 +102,11 @@ def memory_tables(pairs: dict[str, ModelPair], stages=(1, 2, 3)) -> dict:
 def scaling(pair: ModelPair) -> dict:
     modes = ("hive", "hive_pooled", "cascaded", "concat", "text")
     vision = {mode: [] for mode in modes}
-    for size in tqdm(VISION_SWEEP, desc="FLOPs vs vision tokens"):
+    for size in phase(VISION_SWEEP, "FLOPs vs vision tokens"):
         for mode in modes:
             vision[mode].append(count_step(pair, mode, stage=2, image_size=size).llm_side)
     text = {mode: [] for mode in modes}
-    for tokens in tqdm(TEXT_SWEEP, desc="FLOPs vs text tokens"):
+    for tokens in phase(TEXT_SWEEP, "FLOPs vs text tokens"):
         for mode in modes:
             text[mode].append(count_step(pair, mode, stage=2, text_tokens=tokens).llm_side)
     return {
@@ -111,7 +119,7 @@ def scaling(pair: ModelPair) -> dict:
 
 def cpu_time_scaling(pair: ModelPair, rounds: int) -> dict:
     out = {"vision_tokens": [pair.vision_tokens(size) for size in CPU_VISION_SWEEP], "median_s": {}}
-    for size in tqdm(CPU_VISION_SWEEP, desc="CPU step time vs vision tokens"):
+    for size in phase(CPU_VISION_SWEEP, "CPU step time vs vision tokens"):
         times = step_times(pair, ["hive", "concat"], stage=2, batch=1, rounds=rounds, image_size=size)
         for mode, value in times.items():
             out["median_s"].setdefault(mode, []).append(value["median_s"])
@@ -125,7 +133,7 @@ def run_cpu(rounds: int) -> dict:
     results["activation_bytes"] = activation_tables(PAIRS)
     results["activation_bytes_cpu_small"] = {
         mode: saved_activation_bytes(CPU_SMALL, mode, stage=2, device="cpu")
-        for mode in tqdm(MODES, desc="activation bytes (CPU)")
+        for mode in phase(MODES, "activation bytes (CPU)")
     }
     results["training_memory"] = memory_tables(PAIRS)
     results["scaling_1B"] = scaling(PAPER_1B)
@@ -138,7 +146,7 @@ def run_cpu(rounds: int) -> dict:
     results["cpu_step_time"] = step_times(CPU_SMALL, list(MODES), stage=2, batch=2, rounds=rounds)
     results["cpu_time_scaling"] = cpu_time_scaling(CPU_SMALL, rounds=max(2, rounds // 2))
     results["generation"] = {
-        mode: generation_costs(CPU_SMALL, mode) for mode in tqdm(("hive", "concat"), desc="generation")
+        mode: generation_costs(CPU_SMALL, mode) for mode in phase(("hive", "concat"), "generation")
     }
     return results
 
