@@ -14,8 +14,9 @@ EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_CONSTRAINTS := requirements/eval-constraints.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# DeepSpeed compiles a small CPU communication op on first use (~1 min); keep it between runs.
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
+# DeepSpeed compiles a small CPU communication op on first use (24 s on 2 cores); keep it between runs and between
+# clones (a clean CI clone reuses it, as pip reuses its cache). Torch keys each build by its sources.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hive-adapter/torch_extensions
 
 .PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo quickstart bench gpu-check protocol clean
 
