@@ -45,7 +45,8 @@ def enable_fsdp_on_cpu_ranks(trainer: Trainer) -> None:
 
 class StepLines(TrainerCallback):
     """`[hive-train] stage 2 step 50/125 loss 2.9012 lr 1.6e-05 (21 s)` at a logging step, at most one line per
-    `every_seconds` (the last step always), and how long the stage took: a log file's view of training."""
+    `every_seconds` (the stage's last logged step always), and how long the stage took: a log file's view of
+    training."""
 
     def __init__(self, label: str, *, every_seconds: float = 10.0):
         self.label, self.every_seconds = label, every_seconds
@@ -59,7 +60,7 @@ class StepLines(TrainerCallback):
         logs, now = logs or {}, time.monotonic()
         if "train_runtime" in logs:
             say("hive-train", f"{self.label}: {state.global_step} steps in {logs['train_runtime']:.0f} s")
-        elif "loss" in logs and (now - self.last >= self.every_seconds or state.global_step >= state.max_steps):
+        elif "loss" in logs and (now - self.last >= self.every_seconds or 0 < state.max_steps <= state.global_step):
             self.last = now
             rate = f" lr {logs['learning_rate']:.1e}" if "learning_rate" in logs else ""
             say(

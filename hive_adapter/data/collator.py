@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import is_main_process
+
 IGNORE_INDEX = -100
 
 
@@ -27,7 +29,8 @@ def with_pad_token(tokenizer):
         if replacement is None:
             raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with; set tokenizer.pad_token")
         tokenizer.pad_token = replacement
-        logger.warning("the tokenizer has no pad token: padding with %r (masked out of the loss)", replacement)
+        if is_main_process():  # every rank pads the same way; one of them says so
+            logger.warning("the tokenizer has no pad token: padding with %r (masked out of the loss)", replacement)
     return tokenizer
 
 
