@@ -27,6 +27,7 @@ from . import checkpoints  # called through the module: fault-injection tests re
 from .console import say
 from .distributed import barrier, is_main_process, world_size
 from .parameters import is_hive_parameter
+from .train_arguments import COMMAND
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,12 @@ class StepLines(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs, now = logs or {}, time.monotonic()
         if "train_runtime" in logs:
-            say("hive-train", f"{self.label}: {state.global_step} steps in {logs['train_runtime']:.0f} s")
+            say(COMMAND, f"{self.label}: {state.global_step} steps in {logs['train_runtime']:.0f} s")
         elif "loss" in logs and (now - self.last >= self.every_seconds or 0 < state.max_steps <= state.global_step):
             self.last = now
             rate = f" lr {logs['learning_rate']:.1e}" if "learning_rate" in logs else ""
             say(
-                "hive-train",
+                COMMAND,
                 f"{self.label} step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}{rate} "
                 f"({now - self.started:.0f} s)",
             )

@@ -71,6 +71,11 @@ class HiveLmms(lmms):
     def batch_size(self) -> int:
         return self.batch_size_per_device
 
+    @property
+    def _quiet(self) -> bool:
+        """No progress bar: another rank than 0, or no terminal to draw it on."""
+        return self.rank != 0 or not on_a_terminal()
+
     def _doc_images(self, request_args) -> list:
         doc_to_visual, doc_id, task, split = request_args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
@@ -92,7 +97,7 @@ class HiveLmms(lmms):
 
         groups = {index: group(index) for index in range(len(arguments))}
         answers: list[str | None] = [None] * len(arguments)
-        progress = tqdm(total=len(arguments), disable=self.rank != 0 or not on_a_terminal(), desc="hive: generating")
+        progress = tqdm(total=len(arguments), disable=self._quiet, desc="hive: generating")
         batch: list[int] = []
 
         def flush() -> None:
@@ -117,7 +122,7 @@ class HiveLmms(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the continuation, whether greedy decoding would produce it)."""
         results = []
-        for request in tqdm(requests, disable=self.rank != 0 or not on_a_terminal(), desc="hive: log-likelihood"):
+        for request in tqdm(requests, disable=self._quiet, desc="hive: log-likelihood"):
             context, target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = target if isinstance(target, str) else target(doc)
@@ -131,7 +136,7 @@ class HiveLmms(lmms):
     def generate_until_multi_round(self, requests) -> list[str]:
         """Rounds driven by the task's `doc_to_text(doc, previous_output=..., round_idx=...)` until it signals the end."""
         results = []
-        for request in tqdm(requests, disable=self.rank != 0 or not on_a_terminal(), desc="hive: multi-round"):
+        for request in tqdm(requests, disable=self._quiet, desc="hive: multi-round"):
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             settings = GenerationSettings.from_task(gen_kwargs, default_max_new_tokens=self.max_new_tokens)
