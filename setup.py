@@ -42,6 +42,7 @@ setup(
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
         "dev": [
             "pytest>=7",
+            "hypothesis",
             "ruff",
             "parameterized",
             "accelerate>=0.21",

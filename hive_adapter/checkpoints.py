@@ -26,6 +26,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_COMPLETE = "hive_checkpoint_complete"
+# What a step of the run meant (global batch, rates, schedule, data), written into every checkpoint: a resume
+# with other values would mix two runs in one stage (`settings_changed`).
+RUN_SETTINGS = "hive_run_settings.json"
+# Settings whose change keeps what a step means: the same samples per step, split otherwise over ranks,
+# micro-batches and accumulation (said when they change, not refused).
+BATCH_SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -140,3 +146,31 @@ def rotate(directory: Path, keep: int | None) -> None:
         if folder not in kept and step <= newest and folder != complete[0][1]:
             logger.info("deleting %s (--save_total_limit %s)", folder, keep)
             delete_checkpoint(folder)
+
+
+def write_run_settings(folder: Path, settings: dict) -> None:
+    (folder / RUN_SETTINGS).write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+
+def run_settings_of(folder: Path) -> dict | None:
+    """The run settings a checkpoint was saved under, or None (a checkpoint of hive-adapter 0.2)."""
+    try:
+        return json.loads((folder / RUN_SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def settings_changed(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, split): the settings that change what a step means, as `--flag now (the checkpoint: saved)`,
+    and the batch-split settings that differ (same global batch, another split)."""
+    refused = [
+        f"--{key} {_shown(now.get(key))} (the checkpoint: {_shown(saved.get(key))})"
+        for key in sorted({*saved, *now})
+        if key not in BATCH_SPLIT and saved.get(key) != now.get(key)
+    ]
+    split = [key for key in BATCH_SPLIT if saved.get(key) != now.get(key)]
+    return refused, split
+
+
+def _shown(value) -> str:
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)

@@ -12,6 +12,7 @@ prompt's last token sees: a generated marker id is text, there is no image behin
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,10 @@ class HiveVisionContext:
             )
         return self._expanded[batch_size]
 
+    def detached(self) -> HiveVisionContext:
+        """This context without the autograd graph that built it (the same values, for later decoding steps)."""
+        return dataclasses.replace(self, levels=[level.detach() for level in self.levels], _expanded={})
+
     def media(self, level_index: int | None) -> torch.Tensor:
         """Keys/values input of a block: one level, or all levels side by side (`level_mapping="all"`)."""
         if level_index is None:
@@ -126,8 +131,10 @@ class HiveVisionContext:
         seen = (self.marker_positions[:, None, :] <= columns[None, :, None]) & self.image_valid[:, None, :]
         has_media = seen.any(dim=-1)
         if self.media_attention == "previous":
-            latest = seen.sum(dim=-1, keepdim=True) - 1  # index of the latest image at or before the query
+            # The latest *usable* image at or before the query: slots need not be a prefix of usable images (an
+            # image left out for NaN pixels is a hole), so take the largest seen index, not the count of seen ones.
             image_index = torch.arange(seen.shape[-1], device=seen.device)
+            latest = torch.where(seen, image_index, -1).amax(dim=-1, keepdim=True)  # (batch, text, 1); -1: none
             seen = seen & (image_index == latest)
         visible = seen.repeat_interleave(self.tokens_per_image, dim=-1)  # (batch, text, images*tokens)
         if self.token_valid is not None:

@@ -26,7 +26,39 @@ logger = logging.getLogger(__name__)
 _FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
 
 
-class HiveLayerNorm(nn.LayerNorm):
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _own_parameters_to_float32(module: nn.Module) -> None:
+    """The module's own parameters (not its children's), and their gradients, back to float32 where a cast made
+    them fp16/bf16."""
+    for param in module._parameters.values():
+        if param is not None and param.dtype in REDUCED_PRECISION:
+            param.data = param.data.float()
+            if param.grad is not None:
+                param.grad = param.grad.float()
+
+
+class KeepsFloat32(nn.Module):
+    """A module whose own parameters stay float32 through every cast (`.to(bf16)`, `.half()`, `.bfloat16()`,
+    what DeepSpeed and transformers call too): tiny, numerically sensitive tensors (a gate at 0 that moves by
+    1e-5 a step does not move in bf16). docs/ARCHITECTURE.md §5."""
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        _own_parameters_to_float32(self)
+        return self
+
+
+def keep_float32(module: nn.Module) -> None:
+    """Every `KeepsFloat32` inside `module` back to float32 (after a construction under a reduced default dtype,
+    as transformers 4.37's `from_pretrained(torch_dtype=...)` does for the LLaVA repo's models)."""
+    for sub in module.modules():
+        if isinstance(sub, KeepsFloat32):
+            _own_parameters_to_float32(sub)
+
+
+class HiveLayerNorm(KeepsFloat32, nn.LayerNorm):
     """LayerNorm that keeps its parameters and arithmetic in float32 under bf16/fp16 bases."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,8 +171,9 @@ def _flash_applicable(query: torch.Tensor, visible: torch.Tensor) -> bool:
     return bool((visible == key_valid).all())
 
 
-class HiveCrossAttentionBlock(nn.Module):
-    """`h + tanh(g_attn) * XAttn(LN(h), media)` and optionally `h + tanh(g_ffn) * FFN(LN(h))`.
+class HiveCrossAttentionBlock(KeepsFloat32):
+    """`h + tanh(g_attn) * XAttn(LN(h), media)` and optionally `h + tanh(g_ffn) * FFN(LN(h))`; its own
+    parameters (the gates) and its norms stay float32 whatever the model is cast to.
 
     Tokens that may see no image (`has_media` False, e.g. text before the first image) get exactly
     zero from both branches.

@@ -44,6 +44,18 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any: ranks that must stop together decide together (one rank
+    raising alone would leave the others waiting in their next collective for ever)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    vote = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        vote = vote.cuda()
+    torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+    return bool(vote.item() > 0)
+
+
 def shutdown_distributed() -> None:
     """Wait for every rank, then tear the process group down before the interpreter exits.
 

@@ -128,5 +128,18 @@ class HiveLevelEncoder(nn.Module):
             return states, patch_mask.bool()
         pooled = [
             pool_patch_grid(states[i : i + 1, : h * w], (h, w), self.tokens_per_level) for i, (h, w) in enumerate(grids)
-        ]
+        ]  # each (1, n_i, width): a grid side below the target side is kept, so n_i differs between grids
+        return pad_to_one_length(pooled)
+
+
+def pad_to_one_length(pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images pooled to different token counts (2x8 and 4x4 grids pool to 2x4 and 4x4) as one tensor
+    (images, longest, width), zero-padded at the end, and the (images, longest) mask of real tokens (None when
+    every image has the same count)."""
+    lengths = [part.shape[1] for part in pooled]
+    longest = max(lengths)
+    if min(lengths) == longest:
         return torch.cat(pooled, dim=0), None
+    padded = torch.cat([F.pad(part, (0, 0, 0, longest - part.shape[1])) for part in pooled], dim=0)
+    real = torch.arange(longest, device=padded.device) < torch.tensor(lengths, device=padded.device)[:, None]
+    return padded, real

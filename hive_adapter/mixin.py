@@ -27,7 +27,6 @@ from .attach import HiveAttachment, attach_hive_hooks
 from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
 from .context import HiveVisionContext
-from .cross_attention import HiveCrossAttentionBlock, HiveLayerNorm
 from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .parameters import is_hive_parameter
@@ -132,14 +131,7 @@ class HiveMixin:
     def hive_place_modules(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Put HIVE's modules on the base's device and dtype; gates and norms stay float32 for stability."""
         for module in self.hive_top_modules():
-            module.to(device=device, dtype=dtype if dtype.is_floating_point else None)
-            for sub in module.modules():
-                if isinstance(sub, HiveLayerNorm):
-                    sub.float()
-                elif isinstance(sub, HiveCrossAttentionBlock):
-                    for gate in (sub.hive_attn_gate, getattr(sub, "hive_ffn_gate", None)):
-                        if gate is not None:
-                            gate.data = gate.data.float()
+            module.to(device=device, dtype=dtype if dtype.is_floating_point else None)  # KeepsFloat32 stays fp32
 
     def _remove_hive(self) -> HiveAttachment:
         attachment: HiveAttachment = self._hive_attachment
@@ -256,12 +248,13 @@ class HiveMixin:
             return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
         pixel_values, _ = usable_images(pixel_values, training=self.training)  # a left-out image: spliced blank
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        if token_mask is not None:
-            raise NotImplementedError("connector='concat' does not splice padded (NaFlex) patches; pool them")
+        images = levels[-1].to(embeddings.dtype)  # (images, tokens, hidden)
+        if token_mask is not None:  # NaFlex: each image's real tokens only, (tokens_i, hidden) each
+            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
         return splice_image_tokens(
             markers=self.hive_markers(input_ids, inputs_embeds),
             embeddings=embeddings,
-            images=levels[-1].to(embeddings.dtype),
+            images=images,
             attention_mask=attention_mask,
             labels=labels,
             padding_side=padding_side,

@@ -8,6 +8,7 @@ norms), so freezing, saving, counting and LoRA exclusion all filter on `is_hive_
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,3 +53,18 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], *, source: s
             f"HIVE weights in {source} hold NaN or inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
             f"({len(bad)} tensors). The file is damaged; load an intact copy."
         )
+
+
+def non_finite_tensors_in(directory: str | Path) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf in a saved model's safetensors files (one file or
+    shards), read back as written: what a stage is checked with before it is installed."""
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    bad.append(name)
+    return bad

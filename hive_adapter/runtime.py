@@ -106,8 +106,15 @@ class HiveRuntime:
     def end_forward(self, *, training_step: bool, returned_cache: bool) -> None:
         """The decoder stack ended. A training step's context (every level's media and the graph they carry)
         must not outlive the forward, nor can anything continue from a forward that returned no cache."""
-        if not self._pinned and (training_step or not returned_cache):
+        if self._pinned:
+            return
+        if training_step or not returned_cache:
             self.clear()
+        elif torch.is_grad_enabled() and self._context is not None:
+            # An eval-mode forward with gradients on that returned a cache: the prompt may be continued, but its
+            # graph (the tower's activations the projectors' backward would read) must go with the output.
+            self._context = self._context.detached()
+            self._key_values.clear()
 
     @property
     def caching_key_values(self) -> bool:

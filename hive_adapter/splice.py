@@ -13,7 +13,7 @@ def splice_image_tokens(
     *,
     markers: torch.Tensor | None,
     embeddings: torch.Tensor,
-    images: torch.Tensor,
+    images: torch.Tensor | list[torch.Tensor],
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     padding_side: str = "right",
@@ -22,12 +22,12 @@ def splice_image_tokens(
     (`"right"` for training, `"left"` for generation).
 
     markers: (batch, text) True where a marker stands; None (no marker token): each sample's single image
-    goes in front of its text. embeddings: (batch, text, hidden); images: (images, tokens, hidden).
+    goes in front of its text. embeddings: (batch, text, hidden); images: (images, tokens, hidden), or a list of
+    (tokens_i, hidden) when images have different token counts (NaFlex grids pooled to their own size).
     """
     batch, length = embeddings.shape[:2]
-    tokens = images.shape[1]
     if embeddings.device.type == "meta":
-        return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=tokens)
+        return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=images.shape[1])
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
     rows_embeds, rows_mask, rows_labels = [], [], []
@@ -40,12 +40,13 @@ def splice_image_tokens(
         pieces_e, pieces_m, pieces_l = [], [], []
         start = 0
         for position in positions:
-            if next_image >= images.shape[0]:
+            if next_image >= len(images):
                 raise ValueError(
-                    f"the batch has more image markers than the {images.shape[0]} images in pixel_values; put one "
+                    f"the batch has more image markers than the {len(images)} images in pixel_values; put one "
                     "marker where each image goes"
                 )
             image = images[next_image]
+            tokens = image.shape[0]
             next_image += 1
             cut = max(position, 0)
             pieces_e += [embeddings[b, start:cut], image]
@@ -61,9 +62,9 @@ def splice_image_tokens(
         rows_mask.append(torch.cat(pieces_m))
         if labels is not None:
             rows_labels.append(torch.cat(pieces_l))
-    if next_image != images.shape[0]:
+    if next_image != len(images):
         raise ValueError(
-            f"the batch has {next_image} image markers but pixel_values holds {images.shape[0]} images; put one "
+            f"the batch has {next_image} image markers but pixel_values holds {len(images)} images; put one "
             "marker where each image goes"
         )
     width = max(row.shape[0] for row in rows_embeds)

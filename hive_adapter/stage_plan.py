@@ -9,6 +9,7 @@ both values: silently training another model than the one asked for costs days o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +142,38 @@ def plan_stages(
     return start, compose
 
 
-def validate_run_arguments(*, global_batch_size: int | None, training_args, explicit: set[str]) -> None:
-    """Values the Trainer would turn into a silent no-op or a ZeroDivisionError, named before anything runs."""
+# Float settings of the optimiser that must be finite numbers (NaN passes every `<= 0` check and reaches the
+# weights through the update).
+FINITE_FLAGS = ("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")
+
+
+def _finite_above_zero(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def validate_run_arguments(
+    *, global_batch_size: int | None, training_args, explicit: set[str], deepspeed: str | None = None
+) -> None:
+    """Values the Trainer would turn into a silent no-op, a ZeroDivisionError or NaN weights, and contradicting
+    back-ends, named before anything runs."""
+    if training_args.fsdp and deepspeed is not None:
+        raise ValueError(
+            f"--fsdp with --deepspeed {Path(deepspeed).stem}: choose one (both shard the model, in different ways)"
+        )
+    for flag in FINITE_FLAGS:
+        value = getattr(training_args, flag)
+        if flag in explicit and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"--{flag} {value}: must be a finite number")
     if global_batch_size is not None and global_batch_size < 1:
         raise ValueError(f"--global_batch_size {global_batch_size}: must be a positive number of samples")
     if training_args.per_device_train_batch_size < 1:
         raise ValueError(f"--per_device_train_batch_size {training_args.per_device_train_batch_size}: must be >= 1")
     if "gradient_accumulation_steps" in explicit and training_args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient_accumulation_steps {training_args.gradient_accumulation_steps}: must be >= 1")
-    if "learning_rate" in explicit and not training_args.learning_rate > 0:
-        raise ValueError(f"--learning_rate {training_args.learning_rate}: must be above 0 (0 trains nothing)")
+    if "learning_rate" in explicit and not _finite_above_zero(training_args.learning_rate):
+        raise ValueError(
+            f"--learning_rate {training_args.learning_rate}: must be a finite number above 0 (0 trains nothing)"
+        )
     if "max_steps" in explicit and training_args.max_steps == 0:
         raise ValueError("--max_steps 0 trains nothing; give a positive number, or leave it out to train by epochs")
     if "num_train_epochs" in explicit and training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
@@ -158,3 +181,37 @@ def validate_run_arguments(*, global_batch_size: int | None, training_args, expl
     limit = training_args.save_total_limit
     if limit is not None and limit < 1:
         raise ValueError(f"--save_total_limit {limit}: keep at least 1 checkpoint (or leave it out to keep all)")
+
+
+def validate_hive_learning_rate(rate: float | None, stages: list[StageSpec]) -> None:
+    """`--hive_learning_rate` is HIVE's own peak in the stages that also train the LLM; given for a run of
+    stage 1 alone it would change nothing."""
+    if rate is None:
+        return
+    if not _finite_above_zero(rate):
+        raise ValueError(f"--hive_learning_rate {rate}: must be a finite number above 0")
+    if all(set(stage.trains) == {"hive"} for stage in stages):
+        numbers = ",".join(str(stage.number) for stage in stages)
+        raise ValueError(
+            f"--hive_learning_rate {rate:g} applies to stages 2 and 3 (they train the LLM too); --stage {numbers} "
+            "trains HIVE's modules alone, at --learning_rate (Table 3: 1e-3). Drop the flag, or give --learning_rate"
+        )
+
+
+def looks_like_a_path(value: str) -> bool:
+    """A local path rather than a hub id (`org/name`): absolute, relative (`./`, `../`, `~`), or deeper."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def validate_model_paths(model_args) -> None:
+    """Model directories that do not exist, named by their flag before anything is created (transformers would
+    take a missing local directory for a hub id and fail about a repo id)."""
+    for flag in ("vision_model", "language_model", "model_name_or_path", "tokenizer", "image_processor"):
+        value = getattr(model_args, flag, None)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise FileNotFoundError(f"--{flag} {value}: a file; give the model's directory (with its config.json)")
+        if not path.exists() and looks_like_a_path(value):
+            raise FileNotFoundError(f"--{flag} {value}: no such directory")

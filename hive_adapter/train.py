@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -41,7 +42,7 @@ from transformers import (
 )
 
 from .arguments import HiveArguments, hive_config_from
-from .checkpoints import choose_resume_checkpoint, why_incomplete
+from .checkpoints import choose_resume_checkpoint, run_settings_of, settings_changed, why_incomplete
 from .console import on_a_terminal, quiet_progress_bars
 from .console import say as console_say
 from .data.collator import HiveCaptionCollator, with_pad_token
@@ -49,6 +50,7 @@ from .data.datasets import ImageCaptionDataset, read_records
 from .data.supervision import supervision_report
 from .data.synthetic import SyntheticShapes, checked_attributes
 from .distributed import (
+    any_rank,
     barrier,
     exit_if_launched,
     init_distributed,
@@ -60,10 +62,19 @@ from .distributed import (
 from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, install, partial_path, start_partial
-from .stage_plan import STAGE_REPORT, is_complete_stage, plan_stages, stage_report, validate_run_arguments
+from .parameters import non_finite_tensors_in
+from .stage_plan import (
+    STAGE_REPORT,
+    is_complete_stage,
+    plan_stages,
+    stage_report,
+    validate_hive_learning_rate,
+    validate_model_paths,
+    validate_run_arguments,
+)
 from .stages import StageSpec, apply_stage, parse_stages
 from .train_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
-from .trainer import HiveTrainer, StepLines
+from .trainer import HiveTrainer, StepLines, TrainingDiverged
 
 logger = logging.getLogger("hive_adapter.train")
 
@@ -173,18 +184,82 @@ def stage_arguments(
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in fields})
 
 
-def resume_point(requested: str | None, checkpoints: Path, stage: StageSpec) -> str | None:
+def run_settings(args: TrainingArguments, data_args: DataArguments, *, num_samples: int, hive_learning_rate) -> dict:
+    """What one optimiser step of this stage means: samples per step and how they are split, the rates and the
+    schedule, the data. Saved into every checkpoint; a resume compares (`check_resume_settings`)."""
+    ranks = world_size()
+    data = (
+        {key: getattr(data_args, key) for key in ("synthetic_size", "synthetic_seed", "synthetic_attributes")}
+        if data_args.data_path is None
+        else {"data_path": f"{Path(data_args.data_path).name} ({num_samples} samples)"}
+    )
+    return {
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * ranks,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": ranks,
+        "learning_rate": args.learning_rate,
+        "hive_learning_rate": hive_learning_rate,
+        "max_steps": args.max_steps if args.max_steps > 0 else None,
+        "num_train_epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+        "warmup_steps": args.warmup_steps,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "weight_decay": args.weight_decay,
+        "adam_beta1": args.adam_beta1,
+        "adam_beta2": args.adam_beta2,
+        "max_grad_norm": args.max_grad_norm,
+        "seed": args.seed,
+        "max_text_length": data_args.max_text_length,
+        **data,
+    }
+
+
+def check_resume_settings(checkpoint: Path, settings: dict, stage: StageSpec) -> None:
+    """Refuse a resume whose settings change what a step means (naming each flag, now and then); say when only
+    the split of the same global batch over ranks, micro-batches and accumulation changed."""
+    saved = run_settings_of(checkpoint)
+    if saved is None:
+        say(f"stage {stage.number}: {checkpoint} carries no run settings (hive-adapter 0.2): not checked against these")
+        return
+    refused, split = settings_changed(saved, settings)
+    if refused:
+        raise ValueError(
+            f"--resume_from_checkpoint: {checkpoint} was saved by a run with other settings: {'; '.join(refused)}. "
+            f"Resuming would mix two runs in stage {stage.number}: give the checkpoint's values again, or start "
+            f"the stage over (move {checkpoint.parent} away)"
+        )
+    if split:
+
+        def shown(values: dict) -> str:
+            ranks = values["world_size"]
+            return f"{values['per_device_train_batch_size']} x {values['gradient_accumulation_steps']} x {ranks}"
+
+        ranks = settings["world_size"]
+        say(
+            f"stage {stage.number}: resuming with per-device batch {settings['per_device_train_batch_size']} x "
+            f"{settings['gradient_accumulation_steps']} accumulation x {ranks} rank{'s' if ranks > 1 else ''} "
+            f"(the checkpoint: {shown(saved)}): the same global batch of {settings['global_batch_size']}, so each "
+            "step still sees the same samples"
+        )
+
+
+def resume_point(requested: str | None, checkpoints: Path, stage: StageSpec, settings: dict) -> str | None:
     """The checkpoint `--resume_from_checkpoint` means for this stage: `auto` is the newest one complete now
-    (said which, or why none); an explicit path must be complete now."""
+    (said which, or why none); an explicit path must be complete now. Either must have been saved with the same
+    run settings."""
     if not requested or requested in ("False", "false"):
         return None
     if requested in ("auto", "true", "True"):
         choice = choose_resume_checkpoint(checkpoints)
         say(f"stage {stage.number}: {choice.explain(checkpoints)}")
-        return str(choice.checkpoint) if choice.checkpoint else None
+        if choice.checkpoint is None:
+            return None
+        check_resume_settings(choice.checkpoint, settings, stage)
+        return str(choice.checkpoint)
     reason = why_incomplete(Path(requested)) if Path(requested).is_dir() else "no such directory"
     if reason:
         raise ValueError(f"--resume_from_checkpoint {requested}: {reason}; pass auto to take the newest complete one")
+    check_resume_settings(Path(requested), settings, stage)
     say(f"stage {stage.number}: resuming from {requested}")
     return requested
 
@@ -221,6 +296,7 @@ def run_stage(
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
+    settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
     trainer = HiveTrainer(
         model=model,
         args=args,
@@ -228,11 +304,13 @@ def run_stage(
         data_collator=collator,
         keep_checkpoints=base_args.save_total_limit,
         hive_learning_rate=hive_learning_rate,
+        label=f"stage {stage.number}",
+        run_settings=settings,
     )
     if args.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # its dict per logging step, replaced by one short line
         trainer.add_callback(StepLines(f"stage {stage.number}"))
-    resume = resume_point(base_args.resume_from_checkpoint, checkpoints, stage)
+    resume = resume_point(base_args.resume_from_checkpoint, checkpoints, stage, settings)
     trainable = sum(t for t, _ in counts.values())
     say(
         f"stage {stage.number} ({stage.name}) from {previous}: {trainable:,} trainable parameters, "
@@ -265,6 +343,18 @@ def run_stage(
         start_partial(final, command=COMMAND)
     barrier()
     trainer.save_whole_model(tmp)  # ZeRO-3 partitions and FSDP shards gathered into one safetensors file
+    # The last line of defence against a diverged run (the step guard stops most): weights are read back as
+    # written, and a stage holding NaN or inf is never installed.
+    bad = non_finite_tensors_in(tmp) if trainer.is_world_process_zero() else []
+    if any_rank(bool(bad)):
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        choice = choose_resume_checkpoint(checkpoints)
+        raise TrainingDiverged(
+            f"stage {stage.number} diverged by step {trainer.state.global_step}: its weights hold NaN or inf "
+            f"({len(bad) or 'some'} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ''}); the stage is not "
+            "installed" + (f"; the newest complete checkpoint is {choice.checkpoint}" if choice.checkpoint else "")
+        )
     if trainer.is_world_process_zero():
         if not (tmp / "model.safetensors").is_file() and not (tmp / "model.safetensors.index.json").is_file():
             raise RuntimeError(
@@ -313,10 +403,15 @@ def main(argv: list[str] | None = None) -> None:
         level=level if is_main_process() else logging.WARNING,
     )
     stages = parse_stages(stage_args.stage)
-    validate_run_arguments(global_batch_size=stage_args.global_batch_size, training_args=base_args, explicit=explicit)
+    validate_run_arguments(
+        global_batch_size=stage_args.global_batch_size,
+        training_args=base_args,
+        explicit=explicit,
+        deepspeed=deepspeed,
+    )
+    validate_hive_learning_rate(stage_args.hive_learning_rate, stages)
+    validate_model_paths(model_args)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
-    if stage_args.hive_learning_rate is not None and stage_args.hive_learning_rate <= 0:
-        raise ValueError(f"--hive_learning_rate {stage_args.hive_learning_rate}: must be positive")
     checked_attributes(data_args.synthetic_attributes)
     output_dir = Path(base_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -388,7 +483,7 @@ def cli() -> None:
     argument, path or data set ends the command with its reason (exit status 2), not a traceback."""
     try:
         main()
-    except (ValueError, OutputRefused, FileNotFoundError) as error:
+    except (ValueError, OutputRefused, FileNotFoundError, TrainingDiverged) as error:
         print(f"[hive-train] error: {error}", file=sys.stderr, flush=True)
         shutdown_distributed()
         sys.exit(2)

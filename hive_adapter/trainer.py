@@ -7,13 +7,17 @@
   different height (LLaVA's `--mm_projector_lr` does the same for its connector);
 - FSDP runs on CPU ranks too (gloo: how the tests run it), and the stage's model is saved whole;
 - without a terminal, `StepLines` prints one short line per logging step (at most one per `every_seconds`)
-  where the Trainer would redraw a progress bar or print a dict.
+  where the Trainer would redraw a progress bar or print a dict;
+- a step whose loss or gradient norm is NaN or inf stops the stage before its optimiser step, on every rank
+  together (`TrainingDiverged`, naming the step): the Trainer would otherwise log the average of earlier
+  losses in its place, clip with a NaN norm, and write NaN into every weight it trains.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import checkpoints  # called through the module: fault-injection tests replace its functions
 from .console import say
-from .distributed import barrier, is_main_process, world_size
+from .distributed import any_rank, barrier, is_main_process, world_size
 from .parameters import is_hive_parameter
 from .train_arguments import COMMAND
 
@@ -71,6 +75,14 @@ class StepLines(TrainerCallback):
             )
 
 
+class TrainingDiverged(RuntimeError):
+    """A stage whose loss, gradients or weights went NaN or inf: stopped, and never installed."""
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
 class HiveTrainer(Trainer):
     """See the module docstring. `keep_checkpoints` replaces `args.save_total_limit`, which must be None here (the
     Trainer's own rotation deletes before anything is marked); `hive_learning_rate`: HIVE's own peak, or None
@@ -97,12 +109,64 @@ class HiveTrainer(Trainer):
             ][:1]
             (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def __init__(self, *args, keep_checkpoints: int | None = None, hive_learning_rate: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        keep_checkpoints: int | None = None,
+        hive_learning_rate: float | None = None,
+        label: str = "training",
+        run_settings: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if self.args.save_total_limit is not None:
             raise ValueError("pass the checkpoint limit as keep_checkpoints; args.save_total_limit must be None")
         self.keep_checkpoints = keep_checkpoints
         self.hive_learning_rate = hive_learning_rate
+        self.label = label  # "stage 2": how errors name what diverged
+        self.run_settings = run_settings  # what a step means, written into every checkpoint (checkpoints.RUN_SETTINGS)
+        self._non_finite_loss: float | None = None  # the first non-finite loss of the current optimiser step
+
+    # ------------------------------------------------------------------ divergence
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self._non_finite_loss is None and not _finite(loss.detach()):
+            self._non_finite_loss = float(loss.detach())
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm, read before the optimiser step: where a non-finite loss or norm stops the
+        stage (every rank votes, so all of them raise at the same step)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        loss, self._non_finite_loss = self._non_finite_loss, None
+        if any_rank(loss is not None or not _finite(grad_norm)):
+            self.diverged(loss=loss, grad_norm=grad_norm)
+        return grad_norm
+
+    def diverged(self, *, loss: float | None, grad_norm) -> None:
+        step = self.state.global_step + 1
+        what = ", ".join(
+            part
+            for part in (
+                f"loss {loss}" if loss is not None else "",
+                f"gradient norm {float(grad_norm)}" if grad_norm is not None and not _finite(grad_norm) else "",
+            )
+            if part
+        )
+        rates = sorted({f"{group['lr']:g}" for group in self.optimizer.param_groups}) if self.optimizer else []
+        choice = checkpoints.choose_resume_checkpoint(Path(self.args.output_dir))
+        kept = (
+            f"the newest complete checkpoint is {choice.checkpoint}"
+            if choice.checkpoint is not None
+            else f"no complete checkpoint in {self.args.output_dir}"
+        )
+        raise TrainingDiverged(
+            f"{self.label} diverged at step {step} of {self.state.max_steps}: "
+            f"{what or 'on another rank'} (learning rate {', '.join(rates) or '?'}). Nothing from this step on is "
+            f"saved and the stage is not installed; {kept}. Find the cause (a lower --learning_rate or "
+            "--hive_learning_rate, --max_grad_norm, fp32 instead of fp16, the batch's data), then rerun with "
+            "--resume_from_checkpoint auto."
+        )
 
     def create_optimizer(self, model=None):
         if self.hive_learning_rate is None or self.optimizer is not None:
@@ -137,6 +201,8 @@ class HiveTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         barrier()  # every rank's part is on disk
         if is_main_process():
+            if self.run_settings is not None:
+                checkpoints.write_run_settings(folder, self.run_settings)
             missing = checkpoints.missing_for_resume(folder, world_size())
             if missing:
                 logger.warning("%s cannot resume a run (it lacks %s); not marked complete", folder, "; ".join(missing))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hive_adapter.data.synthetic import caption_vocabulary
 from hive_adapter.toy import ToySizes, write_toy_models
@@ -112,6 +113,45 @@ def test_kills_inside_saving_and_rotation_resume_to_the_same_model(toy, referenc
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert final_weights(out) == reference
+
+
+# Runs hive-train with the loss of one step made NaN (as an fp16 overflow or a poisoned batch would make it): the
+# backward then fills every gradient with NaN, which clipping and the optimiser would write into the weights.
+NAN_DRIVER = """
+import sys
+from hive_adapter import train
+from hive_adapter.trainer import HiveTrainer
+original = HiveTrainer.compute_loss
+def poisoned(self, *args, **kwargs):
+    loss = original(self, *args, **kwargs)
+    return loss * float("nan") if self.state.global_step == {after} else loss
+HiveTrainer.compute_loss = poisoned
+train.cli()
+"""
+
+
+def test_a_nan_mid_stage_stops_the_stage_keeps_the_last_good_checkpoint_and_resumes(toy, reference, tmp_path):
+    from safetensors.torch import load_file
+
+    from hive_adapter.checkpoints import why_incomplete
+
+    out = tmp_path / "run"
+    driver = tmp_path / "nan.py"
+    driver.write_text(NAN_DRIVER.format(after=4))  # step 5's loss is NaN; checkpoint-4 was saved before it
+    diverged = hive_train(arguments(toy, out), driver=driver)
+    assert diverged.returncode == 2, diverged.stdout[-2000:] + diverged.stderr[-3000:]
+    assert "stage 1 diverged at step 5 of 10: loss nan" in diverged.stderr
+    assert "checkpoint-4" in diverged.stderr and "done:" not in diverged.stdout
+    assert not (out / "stage1").exists(), "a diverged stage was installed"
+    checkpoint = out / "stage1-checkpoints" / "checkpoint-4"
+    assert why_incomplete(checkpoint) is None
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert not (out / "stage1-checkpoints" / "checkpoint-6").exists()
+    resumed = hive_train([*arguments(toy, out), "--resume_from_checkpoint", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+    assert final_weights(out) == reference  # the NaN step left no trace
 
 
 @pytest.mark.fault_soak

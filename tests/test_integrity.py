@@ -316,7 +316,7 @@ def test_an_adapter_refuses_a_base_of_another_depth(tmp_path):
         (["--global_batch_size", "-8"], "--global_batch_size -8"),
         (["--num_train_epochs", "0"], "--num_train_epochs 0.0: must be above 0"),
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0"),
-        (["--learning_rate", "0"], "--learning_rate 0.0: must be above 0"),
+        (["--learning_rate", "0"], "--learning_rate 0.0: must be a finite number above 0"),
         (["--max_steps", "0"], "--max_steps 0 trains nothing"),
         (["--save_total_limit", "0"], "--save_total_limit 0"),
     ],

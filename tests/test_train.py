@@ -271,7 +271,7 @@ def test_bad_arguments_are_named(toy, tmp_path):
     result = hive_train("--output_dir", tmp_path, "--data_format", "synthetic", check=False)
     assert result.returncode != 0 and "pass --vision_model and --language_model" in result.stderr
     result = hive_train("--output_dir", tmp_path, "--hive_learning_rate", "0", check=False)
-    assert result.returncode != 0 and "--hive_learning_rate 0.0: must be positive" in result.stderr
+    assert result.returncode != 0 and "--hive_learning_rate 0.0: must be a finite number above 0" in result.stderr
     result = hive_train("--output_dir", tmp_path, "--synthetic_attributes", "colour,smell", check=False)
     assert result.returncode != 0 and "attributes=('colour', 'smell')" in result.stderr
 

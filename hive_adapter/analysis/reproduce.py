@@ -48,6 +48,7 @@ from ..console import say as console_say
 from ..data.collator import HiveCaptionCollator
 from ..data.synthetic import SyntheticShapes, caption_vocabulary
 from ..loading import load_hive
+from ..outputs import write_file
 from ..toy import PRETRAINING_RECORD, ToySizes, write_toy_models
 from ..toy_pretraining import ToyPretraining
 from .image_reading import checkpoint_image_reading
@@ -101,7 +102,79 @@ QUICK = Budget(
 )  # fmt: skip
 
 
-say = partial(console_say, "hive-reproduce")
+COMMAND = "hive-reproduce"
+say = partial(console_say, COMMAND)
+# What one run writes into --output_dir: replaced only when an earlier hive-reproduce wrote them.
+REPORT_FILES = ("reproduce.json", "reproduce.md")
+FIGURE_FILES = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
+                "attention_entropy.png", "attention_maps.png")  # fmt: skip
+# Beside the checkpoints in --work_dir: the settings they were trained with, so a rerun never reuses models
+# and stages of another budget under a report that claims this one.
+WORK_RECORD = "hive-reproduce-work.json"
+
+
+# ---------------------------------------------------------------------- what may be written and reused
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an --output_dir whose report or figures were not written by hive-reproduce
+    (its reproduce.json names the command); an earlier run's are replaced, and said so."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"[{COMMAND}] error: --output_dir {out} is a file; give a directory")
+    present = [name for name in (*REPORT_FILES, *FIGURE_FILES) if (out / name).exists()]
+    if not present:
+        return
+    try:
+        ours = str(json.loads((out / "reproduce.json").read_text()).get("command", "")).startswith(COMMAND)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise SystemExit(
+            f"[{COMMAND}] error: --output_dir {out} holds {', '.join(present)}, not written by {COMMAND} (no "
+            "reproduce.json naming it); choose a new or empty directory, nothing was changed"
+        )
+    say(f"{out} holds an earlier {COMMAND} report: its {', '.join(present)} will be replaced")
+
+
+def work_settings(args: argparse.Namespace, budget: Budget) -> dict:
+    """What the models and stages in --work_dir depend on (seeds and connectors have directories of their own)."""
+    return {
+        "language_pretraining_steps": budget.language_pretraining_steps,
+        "vision_pretraining_steps": budget.vision_pretraining_steps,
+        "train_size": budget.train_size,
+        "batch_size": args.batch_size,
+        "hive_learning_rate": args.hive_learning_rate,
+        "hive_flags": " ".join(HIVE_FLAGS),
+    }
+
+
+def claim_work_dir(work: Path, settings: dict) -> None:
+    """Use `work` for checkpoints: new or empty (the settings are recorded), or an earlier run's with the same
+    settings (its models and stages are reused); anything else is refused naming the difference."""
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"[{COMMAND}] error: --work_dir {work} is a file; give a directory")
+    record = work / WORK_RECORD
+    if work.is_dir() and any(work.iterdir()):
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError):
+            raise SystemExit(
+                f"[{COMMAND}] error: --work_dir {work} is not empty and was not written by {COMMAND} (no "
+                f"{WORK_RECORD}); give a new or empty directory"
+            ) from None
+        changed = [
+            f"{key}: {recorded.get(key)} there, {value} asked"
+            for key, value in settings.items()
+            if recorded.get(key) != value
+        ]
+        if changed:
+            raise SystemExit(
+                f"[{COMMAND}] error: --work_dir {work} holds models and stages trained with other settings ("
+                f"{'; '.join(changed)}); reusing them would report one budget under another. Give a new --work_dir, "
+                "or the settings it was run with"
+            )
+        say(f"reusing the models and finished stages in {work} (same settings)")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    write_file(record, lambda path: path.write_text(json.dumps(settings, indent=2)))
 
 
 # ---------------------------------------------------------------------- models and training
@@ -225,12 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     flags = [] if args.hive_learning_rate is None else ["--hive_learning_rate", str(args.hive_learning_rate)]
     started = time.time()
     timings: dict[str, float] = {}
+    out = args.output_dir
+    check_output_dir(out)
     temporary = None
     work = args.work_dir
     if work is None:
         temporary = tempfile.mkdtemp(prefix="hive-reproduce-")
         work = Path(temporary)
-    out = args.output_dir
+    claim_work_dir(work, work_settings(args, budget))
     out.mkdir(parents=True, exist_ok=True)
     image_size = ToySizes().image_size
     seeds = budget.seeds
@@ -365,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(), "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     seconds = time.time() - started
-    (out / "reproduce.json").write_text(
+    report = (
         json.dumps(
             {
                 "command": command,
@@ -383,9 +458,9 @@ def main(argv: list[str] | None = None) -> None:
             default=str,
         )  # fmt: skip
     )
-    (out / "reproduce.md").write_text(
-        report_markdown(command, environment, seconds, timings, budget, tables, results, figures)
-    )
+    write_file(out / "reproduce.json", lambda path: path.write_text(report))
+    markdown = report_markdown(command, environment, seconds, timings, budget, tables, results, figures)
+    write_file(out / "reproduce.md", lambda path: path.write_text(markdown))
     print("\n" + tables + "\n")
     say(f"written: {out / 'reproduce.json'}, {out / 'reproduce.md'}, " + ", ".join(figures))
     say(f"finished in {seconds / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + ")")

@@ -44,7 +44,8 @@ def llava_entry(entry_id: str, image: str, turns: list[str]) -> dict:
 def read_llava_json(path: str | Path) -> list[CaptionRecord]:
     """LLaVA's format: a list of {"image", "conversations": [{"from": "human"|"gpt", "value"}, ...]}.
 
-    The first human turn (without the `<image>` marker) is the prompt, the first gpt turn the caption.
+    The first human turn (without the `<image>` marker) is the prompt, the first gpt turn the caption; entries
+    with more rounds are named in a warning (their later turns are not trained on).
     """
     path = Path(path)
     try:
@@ -54,7 +55,7 @@ def read_llava_json(path: str | Path) -> list[CaptionRecord]:
         raise ValueError(f"{path}: not valid JSON ({error}){hint}") from error
     if not isinstance(entries, list):
         raise ValueError(f"{path}: a JSON {type(entries).__name__}, expected LLaVA's list of samples")
-    records = []
+    records, multi_turn = [], []
     for number, entry in enumerate(entries):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not turns or "image" not in entry:
@@ -66,9 +67,21 @@ def read_llava_json(path: str | Path) -> list[CaptionRecord]:
         answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
         if answer is None:
             raise ValueError(f"{where}: has no 'gpt' turn to learn from")
+        if sum(isinstance(t, dict) and t.get("from") == "gpt" for t in turns) > 1:
+            multi_turn.append(f"entry {number} ({entry.get('id', '?')})")
         prompt = _text(human, where, "human value").replace(IMAGE_MARKER, "").strip()
         records.append(
             CaptionRecord(_text(entry["image"], where, "image"), prompt, _text(answer, where, "gpt value").strip())
+        )
+    if multi_turn:
+        logger.warning(
+            "%s: %d of %d entries have more than one human/gpt round (%s%s); the pre-training reader learns one "
+            "caption per image, so only its first round is trained on and the later turns are dropped",
+            path,
+            len(multi_turn),
+            len(entries),
+            ", ".join(multi_turn[:5]),
+            ", ..." if len(multi_turn) > 5 else "",
         )
     return records
 

@@ -213,3 +213,23 @@ def test_mm_projector_lr_applies_to_every_hive_parameter(toy, tmp_path):
         if parameter.requires_grad:
             assert rate_of[id(parameter)] == (1e-3 if "mm_projector" in name else 2e-5), name
     assert sum(1 for name, _ in model.named_parameters() if "hive_" in name) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gates_and_norms_stay_float32_when_loaded_or_cast_to_half_precision(toy, tmp_path, dtype):
+    """LLaVA loads with `torch_dtype=` (transformers 4.37 builds the model under that default dtype) and casts with
+    `.to()`; HIVE's gates and norms are float32 on this path as on the Hugging Face one (issue 24, item 7)."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    model = build(toy, vision_connector="hive")
+    model.save_pretrained(tmp_path / "saved")
+    loaded = LlavaLlamaForCausalLM.from_pretrained(tmp_path / "saved", torch_dtype=dtype)
+    for candidate in (loaded, build(toy, vision_connector="hive").to(dtype)):
+        modules = hive_modules_of(candidate)
+        kept = {
+            name: param.dtype
+            for name, param in modules.named_parameters()
+            if name.endswith("_gate") or "_norm." in name
+        }
+        assert kept and set(kept.values()) == {torch.float32}, kept
+        assert modules.hive_levels.projectors[0].layers[0].weight.dtype == dtype

@@ -152,7 +152,9 @@ def test_projector_only_checkpoint_reloads_with_model_base(toy, stage1):
     adapter = torch.load(output / "mm_projector.bin", map_location="cpu", weights_only=True)
     state = model.state_dict()
     for key, value in adapter.items():
-        torch.testing.assert_close(state[key], value.to(state[key].dtype))
+        # LLaVA's builder casts mm_projector.bin to fp16 before loading it; HIVE's gates and norms keep that value
+        # in float32 (the other tensors are fp16 like the model)
+        torch.testing.assert_close(state[key], value.to(torch.float16).to(state[key].dtype))
     assert ask(tokenizer, model, processor, toy).shape[1] >= 2
 
 

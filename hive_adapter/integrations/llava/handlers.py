@@ -31,6 +31,8 @@ from .settings import (
 logger = logging.getLogger(__name__)
 
 HIVE_CONNECTORS = ("hive", "cascaded")
+# Parameter-name parts of HIVE's float32 tensors (gates and norms: `cross_attention.KeepsFloat32`).
+FLOAT32_MODULES = ("hive_attn_gate", "hive_ffn_gate", "hive_attn_norm", "hive_media_norm", "hive_ffn_norm")
 LLAVA_CONNECTORS = ("mlp", *HIVE_CONNECTORS)
 
 

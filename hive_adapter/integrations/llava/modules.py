@@ -26,6 +26,7 @@ from ...attach import HiveAttachment, attach_hive_hooks
 from ...builders import block_factory, build_level_encoder, cross_attention_kernel, init_hive_weights
 from ...config import HiveConfig
 from ...context import HiveVisionContext
+from ...cross_attention import keep_float32
 from ...layout import ImageSlots, images_by_marker
 from ...parameters import check_finite
 from ...runtime import HiveRuntime, past_length_of
@@ -59,6 +60,7 @@ class HiveLlavaModules(nn.Module):
         self.hive_blocks = nn.ModuleList(make_block() for _ in self.resolved.llm_layers)
         for module in (self.hive_levels, *self.hive_blocks):
             init_hive_weights(module, self.hive_config)
+            keep_float32(module)  # built under LLaVA's torch_dtype: gates and norms back to float32
         self.settings = dict(config.hive_config)
         self.register_buffer(SETTINGS_PARAMETER, encode_settings(self.settings))
         self.register_load_state_dict_pre_hook(self._check_loaded)

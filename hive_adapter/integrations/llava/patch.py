@@ -115,6 +115,10 @@ def _patch_model() -> None:
         return generate
 
     _wrap(llava_llama.LlavaLlamaForCausalLM, "generate", make_generate)
+    # transformers 4.37 loads these in float32 under torch_dtype=float16 (LLaVA's builder loads fp16) instead of
+    # rounding them through fp16; under bfloat16 it rounds every tensor, and HIVE's are put back in float32 after.
+    if llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules is None:
+        llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules = list(handlers.FLOAT32_MODULES)
 
 
 def _patch_training() -> None:
