@@ -158,10 +158,16 @@ def real_lm_directory(
             f"reading {source} needs the package gguf, which is not installed in this environment "
             f"({sys.executable}): {model.install_commands()}"
         )
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.with_name(f".{target.name}.lock"))):
+    lock = FileLock(str(target.with_name(f".{target.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        report(f"{model.name}: another process is writing {target}; waiting for it")
+        lock.acquire()
+    try:
         if is_complete(target, model):  # another process finished it while this one waited for the lock
             report(f"{model.name}: {target} was completed by another process; nothing to do")
             return target
@@ -169,6 +175,8 @@ def real_lm_directory(
         # anything else at `target` is refused here, before the conversion starts.
         with staged_directory(target, command=COMMAND, replace=True) as partial:
             _convert(model, source, partial, report)
+    finally:
+        lock.release()
     report(f"{model.name}: ready in {target}")
     return target
 

@@ -291,3 +291,28 @@ def test_missing_packages_are_named_with_the_pip_commands(tmp_path, monkeypatch)
     with pytest.raises(MissingPackage, match="needs the package gguf.*pip install gguf==0.19.0"):
         smollm2_directory(tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_second_caller_waits_for_the_first_and_takes_its_directory(tmp_path):
+    """Two processes converting into one cache at once: the second waits on the lock beside the directory, then
+    finds it finished instead of converting again (or clearing the first one's partial directory)."""
+    import threading
+
+    from filelock import FileLock
+
+    target = tmp_path / "smollm2"
+    lines, result = [], {}
+    with FileLock(str(tmp_path / ".smollm2.lock")):  # the first caller, converting
+        waiter = threading.Thread(target=lambda: result.update(path=smollm2_directory(target, report=lines.append)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lines and "waiting" in lines[0], lines
+        target.mkdir()  # what the first caller leaves when it finishes
+        write_owner(target, real_lm.COMMAND)
+        for name in real_lm.REQUIRED_FILES:
+            (target / name).write_text("")
+        (target / REAL_LM_RECORD).write_text(json.dumps({"model": "SmolLM2-135M-Instruct"}))
+    waiter.join(timeout=30)
+    assert result["path"] == target and "completed by another process" in lines[-1], lines
