@@ -53,6 +53,7 @@ from hive_adapter.analysis.reproduce import (  # noqa: E402
 )
 from hive_adapter.analysis.reproduce_measures import held_out_batch  # noqa: E402
 from hive_adapter.arguments import HiveArguments  # noqa: E402
+from hive_adapter.connectors import connector_for  # noqa: E402
 from hive_adapter.cross_attention import HiveCrossAttentionBlock  # noqa: E402
 from hive_adapter.data.synthetic import ATTRIBUTES, SyntheticShapes  # noqa: E402
 from hive_adapter.loading import load_hive  # noqa: E402
@@ -259,7 +260,13 @@ def summary(output: Path) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (name, connector), results in sorted(by_key.items()):
-        if connector == "concat" or name not in ("random", "lm", "encoder", "both", "random-hivelr"):
+        if not connector_for(connector).uses_cross_attention or name not in (
+            "random",
+            "lm",
+            "encoder",
+            "both",
+            "random-hivelr",
+        ):
             continue
         for stage in ("0", "1", "2", "3"):
             diagnostics_ = [r["stages"][stage]["diagnostics"] for r in results]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .architectures import TextShape, VisionShape
 from .config import HiveConfig, ResolvedLayers
+from .connectors import connector_for
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock, HiveLayerNorm
 from .levels import HiveLevelEncoder
 
@@ -62,7 +63,7 @@ def build_level_encoder(
         output_size=media_width(config, vision, text),
         tokens_per_level=config.tokens_per_level,
         keep_prefix_tokens=config.vision_feature_select == "full",
-        level_embedding=config.connector == "hive" and config.level_mapping == "all",
+        level_embedding=connector_for(config.connector).level_embedding(config),
     )
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-CONNECTORS = ("hive", "cascaded", "concat")
 LEVEL_MAPPINGS = ("paired", "all")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "lean")
 PLACEMENTS = ("before", "after")
@@ -61,7 +60,7 @@ def spread_layers(count: int, num_layers: int, *, end_at_last: bool) -> list[int
     return [(i * num_layers) // count for i in range(count)]
 
 
-def _normalise(indices: list[int], num_layers: int, name: str, what: str) -> list[int]:
+def normalise_layers(indices: list[int], num_layers: int, name: str, what: str) -> list[int]:
     out = []
     for index in indices:
         if not -num_layers <= index < num_layers:
@@ -203,9 +202,11 @@ class HiveConfig(PretrainedConfig):
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every value that can be checked without a model; raise `ValueError` naming it."""
+        from .connectors import connector_for  # the registry imports this module
+
+        connector = connector_for(self.connector)  # an unknown name is refused, naming the registered ones
         for name, allowed in (
             ("level_mapping", LEVEL_MAPPINGS),
-            ("connector", CONNECTORS),
             ("projector_type", PROJECTOR_TYPES),
             ("placement", PLACEMENTS),
             ("media_attention", MEDIA_ATTENTION),
@@ -225,18 +226,7 @@ class HiveConfig(PretrainedConfig):
                 continue
             if not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
                 raise ValueError(f"{name}={value!r}: expected a non-empty list of layer indices (ints)")
-        if (
-            self.connector == "hive"
-            and self.level_mapping == "paired"
-            and self.vision_layers is not None
-            and self.llm_layers is not None
-            and len(self.vision_layers) != len(self.llm_layers)
-        ):
-            raise ValueError(
-                f"vision_layers={self.vision_layers} and llm_layers={self.llm_layers} have different lengths "
-                f"({len(self.vision_layers)} vs {len(self.llm_layers)}); level_mapping='paired' pairs them one "
-                "to one. Give lists of equal length or use level_mapping='all'."
-            )
+        connector.validate(self)
         if self.tokens_per_level is not None:
             n = self.tokens_per_level
             if not isinstance(n, int) or isinstance(n, bool) or n < 1 or math.isqrt(n) ** 2 != n:
@@ -256,11 +246,6 @@ class HiveConfig(PretrainedConfig):
             if not number or not math.isfinite(value) or (low is not None and value <= low):
                 expected = "a finite number" if low is None else f"a finite number above {low}"
                 raise ValueError(f"{name}={value!r}: expected {expected}")
-        if self.projector_type == "lean" and self.connector == "concat":
-            raise ValueError(
-                "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
-                "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
-            )
         if self.media_width is not None and self.projector_type != "lean":
             raise ValueError(
                 f"media_width={self.media_width}: only projector_type='lean' projects to its own width (the "
@@ -286,46 +271,13 @@ class HiveConfig(PretrainedConfig):
             )
 
     def resolve_layers(self, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
-        """Defaults filled in, negative indices resolved and ranges checked for one model pair."""
-        paired = self.connector == "hive" and self.level_mapping == "paired"
-        if self.vision_layers is not None:
-            levels = _normalise(self.vision_layers, num_vision_layers, "vision_layers", "vision encoder")
-        else:
-            count = max(1, round(DEFAULT_LEVEL_FRACTION * num_vision_layers))
-            if paired and self.llm_layers is not None:
-                count = len(self.llm_layers)
-                if count > num_vision_layers:
-                    raise ValueError(
-                        f"llm_layers={self.llm_layers}: {count} paired depths need {count} vision levels, the vision "
-                        f"encoder has {num_vision_layers} layers"
-                    )
-            levels = spread_layers(count, num_vision_layers, end_at_last=True)
+        """Defaults filled in, negative indices resolved and ranges checked for one model pair (the connector
+        decides how levels map to decoder layers: `hive_adapter.connectors`)."""
+        from .connectors import connector_for
 
-        if self.connector == "concat":
-            # The self-attention baseline splices the deepest selected level into the input; no layer is wrapped.
-            return ResolvedLayers((levels[-1],), (), ())
-
-        if self.llm_layers is not None:
-            depths = _normalise(self.llm_layers, num_llm_layers, "llm_layers", "language model")
-        else:
-            if len(levels) > num_llm_layers:
-                raise ValueError(
-                    f"vision_layers={levels}: {len(levels)} levels need as many decoder layers, the language model "
-                    f"has {num_llm_layers}; pass llm_layers explicitly"
-                )
-            depths = spread_layers(len(levels), num_llm_layers, end_at_last=False)
-
-        if self.connector == "cascaded":
-            # Same cross-attention depths as HIVE, all fed by the deepest selected level.
-            return ResolvedLayers((levels[-1],), tuple(depths), (0,) * len(depths))
-        if self.level_mapping == "all":
-            return ResolvedLayers(tuple(levels), tuple(depths), (None,) * len(depths))
-        if len(levels) != len(depths):
-            raise ValueError(
-                f"vision_layers={levels} and llm_layers={depths} have different lengths; level_mapping='paired' "
-                "pairs them one to one"
-            )
-        return ResolvedLayers(tuple(levels), tuple(depths), tuple(range(len(depths))))
+        return connector_for(self.connector).resolve_layers(
+            self, num_vision_layers=num_vision_layers, num_llm_layers=num_llm_layers
+        )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

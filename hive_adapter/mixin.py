@@ -10,8 +10,8 @@ layers (`attach.py`), and runs a forward as four steps (docs/ARCHITECTURE.md, "T
     3. the language model            language_model(...), whose hooked layers read the context (attach.py)
     4. end of the forward            runtime.end_forward, from the hook after the decoder stack
 
-The `concat` connector is the self-attention baseline through the same class: the deepest selected level is
-spliced into the input embeddings at the marker, as LLaVA does (`splice.py`).
+The data flow of a forward and of `generate` is the connector's (`connectors.py`): cross-attention read by the
+hooked layers (`hive`, `cascaded`), or the deepest level spliced into the input embeddings (`concat`).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from .architectures import TextShape, VisionShape, find_decoder_layers, text_sha
 from .attach import HiveAttachment, attach_hive_hooks
 from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
+from .connectors import Connector, connector_for
 from .context import HiveVisionContext
 from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .parameters import is_hive_parameter
-from .runtime import HiveRuntime, past_length_of
-from .splice import splice_image_tokens
-from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context, usable_images
+from .runtime import HiveRuntime
+from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,12 @@ class HiveMixin:
             training=self.training,
         )
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ forward and generate
+    @property
+    def hive_connector(self) -> Connector:
+        """How the images reach the language model (`hive_adapter.connectors`)."""
+        return connector_for(self.hive_config.connector)
+
     def _hive_forward(
         self,
         language_model: nn.Module,
@@ -203,64 +208,25 @@ class HiveMixin:
         past_key_values: Any = None,
         **kwargs: Any,
     ):
-        """One forward of the language model with the images seen through HIVE (or spliced, `concat`).
+        """One forward of the language model with the images seen through the connector.
 
         With `inputs_embeds`, `input_ids` may come alongside: the markers are read from the ids and only the
         embeddings reach the language model.
         """
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
-        text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        if self.hive_config.connector == "concat":
-            if pixel_values is not None or (self.training and torch.is_grad_enabled()):
-                # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)
-                if past_length_of(past_key_values) > 0:
-                    raise ValueError(
-                        "connector='concat': pixel_values came with a decoding step (the cache already holds "
-                        f"{past_length_of(past_key_values)} tokens); images are spliced into the prompt, pass them "
-                        "with it"
-                    )
-                embeddings, attention_mask, labels = self._concat_embeddings(
-                    input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, padding_side="right"
-                )
-                text = {"inputs_embeds": embeddings}
-            # else text alone: a decoding step, or embeddings `generate` already spliced
-        else:
-            self.hive_runtime.context_for_call(
-                past_length=past_length_of(past_key_values),
-                has_images=pixel_values is not None,
-                build=lambda: self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs),
-            )
-        return language_model(
-            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
-        )
-
-    def _concat_embeddings(
-        self, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *, padding_side: str
-    ):
-        """Input embeddings with each image's tokens spliced in at its marker (the concat baseline).
-
-        Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
-        """
-        embeddings = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
-        vision = self.hive_vision
-        if pixel_values is None:
-            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
-            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
-        pixel_values, _ = usable_images(pixel_values, training=self.training)  # a left-out image: spliced blank
-        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        images = levels[-1].to(embeddings.dtype)  # (images, tokens, hidden)
-        if token_mask is not None:  # NaFlex: each image's real tokens only, (tokens_i, hidden) each
-            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
-        return splice_image_tokens(
-            markers=self.hive_markers(input_ids, inputs_embeds),
-            embeddings=embeddings,
-            images=images,
+        return self.hive_connector.forward(
+            self,
+            language_model,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             labels=labels,
-            padding_side=padding_side,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            vision_inputs=vision_inputs,
+            **kwargs,
         )
 
-    # ------------------------------------------------------------------ generate
     def _hive_generate(
         self,
         generate,
@@ -273,34 +239,19 @@ class HiveMixin:
     ):
         """Generation for every connector, returning what `generate` returns for a decoder-only LM: prompt +
         new tokens when `input_ids` are given (with or without `inputs_embeds`), the new tokens alone from
-        `inputs_embeds` alone.
-
-        `hive`/`cascaded`: the prompt's vision context is built once here (vision tower and every block's K/V
-        run once per prompt) and pinned while `generate` runs on text alone. `concat`: the image tokens are
-        spliced into left-padded input embeddings and `generate` runs on those.
-        """
+        `inputs_embeds` alone. Cross-attention connectors build the prompt's vision context once (vision tower
+        and every block's K/V run once per prompt) and pin it while `generate` runs on text alone."""
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
-        if self.hive_config.connector != "concat":
-            text = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
-            text = {name: value for name, value in text.items() if value is not None}
-            context = self.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
-            return self.hive_runtime.generating(
-                context, lambda: generate(**text, attention_mask=attention_mask, **kwargs)
-            )
-        embeddings, attention_mask, _ = self._concat_embeddings(
-            input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
+        return self.hive_connector.generate(
+            self,
+            generate,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            vision_inputs=vision_inputs,
+            **kwargs,
         )
-        output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
-        if input_ids is None:
-            return output  # from embeddings alone: the new tokens only, as transformers returns them
-        # From token ids: the prompt in front of the new tokens, in the tensor and in `sequences` alike.
-        new_tokens = output if isinstance(output, torch.Tensor) else output.sequences
-        prompt = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0)
-        sequences = torch.cat([prompt, new_tokens], 1)
-        if isinstance(output, torch.Tensor):
-            return sequences
-        output.sequences = sequences
-        return output
 
     # ------------------------------------------------------------------ parameters
     def hive_named_parameters(self):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .data.collator import IGNORE_INDEX
+# Label of a position the loss skips (PyTorch's cross-entropy default; LLaVA's and transformers' too). The
+# collators re-export it; the core defines it so that it imports nothing from the training side.
+IGNORE_INDEX = -100
 
 
 def splice_image_tokens(

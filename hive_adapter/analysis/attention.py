@@ -47,9 +47,9 @@ def key_grid(tokens: int, patch_grid: tuple[int, int]) -> tuple[int, int]:
 
 
 def _require_cross_attention(model: torch.nn.Module) -> None:
-    if model.hive_config.connector == "concat":
+    if not model.hive_connector.uses_cross_attention:
         raise ValueError(
-            "connector='concat' has no cross-attention (its image tokens go through self-attention); "
+            f"connector={model.hive_config.connector!r} has no cross-attention (its image tokens go through self-attention); "
             "attention maps exist for 'hive' and 'cascaded' models"
         )
 

@@ -52,7 +52,7 @@ def aligned_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     input_ids = batch["input_ids"]
     if logits.shape[1] == input_ids.shape[1]:
         return logits
-    if model.hive_config.connector != "concat":
+    if model.hive_connector.uses_cross_attention:
         raise RuntimeError(f"logits of length {logits.shape[1]} for {input_ids.shape[1]} text tokens")
     columns = _concat_text_positions(model, input_ids, logits.shape[1])
     return logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))

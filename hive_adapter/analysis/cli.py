@@ -82,8 +82,10 @@ def run_gradients(args) -> None:
 
 def run_attention(args) -> None:
     loaded, image, batch = _load(args)
-    if loaded.connector == "concat":
-        raise SystemExit("hive-analyze attention: this is a 'concat' model, which has no cross-attention to show")
+    if not loaded.model.hive_connector.uses_cross_attention:
+        raise SystemExit(
+            f"hive-analyze attention: this is a {loaded.connector!r} model, which has no cross-attention to show"
+        )
     maps = cross_attention_maps(loaded.model, batch)
     token_ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     positions = produced_positions(loaded.tokenizer, token_ids, labels, args.token, args.max_tokens)

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from ..distributed import is_main_process
-
-IGNORE_INDEX = -100
-
+from ..splice import IGNORE_INDEX  # defined by the core (splice.py); the collators label "no loss here" with it
 
 logger = logging.getLogger(__name__)
 

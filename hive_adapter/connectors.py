@@ -1,0 +1,282 @@
+"""Connectors: how the vision levels reach the language model, one class each, in one registry.
+
+A connector decides three things, and nothing outside this module branches on its name:
+
+- which vision levels feed which decoder layers (`resolve_layers`, from the config's layer lists);
+- which modules HIVE builds for it (a level embedding when every block reads every level);
+- the data flow of a forward and of `generate` (`forward`, `generate`): cross-attention from hooked decoder
+  layers (`hive`, `cascaded`), or image tokens spliced into the input (`concat`, the self-attention baseline).
+
+Adding one is a class and a `register_connector` call (CONTRIBUTING, "A new connector"; a toy one plugs in
+in `tests/test_connectors.py`). Peers keep such a table too: PEFT's tuner registry, LLaVA's projector factory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .config import DEFAULT_LEVEL_FRACTION, ResolvedLayers, normalise_layers, spread_layers
+from .runtime import past_length_of
+from .splice import splice_image_tokens
+from .vision import usable_images
+
+if TYPE_CHECKING:
+    from .config import HiveConfig
+
+_REGISTRY: dict[str, type[Connector]] = {}
+
+
+def register_connector(connector: type[Connector]) -> type[Connector]:
+    """Make `connector` (a `Connector` subclass with a `name`) available as `HiveConfig(connector=name)`.
+    A name already registered is refused, as PEFT refuses a second tuner of one name. Usable as a decorator."""
+    if not (isinstance(connector, type) and issubclass(connector, Connector)):
+        raise TypeError(f"register_connector({connector!r}): expected a subclass of hive_adapter.connectors.Connector")
+    name = getattr(connector, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{connector.__name__} has no `name`: set name = '...' on the class")
+    if name in _REGISTRY and _REGISTRY[name] is not connector:
+        raise ValueError(
+            f"a connector named {name!r} is registered already ({_REGISTRY[name].__name__}); choose another name"
+        )
+    _REGISTRY[name] = connector
+    return connector
+
+
+def connector_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def connector_for(name: str) -> Connector:
+    """The connector registered as `name`, or a `ValueError` listing those that are."""
+    if name not in _REGISTRY:
+        raise ValueError(f"connector={name!r}: expected one of {', '.join(map(repr, _REGISTRY))}")
+    return _REGISTRY[name]()
+
+
+def same_connector(first: HiveConfig, second: HiveConfig) -> bool:
+    """Whether two configs name the same connector (then their layer lists are comparable)."""
+    return connector_for(first.connector).name == connector_for(second.connector).name
+
+
+class Connector:
+    """The verbs a front end needs from a connector. Subclasses set `name` and override what differs."""
+
+    name: ClassVar[str]
+    uses_cross_attention: ClassVar[bool] = True  # blocks hooked into decoder layers read the vision context
+
+    # ------------------------------------------------------------------ configuration
+    def validate(self, config: HiveConfig) -> None:
+        """Connector-specific checks of a config, before any model is built (`HiveConfig.validate`)."""
+
+    def pairs_levels(self, config: HiveConfig) -> bool:
+        """Whether level k feeds decoder layer k one to one (then the two lists have equal length)."""
+        return False
+
+    def level_embedding(self, config: HiveConfig) -> bool:
+        """Whether the level encoder adds a learned embedding per level (blocks that read every level)."""
+        return False
+
+    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        raise NotImplementedError
+
+    def vision_levels(self, config: HiveConfig, num_vision_layers: int) -> list[int]:
+        """The selected encoder levels: the config's, or ~25% spread shallow to deep, ending at the last layer."""
+        if config.vision_layers is not None:
+            return normalise_layers(config.vision_layers, num_vision_layers, "vision_layers", "vision encoder")
+        count = max(1, round(DEFAULT_LEVEL_FRACTION * num_vision_layers))
+        if self.pairs_levels(config) and config.llm_layers is not None:
+            count = len(config.llm_layers)
+            if count > num_vision_layers:
+                raise ValueError(
+                    f"llm_layers={config.llm_layers}: {count} paired depths need {count} vision levels, the vision "
+                    f"encoder has {num_vision_layers} layers"
+                )
+        return spread_layers(count, num_vision_layers, end_at_last=True)
+
+    def llm_depths(self, config: HiveConfig, levels: list[int], num_llm_layers: int) -> list[int]:
+        """The decoder layers that get a block: the config's, or one per level spread from layer 0."""
+        if config.llm_layers is not None:
+            return normalise_layers(config.llm_layers, num_llm_layers, "llm_layers", "language model")
+        if len(levels) > num_llm_layers:
+            raise ValueError(
+                f"vision_layers={levels}: {len(levels)} levels need as many decoder layers, the language model "
+                f"has {num_llm_layers}; pass llm_layers explicitly"
+            )
+        return spread_layers(len(levels), num_llm_layers, end_at_last=False)
+
+    # ------------------------------------------------------------------ data flow
+    def forward(self, model, language_model: torch.nn.Module, **inputs: Any):
+        """One forward of the language model with the images seen through this connector (`HiveMixin`)."""
+        raise NotImplementedError
+
+    def generate(self, model, generate, **inputs: Any):
+        """`generate` of the language model with the prompt's images seen through this connector."""
+        raise NotImplementedError
+
+
+class CrossAttentionConnector(Connector):
+    """Vision levels read by gated cross-attention inside chosen decoder layers; image tokens never enter the
+    sequence. The prompt's vision context is built once and read by every hooked block (`HiveRuntime`)."""
+
+    name = "hive"
+
+    def validate(self, config: HiveConfig) -> None:
+        if (
+            self.pairs_levels(config)
+            and config.vision_layers is not None
+            and config.llm_layers is not None
+            and len(config.vision_layers) != len(config.llm_layers)
+        ):
+            raise ValueError(
+                f"vision_layers={config.vision_layers} and llm_layers={config.llm_layers} have different lengths "
+                f"({len(config.vision_layers)} vs {len(config.llm_layers)}); level_mapping='paired' pairs them one "
+                "to one. Give lists of equal length or use level_mapping='all'."
+            )
+
+    def pairs_levels(self, config: HiveConfig) -> bool:
+        return config.level_mapping == "paired"
+
+    def level_embedding(self, config: HiveConfig) -> bool:
+        return config.level_mapping == "all"
+
+    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        levels = self.vision_levels(config, num_vision_layers)
+        depths = self.llm_depths(config, levels, num_llm_layers)
+        if config.level_mapping == "all":
+            return ResolvedLayers(tuple(levels), tuple(depths), (None,) * len(depths))
+        if len(levels) != len(depths):
+            raise ValueError(
+                f"vision_layers={levels} and llm_layers={depths} have different lengths; level_mapping='paired' "
+                "pairs them one to one"
+            )
+        return ResolvedLayers(tuple(levels), tuple(depths), tuple(range(len(depths))))
+
+    def forward(self, model, language_model, *, input_ids, pixel_values, attention_mask, labels, inputs_embeds,
+                past_key_values, vision_inputs, **kwargs):  # fmt: skip
+        model.hive_runtime.context_for_call(
+            past_length=past_length_of(past_key_values),
+            has_images=pixel_values is not None,
+            build=lambda: model.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs),
+        )
+        text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        return language_model(
+            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
+        )
+
+    def generate(self, model, generate, *, input_ids, pixel_values, attention_mask, inputs_embeds, vision_inputs,
+                 **kwargs):  # fmt: skip
+        text = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+        text = {name: value for name, value in text.items() if value is not None}
+        context = model.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
+        return model.hive_runtime.generating(context, lambda: generate(**text, attention_mask=attention_mask, **kwargs))
+
+
+class CascadedConnector(CrossAttentionConnector):
+    """The paper's cascaded baseline: HIVE's cross-attention depths, every one fed the deepest level only."""
+
+    name = "cascaded"
+
+    def pairs_levels(self, config: HiveConfig) -> bool:
+        return False
+
+    def level_embedding(self, config: HiveConfig) -> bool:
+        return False
+
+    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        levels = self.vision_levels(config, num_vision_layers)
+        depths = self.llm_depths(config, levels, num_llm_layers)
+        return ResolvedLayers((levels[-1],), tuple(depths), (0,) * len(depths))
+
+
+class ConcatConnector(Connector):
+    """The self-attention baseline: the deepest selected level projected and spliced into the LLM input at the
+    image marker, as LLaVA does (`splice.py`). No decoder layer is hooked."""
+
+    name = "concat"
+    uses_cross_attention = False
+
+    def validate(self, config: HiveConfig) -> None:
+        if config.projector_type == "lean":
+            raise ValueError(
+                "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
+                "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
+            )
+
+    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        return ResolvedLayers((self.vision_levels(config, num_vision_layers)[-1],), (), ())
+
+    def forward(self, model, language_model, *, input_ids, pixel_values, attention_mask, labels, inputs_embeds,
+                past_key_values, vision_inputs, **kwargs):  # fmt: skip
+        text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        if pixel_values is not None or (model.training and torch.is_grad_enabled()):
+            # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)
+            if past_length_of(past_key_values) > 0:
+                raise ValueError(
+                    "connector='concat': pixel_values came with a decoding step (the cache already holds "
+                    f"{past_length_of(past_key_values)} tokens); images are spliced into the prompt, pass them "
+                    "with it"
+                )
+            embeddings, attention_mask, labels = self.embeddings(
+                model,
+                input_ids,
+                inputs_embeds,
+                pixel_values,
+                attention_mask,
+                labels,
+                vision_inputs,
+                padding_side="right",
+            )
+            text = {"inputs_embeds": embeddings}
+        # else text alone: a decoding step, or embeddings `generate` already spliced
+        return language_model(
+            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
+        )
+
+    def generate(self, model, generate, *, input_ids, pixel_values, attention_mask, inputs_embeds, vision_inputs,
+                 **kwargs):  # fmt: skip
+        embeddings, attention_mask, _ = self.embeddings(
+            model, input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
+        )
+        output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+        if input_ids is None:
+            return output  # from embeddings alone: the new tokens only, as transformers returns them
+        # From token ids: the prompt in front of the new tokens, in the tensor and in `sequences` alike.
+        new_tokens = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt = input_ids.repeat_interleave(new_tokens.shape[0] // input_ids.shape[0], 0)
+        sequences = torch.cat([prompt, new_tokens], 1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
+
+    @staticmethod
+    def embeddings(model, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *,
+                   padding_side: str):  # fmt: skip
+        """Input embeddings with each image's tokens spliced in at its marker.
+
+        Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
+        """
+        embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+        vision = model.hive_vision
+        if pixel_values is None:
+            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
+            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
+        pixel_values, _ = usable_images(pixel_values, training=model.training)  # a left-out image: spliced blank
+        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
+        images = levels[-1].to(embeddings.dtype)  # (images, tokens, hidden)
+        if token_mask is not None:  # NaFlex: each image's real tokens only, (tokens_i, hidden) each
+            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
+        return splice_image_tokens(
+            markers=model.hive_markers(input_ids, inputs_embeds),
+            embeddings=embeddings,
+            images=images,
+            attention_mask=attention_mask,
+            labels=labels,
+            padding_side=padding_side,
+        )
+
+
+for _connector in (CrossAttentionConnector, CascadedConnector, ConcatConnector):
+    register_connector(_connector)
