@@ -233,3 +233,15 @@ def test_gates_and_norms_stay_float32_when_loaded_or_cast_to_half_precision(toy,
         }
         assert kept and set(kept.values()) == {torch.float32}, kept
         assert modules.hive_levels.projectors[0].layers[0].weight.dtype == dtype
+
+
+def test_llava_mistral_with_a_hive_connector_is_refused_by_name(toy):
+    """LLaVA's Mistral (and MPT) classes are not routed to HIVE's generate: refused, not half-supported."""
+    apply_patch()
+    from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+
+    llama = build(toy, vision_connector="hive")
+    config = LlavaMistralConfig(**{k: v for k, v in llama.config.to_dict().items() if k not in ("model_type",
+                                                                                             "architectures")})  # fmt: skip
+    with pytest.raises(ValueError, match=r"--vision_connector hive on LlavaMistralModel: .*Llama models"):
+        LlavaMistralForCausalLM(config)

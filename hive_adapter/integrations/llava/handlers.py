@@ -78,11 +78,32 @@ def build_projector(config) -> HiveLlavaModules | None:
     return HiveLlavaModules(config)
 
 
+# The LLaVA language-model classes HIVE runs in: their `generate` is routed to `handlers.generate` (patch.py and
+# the patch file). LLaVA's Mistral and MPT classes are not: they would get HIVE's modules without HIVE's generate.
+SUPPORTED_LLAVA_MODELS = {"LlavaLlamaModel": "llava.model.language_model.llava_llama"}
+
+
+def check_supported(llava_model: nn.Module) -> None:
+    """Refuse a LLaVA language model whose generation HIVE does not route (by class, from the table above)."""
+    import importlib
+
+    for name, module in SUPPORTED_LLAVA_MODELS.items():
+        if isinstance(llava_model, getattr(importlib.import_module(module), name)):
+            return
+    raise ValueError(
+        f"--vision_connector hive on {type(llava_model).__name__}: HIVE supports LLaVA's Llama models "
+        f"({', '.join(SUPPORTED_LLAVA_MODELS)}) only; LLaVA's Mistral and MPT classes would get HIVE's modules "
+        "without HIVE's generation. Use a Llama-family LLM (Vicuna, LLaMA), or the Hugging Face route "
+        "(HiveForConditionalGeneration.from_vision_text) for Mistral"
+    )
+
+
 def attach(llava_model: nn.Module) -> None:
     """Hook a HIVE connector's blocks into the decoder layers (end of `LlavaMetaModel.__init__` and of
     `initialize_vision_modules`)."""
     modules = getattr(llava_model, "mm_projector", None)
     if isinstance(modules, HiveLlavaModules):
+        check_supported(llava_model)
         modules.attach(llava_model)
 
 
