@@ -55,11 +55,6 @@ def connector_for(name: str) -> Connector:
     return _REGISTRY[name]()
 
 
-def same_connector(first: HiveConfig, second: HiveConfig) -> bool:
-    """Whether two configs name the same connector (then their layer lists are comparable)."""
-    return connector_for(first.connector).name == connector_for(second.connector).name
-
-
 class Connector:
     """The verbs a front end needs from a connector. Subclasses set `name` and override what differs."""
 

@@ -45,9 +45,14 @@ def mark_hive_trainable(model: nn.Module, requires_grad: bool = True) -> int:
     return count
 
 
+def non_finite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors of `named_tensors` that hold NaN or inf."""
+    return [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
 def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], *, source: str) -> None:
     """Refuse weights holding NaN or inf (a damaged file), naming them."""
-    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    bad = non_finite_names(named_tensors)
     if bad:
         raise ValueError(
             f"HIVE weights in {source} hold NaN or inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
@@ -63,8 +68,5 @@ def non_finite_tensors_in(directory: str | Path) -> list[str]:
     bad = []
     for path in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as weights:
-            for name in weights.keys():
-                tensor = weights.get_tensor(name)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad.append(name)
+            bad += non_finite_names((name, weights.get_tensor(name)) for name in weights.keys())
     return bad

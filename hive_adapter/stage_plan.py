@@ -17,7 +17,6 @@ from transformers import AutoConfig
 
 from .arguments import HiveArguments, hive_config_from
 from .config import HiveConfig
-from .connectors import same_connector
 from .outputs import OutputRefused, check_target, owner_of, partial_path
 from .stages import StageSpec
 
@@ -75,7 +74,7 @@ def contradictions(config: HiveConfig, hive_args: HiveArguments, explicit: set[s
     for flag, field in FLAG_FIELDS.items():
         if flag in explicit and getattr(asked, field) != getattr(config, field):
             found.append(f"--{flag} {getattr(asked, field)!r} (the model: {field}={getattr(config, field)!r})")
-    if explicit & set(LAYER_FLAGS) and same_connector(asked, config) and config.vision_config is not None:
+    if explicit & set(LAYER_FLAGS) and asked.connector == config.connector and config.vision_config is not None:
         counts = {
             "num_vision_layers": config.vision_config.num_hidden_layers,
             "num_llm_layers": config.text_config.num_hidden_layers,

@@ -42,7 +42,6 @@ from transformers import (
 )
 
 from .arguments import HiveArguments, hive_config_from
-from .checkpoints import choose_resume_checkpoint
 from .console import on_a_terminal, quiet_progress_bars
 from .console import say as console_say
 from .data.collator import HiveCaptionCollator, with_pad_token
@@ -270,11 +269,10 @@ def run_stage(
     if any_rank(bool(bad)):
         if trainer.is_world_process_zero():
             shutil.rmtree(tmp, ignore_errors=True)
-        choice = choose_resume_checkpoint(checkpoints)
         raise TrainingDiverged(
             f"stage {stage.number} diverged by step {trainer.state.global_step}: its weights hold NaN or inf "
             f"({len(bad) or 'some'} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ''}); the stage is not "
-            "installed" + (f"; the newest complete checkpoint is {choice.checkpoint}" if choice.checkpoint else "")
+            f"installed; {trainer.newest_checkpoint_note()}"
         )
     if trainer.is_world_process_zero():
         if not (tmp / "model.safetensors").is_file() and not (tmp / "model.safetensors.index.json").is_file():

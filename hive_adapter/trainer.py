@@ -143,6 +143,13 @@ class HiveTrainer(Trainer):
             self.diverged(loss=loss, grad_norm=grad_norm)
         return grad_norm
 
+    def newest_checkpoint_note(self) -> str:
+        """Where a diverged stage can resume from: the newest checkpoint complete now, or that there is none."""
+        choice = checkpoints.choose_resume_checkpoint(Path(self.args.output_dir))
+        if choice.checkpoint is None:
+            return f"no complete checkpoint in {self.args.output_dir}"
+        return f"the newest complete checkpoint is {choice.checkpoint}"
+
     def diverged(self, *, loss: float | None, grad_norm) -> None:
         step = self.state.global_step + 1
         what = ", ".join(
@@ -154,12 +161,7 @@ class HiveTrainer(Trainer):
             if part
         )
         rates = sorted({f"{group['lr']:g}" for group in self.optimizer.param_groups}) if self.optimizer else []
-        choice = checkpoints.choose_resume_checkpoint(Path(self.args.output_dir))
-        kept = (
-            f"the newest complete checkpoint is {choice.checkpoint}"
-            if choice.checkpoint is not None
-            else f"no complete checkpoint in {self.args.output_dir}"
-        )
+        kept = self.newest_checkpoint_note()
         raise TrainingDiverged(
             f"{self.label} diverged at step {step} of {self.state.max_steps}: "
             f"{what or 'on another rank'} (learning rate {', '.join(rates) or '?'}). Nothing from this step on is "
