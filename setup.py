@@ -66,6 +66,7 @@ setup(
             "hive-probe=hive_adapter.analysis.probe:main",
             "hive-reproduce=hive_adapter.analysis.reproduce:main",
             "hive-eval-tasks=hive_adapter.evaluation.tasks:main",
+            "hive-serve=hive_adapter.serve:main",
         ],
         # lmms-eval >= 0.7 discovers models through this group (`lmms-eval --model hive`)
         "lmms_eval.models": ["hive=hive_adapter.evaluation.plugin:manifest"],

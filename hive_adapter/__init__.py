@@ -15,10 +15,12 @@ from .layout import image_token_id_from_tokenizer
 from .levels import HiveLevelEncoder, HiveProjector
 from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
 from .parameters import is_hive_parameter, mark_hive_trainable
+from .processing_hive import HiveProcessor, _register_auto_processor
 from .runtime import HiveRuntime
 from .version import __version__
 
 _register_auto_classes()
+_register_auto_processor()
 drop_deepspeed_cpu_notice()
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "HiveLevelEncoder",
     "HiveModel",
     "HivePreTrainedModel",
+    "HiveProcessor",
     "HiveProjector",
     "HiveRuntime",
     "HiveVisionContext",

@@ -7,8 +7,9 @@
 
 Layout of `--output_dir`:
     stage0/                   the composed, untrained model (vision + LLM + fresh HIVE modules)
-    stage{1,2,3}/             each stage's final model (config.json, model.safetensors, tokenizer,
-                              image processor, hive_stage.json with its loss curve and parameter counts)
+    stage{1,2,3}/             each stage's final model (config.json, model.safetensors, its HiveProcessor:
+                              tokenizer, image processor, chat template; hive_stage.json with its loss curve
+                              and parameter counts)
     stage{n}-checkpoints/     Trainer checkpoints; resume with --resume_from_checkpoint auto
 
 A stage directory appears only when the stage has finished (written aside, then renamed), so a rerun
@@ -62,6 +63,7 @@ from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, install, partial_path, start_partial
 from .parameters import non_finite_tensors_in
+from .processing_hive import HiveProcessor
 from .resume import resume_point, run_settings
 from .stage_plan import (
     STAGE_REPORT,
@@ -93,10 +95,11 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
     model = HiveForConditionalGeneration.from_vision_text(vision, language, hive_config_from(hive_args))
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_args.tokenizer or model_args.language_model))
     image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor or model_args.vision_model)
+    # Saved with every stage: AutoProcessor, pipeline("image-text-to-text") and hive-serve load it from there.
+    processor = HiveProcessor.for_model(model, tokenizer=tokenizer, image_processor=image_processor)
     tmp = start_partial(directory, command=COMMAND)
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     report = {
         "stage": 0,
         "connector": hive_args.vision_connector,
@@ -211,8 +214,10 @@ def run_stage(
     counts = apply_stage(model, stage)
     if base_args.gradient_checkpointing:
         model.config.use_cache = False
-    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
-    image_processor = AutoImageProcessor.from_pretrained(previous)
+    # The previous stage's processor (a directory written before processors were saved gets one built from its
+    # tokenizer and image processor) travels on, with any chat template the user put in it.
+    processor = HiveProcessor.from_pretrained(previous)
+    tokenizer, image_processor = with_pad_token(processor.tokenizer), processor.image_processor
     collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
@@ -279,8 +284,7 @@ def run_stage(
             raise RuntimeError(
                 f"stage {stage.number}: no model weights were written to {tmp}; the stage is not installed"
             )
-        tokenizer.save_pretrained(tmp)
-        image_processor.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
         install(tmp, final, command=COMMAND)
         if report["skipped_images"]:

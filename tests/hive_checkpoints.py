@@ -24,7 +24,11 @@ def toy_models(directory: Path) -> tuple[Path, Path]:
 
 
 @torch.no_grad()
-def save_hive_checkpoint(models: tuple[Path, Path], directory: Path, *, connector: str = "hive", **overrides) -> Path:
+def save_hive_checkpoint(
+    models: tuple[Path, Path], directory: Path, *, connector: str = "hive", loud: bool = False, **overrides
+) -> Path:
+    """`loud`: HIVE's matrices drawn at std 0.3 and gates fully open (1.0), so that greedy answers differ from
+    picture to picture (`solid_images`): what a test needs to see that each request got its own image."""
     vision_dir, language_dir = models
     torch.manual_seed(0)
     settings = dict(vision_layers=VISION_LAYERS, llm_layers=[0, 1], connector=connector, tokens_per_level=4)
@@ -33,12 +37,23 @@ def save_hive_checkpoint(models: tuple[Path, Path], directory: Path, *, connecto
         load_vision_encoder(vision_dir), AutoModelForCausalLM.from_pretrained(language_dir), config
     )
     for name, param in model.named_parameters():
+        if loud and "hive" in name and param.ndim == 2:
+            param.normal_(0, 0.3)
         if name.endswith(("hive_attn_gate", "hive_ffn_gate")):
-            param.fill_(0.5)
+            param.fill_(1.0 if loud else 0.5)
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(language_dir).save_pretrained(directory)
     AutoImageProcessor.from_pretrained(vision_dir).save_pretrained(directory)
     return directory
+
+
+def solid_images(count: int, *, size: int = 32, seed: int = 0) -> list:
+    """`count` single-colour pictures: a loud checkpoint answers several of them differently."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.randint(0, 256, (count, 3), generator=generator).tolist()
+    return [Image.new("RGB", (size, size), tuple(colour)) for colour in colours]
 
 
 @torch.no_grad()

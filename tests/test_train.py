@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, TrainingArguments
+from transformers import AutoModel, AutoProcessor, TrainingArguments, pipeline
 
 import hive_adapter as hive
 from hive_adapter.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint
@@ -179,6 +179,16 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
     assert last < first
     model = AutoModel.from_pretrained(out / "stage3")
     assert isinstance(model, hive.HiveForConditionalGeneration)
+    # every stage directory is usable as any HF VLM: its processor (chat template included) and the pipeline
+    for stage in (0, 1, 2, 3):
+        assert (out / f"stage{stage}" / "processor_config.json").is_file(), stage
+        assert (out / f"stage{stage}" / "chat_template.jinja").is_file(), stage
+    processor = AutoProcessor.from_pretrained(out / "stage3")
+    assert isinstance(processor, hive.HiveProcessor) and processor.image_token is None  # captioning mode
+    chat = [{"role": "user", "content": [{"type": "image", "image": SyntheticShapes(1, image_size=32).image(0)},
+                                         {"type": "text", "text": "describe the image ."}]}]  # fmt: skip
+    answer = pipeline("image-text-to-text", model=str(out / "stage3"))(text=chat, max_new_tokens=3)
+    assert isinstance(answer[0]["generated_text"][-1]["content"], str)
     stage1 = AutoModel.from_pretrained(out / "stage1")
     stage0 = AutoModel.from_pretrained(out / "stage0")
     for (name, p1), (_, p0) in zip(stage1.named_parameters(), stage0.named_parameters(), strict=True):
