@@ -42,6 +42,8 @@ setup(
         "real": ["gguf>=0.10"],
         # hive-serve: transformers' own `transformers serve` (OpenAI-compatible) and the openai client its tests use
         "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "rich"],
+        # instruction tuning with TRL's SFTTrainer (tests/test_trl.py)
+        "sft": ["trl>=1.0", "datasets"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
