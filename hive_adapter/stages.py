@@ -95,19 +95,44 @@ STAGES: dict[int, StageSpec] = {
         paper_warmup_iters=18,
         paper_total_iters=581,
     ),
+    # Visual instruction tuning after the three pre-training stages (`--stage sft`). Table 3 has no row for it:
+    # these are LLaVA-1.5's fine-tuning settings (its finetune.sh): the connector and the LLM train, the vision
+    # encoder is frozen; lr 2e-5 with 3% warmup and a cosine to 0, AdamW's default betas, no weight decay, global
+    # batch 128, one epoch, clipping at 1.0 (the Trainer's default, which LLaVA keeps).
+    4: StageSpec(
+        number=4,
+        name="instruct",
+        trains=("hive", "llm"),
+        peak_lr=2e-5,
+        min_lr=0.0,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        global_batch_size=128,
+        epochs=1,
+        max_grad_norm=1.0,
+        paper_warmup_iters=3,
+        paper_total_iters=100,
+    ),
 }
+SFT = STAGES[4]
 
 
 def parse_stages(value: str) -> list[StageSpec]:
-    """`"1"`, `"2"`, `"3"`, `"all"` (1 -> 2 -> 3) or a list such as `"2,3"`."""
+    """`"1"`, `"2"`, `"3"`, `"all"` (1 -> 2 -> 3), a list such as `"2,3"`, or `"sft"` (`"4"`): instruction tuning,
+    from a finished stage 3, on instruction data (alone: pre-training and instruction data differ)."""
     if value == "all":
         return [STAGES[1], STAGES[2], STAGES[3]]
     try:
-        numbers = [int(part) for part in value.split(",")]
+        numbers = [SFT.number if part.strip() == "sft" else int(part) for part in value.split(",")]
     except ValueError:
         numbers = []
     if not numbers or any(n not in STAGES for n in numbers) or numbers != sorted(set(numbers)):
-        raise ValueError(f"--stage {value!r}: expected 1, 2, 3, all, or an ascending list such as 2,3")
+        raise ValueError(f"--stage {value!r}: expected 1, 2, 3, all, an ascending list such as 2,3, or sft")
+    if SFT.number in numbers and len(numbers) > 1:
+        raise ValueError(
+            f"--stage {value!r}: sft trains on instruction data, the other stages on captions; run the pre-training "
+            "stages first, then hive-train --stage sft with the instruction data and the same --output_dir"
+        )
     return [STAGES[n] for n in numbers]
 
 

@@ -46,6 +46,13 @@ from .arguments import HiveArguments, hive_config_from
 from .console import on_a_terminal, quiet_progress_bars
 from .console import say as console_say
 from .data.collator import HiveCaptionCollator, with_pad_token
+from .data.conversations import (
+    ConversationDataset,
+    HiveConversationCollator,
+    SyntheticConversations,
+    drop_cut_images,
+    read_llava_instruct,
+)
 from .data.datasets import ImageCaptionDataset, read_records
 from .data.supervision import supervision_report
 from .data.synthetic import SyntheticShapes, checked_attributes
@@ -63,7 +70,7 @@ from .loading import load_vision_encoder
 from .modeling_hive import HiveForConditionalGeneration
 from .outputs import OutputRefused, install, partial_path, start_partial
 from .parameters import non_finite_tensors_in
-from .processing_hive import HiveProcessor
+from .processing_hive import HiveProcessor, llava_chat_template
 from .resume import resume_point, run_settings
 from .stage_plan import (
     STAGE_REPORT,
@@ -74,7 +81,7 @@ from .stage_plan import (
     validate_model_paths,
     validate_run_arguments,
 )
-from .stages import StageSpec, apply_stage, parse_stages
+from .stages import SFT, StageSpec, apply_stage, parse_stages
 from .train_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
 from .trainer import HiveTrainer, StepLines, TrainingDiverged
 
@@ -111,9 +118,33 @@ def compose_stage0(model_args: ModelArguments, hive_args: HiveArguments, directo
     say(f"composed the initial model in {directory}")
 
 
-def build_dataset(data_args: DataArguments, *, image_size: int):
-    """The training set; the synthetic one is drawn at the vision encoder's input size."""
-    if data_args.data_format == "synthetic" or (data_args.data_path is None and data_args.data_format == "auto"):
+def build_dataset(data_args: DataArguments, *, image_size: int, instruct: bool = False):
+    """The training set (captions; conversations for `instruct`, the sft stage); the synthetic one is drawn at the
+    vision encoder's input size."""
+    synthetic = data_args.data_format == "synthetic" or (
+        data_args.data_path is None and data_args.data_format == "auto"
+    )
+    if instruct:
+        if synthetic:
+            return SyntheticConversations(
+                data_args.synthetic_size, seed=data_args.synthetic_seed, image_size=image_size
+            )
+        if data_args.data_path is None:
+            raise ValueError("--stage sft: pass --data_path (LLaVA's instruction JSON) or --data_format synthetic")
+        if data_args.data_format not in ("auto", "llava_instruct"):
+            raise ValueError(
+                f"--stage sft reads conversations: --data_format {data_args.data_format!r} is pre-training data; use "
+                "llava_instruct (or auto) with LLaVA's instruction JSON"
+            )
+        if not Path(data_args.data_path).is_file():
+            raise FileNotFoundError(f"--data_path {data_args.data_path}: no such file")
+        folder = data_args.image_folder or str(Path(data_args.data_path).parent)
+        return ConversationDataset(read_llava_instruct(data_args.data_path), folder)
+    if data_args.data_format == "llava_instruct":
+        raise ValueError(
+            "--data_format llava_instruct is instruction data: it trains --stage sft, after the pre-training stages"
+        )
+    if synthetic:
         return SyntheticShapes(
             data_args.synthetic_size,
             seed=data_args.synthetic_seed,
@@ -187,6 +218,30 @@ def stage_arguments(
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in fields})
 
 
+def marker_mode(processor: HiveProcessor, config):
+    """The sft stage's processor and model config in marker mode: conversations hold no, one or several images,
+    each at its `<image>` marker. A captioning-mode model (pre-training's default) takes the tokenizer's `<image>`
+    token as its marker; the marker must already be one token of the tokenizer (the toy tokenizers have it; add
+    it to a real LM's tokenizer, and resize the embeddings, before pre-training)."""
+    if config.image_token_id is not None:
+        return processor, config
+    from .processing_hive import DEFAULT_IMAGE_TOKEN
+
+    marked = HiveProcessor(
+        processor.image_processor, processor.tokenizer, chat_template=None, image_token=DEFAULT_IMAGE_TOKEN
+    )
+    if processor.chat_template != llava_chat_template(None):
+        marked.chat_template = processor.chat_template  # a template the user chose stays theirs
+    if marked.image_token_id >= config.text_config.vocab_size:
+        raise ValueError(
+            f"the marker {DEFAULT_IMAGE_TOKEN!r} (id {marked.image_token_id}) is outside the language model's "
+            f"vocabulary of {config.text_config.vocab_size}; resize the model's embeddings for it before sft"
+        )
+    config.image_token_id = marked.image_token_id
+    say(f"sft: the model reads images at the {DEFAULT_IMAGE_TOKEN!r} marker (id {marked.image_token_id}) from now on")
+    return marked, config
+
+
 def run_stage(
     stage: StageSpec,
     *,
@@ -200,6 +255,15 @@ def run_stage(
     deepspeed: str | None,
 ) -> dict:
     checkpoints = final.with_name(f"{final.name}-checkpoints")
+    # The previous stage's processor (a directory written before processors were saved gets one built from its
+    # tokenizer and image processor) travels on, with any chat template the user put in it.
+    processor = HiveProcessor.from_pretrained(previous)
+    tokenizer, image_processor = with_pad_token(processor.tokenizer), processor.image_processor
+    instruct = stage.number == SFT.number
+    config = AutoConfig.from_pretrained(previous)
+    if instruct:
+        processor, config = marker_mode(processor, config)
+        dataset = drop_cut_images(dataset, processor, data_args.max_text_length)
     args = stage_arguments(
         base_args,
         stage,
@@ -210,15 +274,14 @@ def run_stage(
         deepspeed=deepspeed,
     )
     # After TrainingArguments: under ZeRO-3 the model is built partitioned (HIVE modules included).
-    model = HiveForConditionalGeneration.from_pretrained(previous)
+    model = HiveForConditionalGeneration.from_pretrained(previous, config=config)
     counts = apply_stage(model, stage)
     if base_args.gradient_checkpointing:
         model.config.use_cache = False
-    # The previous stage's processor (a directory written before processors were saved gets one built from its
-    # tokenizer and image processor) travels on, with any chat template the user put in it.
-    processor = HiveProcessor.from_pretrained(previous)
-    tokenizer, image_processor = with_pad_token(processor.tokenizer), processor.image_processor
-    collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
+    if instruct:
+        collator = HiveConversationCollator(processor, max_length=data_args.max_text_length)
+    else:
+        collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
     settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
@@ -326,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         level=level if is_main_process() else logging.WARNING,
     )
     stages = parse_stages(stage_args.stage)
+    instruct = stages[0].number == SFT.number
+    if data_args.max_text_length is None:
+        data_args.max_text_length = 2048 if instruct else 77  # LLaVA-1.5's fine-tuning / the paper's (SigLIP's)
     validate_run_arguments(
         global_batch_size=stage_args.global_batch_size,
         training_args=base_args,
@@ -347,9 +413,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # The data, and whether it can teach anything, before a model is composed or loaded.
     source = model_args.vision_model if compose else previous
-    dataset = build_dataset(data_args, image_size=_image_size(source))
+    dataset = build_dataset(data_args, image_size=_image_size(source), instruct=instruct)
     tokenizer_source = (model_args.tokenizer or model_args.language_model) if compose else previous
-    check_supervision(dataset, tokenizer_source, data_args.max_text_length)
+    if not instruct:  # conversations are checked in their stage, with the processor that renders them
+        check_supervision(dataset, tokenizer_source, data_args.max_text_length)
     if compose:
         if is_main_process():
             compose_stage0(model_args, hive_args, previous, seed=base_args.seed)

@@ -39,19 +39,34 @@ class ModelArguments:
 class DataArguments:
     data_path: str | None = field(
         default=None,
-        metadata={"help": "LLaVA pre-training JSON or JSONL of {image, text}; omit with --data_format synthetic."},
+        metadata={
+            "help": "LLaVA pre-training JSON or JSONL of {image, text}; for --stage sft LLaVA's instruction JSON "
+            "(llava_v1_5_mix665k.json layout); omit with --data_format synthetic."
+        },
     )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder the data file's image paths are relative to."}
     )
-    data_format: str = field(default="auto", metadata={"help": "auto | llava | jsonl | synthetic."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | llava | jsonl | llava_instruct | synthetic (auto: llava_instruct for --stage sft, else "
+            "llava or jsonl by the file's suffix; synthetic: captions, or conversations for --stage sft)."
+        },
+    )
     synthetic_size: int = field(default=2000, metadata={"help": "Samples in the built-in synthetic shapes set."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
     synthetic_attributes: str = field(
         default=",".join(ATTRIBUTES),
         metadata={"help": "What synthetic captions name: a comma-separated subset of colour,texture,shape,position."},
     )
-    max_text_length: int = field(default=77, metadata={"help": "Truncate text to this many tokens (paper: 77)."})
+    max_text_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate text to this many tokens (default: 77 for pre-training, the paper's; 2048 for --stage "
+            "sft, LLaVA-1.5's). A conversation that would lose an image marker is dropped, counted and named."
+        },
+    )
     skip_bad_images: bool = field(
         default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
     )
@@ -59,7 +74,13 @@ class DataArguments:
 
 @dataclass
 class StageArguments:
-    stage: str = field(default="all", metadata={"help": "1 | 2 | 3 | all (1 -> 2 -> 3) | an ascending list like 2,3."})
+    stage: str = field(
+        default="all",
+        metadata={
+            "help": "1 | 2 | 3 | all (1 -> 2 -> 3) | an ascending list like 2,3 | sft (instruction tuning from a "
+            "finished stage 3, LLaVA-1.5's fine-tuning settings)."
+        },
+    )
     global_batch_size: int | None = field(
         default=None, metadata={"help": "Samples per optimiser step over all ranks (default: Table 3, 256/256/1024)."}
     )

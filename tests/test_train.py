@@ -51,7 +51,7 @@ def test_stage_table_is_table_3():
     assert [STAGES[n].paper_warmup_iters for n in (1, 2, 3)] == [70, 140, 18]
     assert all(STAGES[n].weight_decay == 0 for n in (1, 2, 3))
     assert [s.number for s in parse_stages("all")] == [1, 2, 3] and [s.number for s in parse_stages("2,3")] == [2, 3]
-    for bad in ("4", "3,2", "x", ""):
+    for bad in ("5", "3,2", "x", "", "sft,1"):
         with pytest.raises(ValueError, match="--stage"):
             parse_stages(bad)
 
@@ -325,7 +325,7 @@ def test_help_is_readable():
     for flag in ("--vision_connector", "--stage", "--hive_vision_layers", "--global_batch_size", "--skip_bad_images",
                  "--hive_learning_rate", "--synthetic_attributes"):  # fmt: skip
         assert flag in result.stdout
-    assert "paper: 77" in result.stdout
+    assert "default: 77 for" in result.stdout and "2048 for --stage sft" in result.stdout
 
 
 def test_word_tokenizer_round_trips():
