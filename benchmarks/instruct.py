@@ -36,13 +36,14 @@ def say(message: str) -> None:
     print(f"[instruct] {message}", flush=True)
 
 
-def prepare_models(directory: Path, seed: int) -> Path:
+def prepare_models(directory: Path, seed: int, *, language_steps: int, vision_steps: int) -> Path:
     from hive_adapter.data.conversations import instruction_vocabulary
     from hive_adapter.toy import write_toy_models
     from hive_adapter.toy_pretraining import ToyPretraining
 
     if not (directory / "vision" / "config.json").is_file():
-        write_toy_models(directory, instruction_vocabulary(), seed=seed, pretraining=ToyPretraining())
+        pretraining = ToyPretraining(language_steps=language_steps, vision_steps=vision_steps)
+        write_toy_models(directory, instruction_vocabulary(), seed=seed, pretraining=pretraining)
     return directory
 
 
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", type=int, default=2000, help="synthetic conversations for sft")
     parser.add_argument("--epochs", type=float, default=3, help="sft epochs (default 3)")
     parser.add_argument("--learning_rate", type=float, default=2e-4, help="sft peak learning rate (default 2e-4)")
+    parser.add_argument("--language_steps", type=int, default=300, help="toy LM pre-training steps (default 300)")
+    parser.add_argument("--vision_steps", type=int, default=600, help="toy encoder pre-training steps (default 600)")
     parser.add_argument("--held_out", type=int, default=200, help="held-out conversations (default 200)")
     parser.add_argument("--work_dir", type=Path, default=Path("instruct-work"), help="models and runs (kept)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"results directory (default {OUTPUT})")
@@ -161,7 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     for seed in seeds:
-        models = prepare_models(args.work_dir / f"models-seed{seed}", seed)
+        models = prepare_models(
+            args.work_dir / f"models-seed{seed}",
+            seed,
+            language_steps=args.language_steps,
+            vision_steps=args.vision_steps,
+        )
         results[seed] = {}
         for connector in CONNECTORS:
             run = args.work_dir / f"{connector}-seed{seed}"
