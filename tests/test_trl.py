@@ -1,0 +1,176 @@
+"""TRL's `SFTTrainer` instruction-tunes a `HiveForConditionalGeneration` (issue 28, item 3).
+
+Real TRL classes throughout (trl pinned in requirements/constraints.txt): `SFTTrainer` with a `HiveProcessor` as
+its processing class and a conversational image dataset in TRL's VLM format (`{"messages": [...], "images":
+[...]}`), TRL's own `DataCollatorForVisionLanguageModeling` with `assistant_only_loss=True` (the processor's chat
+template marks the assistant turns with `{% generation %}`), TRL's fused LM head (it calls `model.base_model`,
+which a HIVE model answers with `HiveBackbone`), plain and with a PEFT `LoraConfig`.
+
+The task is learnable only through the image: a single-colour picture, the question "what colour is it ?", the
+colour word as the answer. The language model alone can do no better than chance among the four colours (loss ln 4 on
+the colour token); the tests ask for clearly less, and for the right answer from `generate` after training.
+"""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from hive_checkpoints import SIZES, VISION_LAYERS
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+from trl import SFTConfig, SFTTrainer
+
+import hive_adapter as hive
+from hive_adapter.data.synthetic import COLOURS, caption_vocabulary
+from hive_adapter.loading import load_vision_encoder
+from hive_adapter.toy import write_toy_models
+
+QUESTION = "what colour is it ?"
+ANSWERS = ("red", "green", "blue", "yellow")  # of hive_adapter.data.synthetic.COLOURS: four far apart
+# the template's role words and the question are real tokens of the toy tokenizer (not <unk>)
+WORDS = [*caption_vocabulary(), *QUESTION.split(), "USER:", "ASSISTANT:"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_models(tmp_path_factory.mktemp("toy"), WORDS, sizes=SIZES)
+
+
+def fresh_model_and_processor(toy, **overrides):
+    """A HIVE model composed from the toy encoder and LM (marker mode: `<image>`), and its processor."""
+    vision_dir, language_dir = toy
+    tokenizer = AutoTokenizer.from_pretrained(language_dir)
+    torch.manual_seed(0)
+    settings = dict(vision_layers=VISION_LAYERS, llm_layers=[0, 1], tokens_per_level=4)
+    config = hive.HiveConfig(**settings, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **overrides)
+    model = hive.HiveForConditionalGeneration.from_vision_text(
+        load_vision_encoder(vision_dir), AutoModelForCausalLM.from_pretrained(language_dir), config
+    )
+    processor = hive.HiveProcessor.for_model(
+        model, tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(vision_dir)
+    )
+    return model, processor
+
+
+def conversation(colour):
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": colour}]},
+    ]
+
+
+def colour_dataset(samples=48):
+    """TRL's conversational VLM format: an `images` column and a `messages` column, `{"type": "image"}`
+    placeholders in the user turn (TRL fills them from `images`)."""
+    colours = [ANSWERS[i % len(ANSWERS)] for i in range(samples)]
+    rows = [{"images": [Image.new("RGB", (32, 32), COLOURS[c])], "messages": conversation(c)} for c in colours]
+    return Dataset.from_list(rows)
+
+
+def sft_config(output_dir, **overrides):
+    """TRL's defaults except: CPU float32 (TRL turns bf16 on by default), a learning rate for a tiny model, the
+    loss on the assistant's tokens only, no checkpoints on the way."""
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=40,
+        per_device_train_batch_size=6,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        assistant_only_loss=True,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+    return SFTConfig(**{**settings, **overrides})
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def colour_answers(model, processor):
+    """Greedy answers to the question, one solid image per colour."""
+    model.eval()
+    answers = {}
+    for colour in ANSWERS:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[Image.new("RGB", (32, 32), COLOURS[colour])], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        answers[colour] = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :])
+    return answers
+
+
+def logits_of(model, processor, colour="blue"):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.new("RGB", (32, 32), COLOURS[colour])], text=prompt, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# ---------------------------------------------------------------------- the labels TRL's collator builds
+def test_trls_collator_puts_the_loss_on_the_assistants_tokens_only(toy, tmp_path):
+    """A hand-written two-turn conversation through the collator SFTTrainer builds: every label is -100 except
+    the assistant's words and the EOS that ends each assistant turn (inside the template's generation block)."""
+    model, processor = fresh_model_and_processor(toy)
+    image = Image.new("RGB", (32, 32), COLOURS["red"])
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "describe the image ."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a red square"}]},
+    ]
+    dataset = Dataset.from_list([{"images": [image], "messages": messages}])
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=dataset, processing_class=processor)
+    batch = trainer.data_collator([dataset[0]])
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    assert tokens == (
+        ["<bos>", "USER:", "<image>", *QUESTION.split(), "ASSISTANT:", "red", "<eos>"]
+        + ["USER:", "describe", "the", "image", ".", "ASSISTANT:", "a", "red", "square", "<eos>"]
+    )
+    learned = [token for token, label in zip(tokens, batch["labels"][0].tolist(), strict=True) if label != -100]
+    assert learned == ["red", "<eos>", "a", "red", "square", "<eos>"]
+    kept = batch["labels"][0] != -100
+    assert torch.equal(batch["labels"][0][kept], batch["input_ids"][0][kept])
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------- training, saving, reloading
+def test_sft_trainer_trains_saves_and_reloads_a_hive_model(toy, tmp_path):
+    model, processor = fresh_model_and_processor(toy)
+    trainer = SFTTrainer(
+        model=model, args=sft_config(tmp_path / "run"), train_dataset=colour_dataset(), processing_class=processor
+    )
+    assert trainer.args.gradient_checkpointing  # TRL's default, kept
+    trainer.train()
+    curve = losses(trainer)
+    # The loss is the mean over the colour word and EOS. Blind to the image, the best a model can do is ln 4 on
+    # the colour and 0 on EOS: ln(4) / 2. Well below that, the answers come from the pictures.
+    assert curve[-1] < curve[0] / 4 and curve[-1] < 0.5 * math.log(len(ANSWERS)) / 2, curve
+    assert colour_answers(trainer.model, processor) == {colour: colour for colour in ANSWERS}
+
+    directory = tmp_path / "saved"
+    trainer.save_model(str(directory))
+    reloaded = AutoModelForImageTextToText.from_pretrained(directory)
+    assert isinstance(reloaded, hive.HiveForConditionalGeneration)
+    trained = trainer.model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert torch.equal(logits_of(reloaded, processor), logits_of(trainer.model, processor))
+    again = AutoProcessor.from_pretrained(directory)
+    assert isinstance(again, hive.HiveProcessor) and again.image_token == "<image>"
+    assert again.chat_template == processor.chat_template
+    assert colour_answers(reloaded, again) == {colour: colour for colour in ANSWERS}
