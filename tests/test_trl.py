@@ -174,3 +174,73 @@ def test_sft_trainer_trains_saves_and_reloads_a_hive_model(toy, tmp_path):
     assert isinstance(again, hive.HiveProcessor) and again.image_token == "<image>"
     assert again.chat_template == processor.chat_template
     assert colour_answers(reloaded, again) == {colour: colour for colour in ANSWERS}
+
+
+# ---------------------------------------------------------------------- LoRA through SFTTrainer's peft_config
+def test_sft_trainer_with_lora_trains_hives_modules_and_the_adapter_reloads(toy, tmp_path):
+    """LoRA on the language model's attention; HIVE's own modules are new (gates at 0), so they train whole:
+    `modules_to_save=model.hive_modules_to_save()`. The adapter directory holds both and loads onto a fresh
+    base with PEFT; merged, it is a plain HIVE model again."""
+    from peft import LoraConfig, PeftModel
+
+    model, processor = fresh_model_and_processor(toy)
+    lora = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+        # HIVE's modules; and the LM head, because the toy language model is random (its head near zero cannot
+        # say anything with conviction, where a pre-trained LM's already names colours)
+        modules_to_save=[*model.hive_modules_to_save(), "lm_head"],
+    )
+    assert model.hive_modules_to_save() == ["hive_levels", "hive_blocks.0", "hive_blocks.1"]
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(tmp_path / "run"),
+        train_dataset=colour_dataset(),
+        processing_class=processor,
+        peft_config=lora,
+    )
+    trainable = [name for name, param in trainer.model.named_parameters() if param.requires_grad]
+    assert all(".lora_" in name or ".modules_to_save.default." in name for name in trainable), trainable
+    assert any("hive_blocks.0.modules_to_save.default.hive_attn_gate" in name for name in trainable)
+    assert not any("vision_model" in name for name in trainable)
+    trainer.train()
+    curve = losses(trainer)
+    assert curve[-1] < curve[0] / 4 and curve[-1] < 0.5 * math.log(len(ANSWERS)) / 2, curve
+    assert colour_answers(trainer.model, processor) == {colour: colour for colour in ANSWERS}
+    trained_logits = logits_of(trainer.model, processor)
+
+    directory = tmp_path / "adapter"
+    trainer.save_model(str(directory))
+    assert (directory / "adapter_model.safetensors").is_file() and not (directory / "model.safetensors").exists()
+    assert isinstance(AutoProcessor.from_pretrained(directory), hive.HiveProcessor)
+    base, _ = fresh_model_and_processor(toy)  # the same base (seeded); HIVE's trained modules come from the adapter
+    reloaded = PeftModel.from_pretrained(base, directory)
+    assert torch.equal(logits_of(reloaded, processor), trained_logits)
+
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, hive.HiveForConditionalGeneration)
+    merged.save_pretrained(tmp_path / "merged")
+    standalone = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(logits_of(standalone, processor), trained_logits, atol=1e-5)
+    assert colour_answers(standalone, processor) == {colour: colour for colour in ANSWERS}
+
+
+def test_a_block_peft_keeps_in_modules_to_save_runs_as_its_trainable_copy(toy):
+    """PEFT puts a `ModulesToSaveWrapper` where each listed module was; the decoder layers' hooks look the block
+    up each call, so the copy that trains is the one that runs (not the frozen original)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = fresh_model_and_processor(toy, gate_init=0.5)
+    lora = LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj", modules_to_save=model.hive_modules_to_save())
+    peft_model = get_peft_model(model, lora)
+    messages = conversation("red")
+    text = processor.apply_chat_template(messages)
+    inputs = processor(images=[Image.new("RGB", (32, 32), COLOURS["red"])], text=text, return_tensors="pt")
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for index in model.hive_blocks:
+        wrapper = model.hive_blocks[index]
+        assert wrapper.modules_to_save["default"].hive_attn_gate.grad.abs().item() > 0
+        assert wrapper.original_module.hive_attn_gate.grad is None
+    levels = model.hive_levels.modules_to_save["default"]
+    assert all(param.grad is not None for param in levels.parameters())
