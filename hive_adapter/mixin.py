@@ -235,6 +235,16 @@ class HiveMixin:
             **kwargs,
         )
 
+    def _hive_hidden_states(self, decoder: nn.Module, **inputs: Any):
+        """`_hive_forward` without the LM head: the decoder stack's output, one hidden state per input column
+        (`Connector.hidden_states`). What `HiveForConditionalGeneration.base_model` runs."""
+        if inputs.pop("labels", None) is not None:
+            raise ValueError("the backbone has no LM head and takes no labels; call the model itself for a loss")
+        vision_inputs = {name: inputs.pop(name) for name in VISION_INPUT_NAMES if name in inputs}
+        for name in ("input_ids", "pixel_values", "attention_mask", "inputs_embeds", "past_key_values"):
+            inputs.setdefault(name, None)
+        return self.hive_connector.hidden_states(self, decoder, vision_inputs=vision_inputs, **inputs)
+
     def _hive_generate(
         self,
         generate,

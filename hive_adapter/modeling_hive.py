@@ -234,8 +234,9 @@ class HiveBackbone(nn.Module):
     model's decoder stack, returning the decoder's output (`last_hidden_state`, ...). Its children are the
     model's own modules (nothing is copied; it is not registered in the model, so checkpoints are unchanged).
 
-    Only the cross-attention connectors keep one hidden state per input token; `concat` splices the images'
-    tokens into the sequence, so its hidden states would not line up with the caller's labels and it is refused.
+    One hidden state per input column for every connector: `concat`, which splices the images' tokens into the
+    sequence, gathers its hidden states back to the input's columns (`Connector.hidden_states`), so that they
+    line up with the caller's labels.
     """
 
     _tp_plan = None  # read by `PreTrainedModel.supports_tp_plan` / `supports_pp_plan` through `base_model`
@@ -262,23 +263,8 @@ class HiveBackbone(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        model = self._hive_model
-        if not model.hive_connector.uses_cross_attention:
-            raise ValueError(
-                f"connector={model.hive_config.connector!r} splices the images' tokens into the sequence, so the "
-                "model's hidden states do not line up with its input tokens and there is no backbone output to "
-                "put a separate LM head on (what TRL's SFTTrainer does); train concat with the model's own loss "
-                "(model(..., labels=...), hive-train)"
-            )
-        if kwargs.pop("labels", None) is not None:
-            raise ValueError("HiveBackbone has no LM head and takes no labels; call the model itself for a loss")
-        decoder = self.decoder
-
-        def run_decoder(*, labels=None, **inputs: Any):  # the connector passes labels=None along
-            return decoder(**inputs)
-
-        return model._hive_forward(
-            run_decoder,
+        return self._hive_model._hive_hidden_states(
+            self.decoder,
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,

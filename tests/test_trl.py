@@ -148,6 +148,40 @@ def test_trls_collator_puts_the_loss_on_the_assistants_tokens_only(toy, tmp_path
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat"])
+def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector):
+    """SFTTrainer's loss is TRL's fused LM head on `model.base_model` (`HiveBackbone`): equal to the model's own
+    loss on the same batch, for every connector. `concat` splices the images' tokens into the sequence; its
+    backbone gathers the hidden states back to the input's columns so they line up with TRL's labels. The batch
+    mixes an image before the text, an image after text, and right padding."""
+    model, processor = fresh_model_and_processor(toy, connector=connector, gate_init=0.5)
+    red, blue = (Image.new("RGB", (32, 32), COLOURS[c]) for c in ("red", "blue"))
+    after_text = [
+        {"role": "user", "content": [{"type": "text", "text": "describe the image ."}, {"type": "image"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a blue square"}]},
+    ]
+    dataset = Dataset.from_list(
+        [{"images": [red], "messages": conversation("red")}, {"images": [blue], "messages": after_text}]
+    )
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path), train_dataset=dataset, processing_class=processor)
+    batch = trainer.data_collator([dataset[0], dataset[1]])
+    assert (batch["attention_mask"] == 0).any()  # the rows differ in length
+    trainer.model.train()
+    fused = trainer.model(**batch, fused_lm_head=True)
+    own = trainer.model(**batch)
+    assert torch.allclose(fused.loss, own.loss, atol=1e-5), (fused.loss, own.loss)
+    # Every text token learned too (the markers aside: concat has no hidden state that predicts its marker), so
+    # the token after each image counts, predicted from the image's position.
+    marker = batch["input_ids"] == processor.image_token_id
+    everything = batch["input_ids"].masked_fill((batch["attention_mask"] == 0) | marker, -100)
+    full = {**batch, "labels": everything}
+    assert torch.allclose(trainer.model(**full, fused_lm_head=True).loss, trainer.model(**full).loss, atol=1e-5), (
+        connector
+    )
+    fused.loss.backward()
+    assert all(param.grad is not None for param in model.hive_levels.parameters())
+
+
 # ---------------------------------------------------------------------- training, saving, reloading
 def test_sft_trainer_trains_saves_and_reloads_a_hive_model(toy, tmp_path):
     model, processor = fresh_model_and_processor(toy)
