@@ -44,12 +44,14 @@ def toy(tmp_path_factory):
 
 
 def fresh_model_and_processor(toy, **overrides):
-    """A HIVE model composed from the toy encoder and LM (marker mode: `<image>`), and its processor."""
+    """A HIVE model composed from the toy encoder and LM (marker mode: `<image>`, unless overridden), and its
+    processor."""
     vision_dir, language_dir = toy
     tokenizer = AutoTokenizer.from_pretrained(language_dir)
     torch.manual_seed(0)
-    settings = dict(vision_layers=VISION_LAYERS, llm_layers=[0, 1], tokens_per_level=4)
-    config = hive.HiveConfig(**settings, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **overrides)
+    marker = tokenizer.convert_tokens_to_ids("<image>")
+    settings = dict(vision_layers=VISION_LAYERS, llm_layers=[0, 1], tokens_per_level=4, image_token_id=marker)
+    config = hive.HiveConfig(**{**settings, **overrides})
     model = hive.HiveForConditionalGeneration.from_vision_text(
         load_vision_encoder(vision_dir), AutoModelForCausalLM.from_pretrained(language_dir), config
     )
@@ -148,13 +150,17 @@ def test_trls_collator_puts_the_loss_on_the_assistants_tokens_only(toy, tmp_path
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat"])
-def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector):
+@pytest.mark.parametrize(
+    ("connector", "marker"), [("hive", True), ("cascaded", True), ("concat", True), ("hive", False), ("concat", False)]
+)
+def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector, marker):
     """SFTTrainer's loss is TRL's fused LM head on `model.base_model` (`HiveBackbone`): equal to the model's own
     loss on the same batch, for every connector. `concat` splices the images' tokens into the sequence; its
     backbone gathers the hidden states back to the input's columns so they line up with TRL's labels. The batch
-    mixes an image before the text, an image after text, and right padding."""
-    model, processor = fresh_model_and_processor(toy, connector=connector, gate_init=0.5)
+    mixes an image before the text, an image after text, and right padding; in marker mode and in captioning
+    mode (no marker: the template renders an image as nothing, every token sees the sample's image)."""
+    overrides = {} if marker else {"image_token_id": None}
+    model, processor = fresh_model_and_processor(toy, connector=connector, gate_init=0.5, **overrides)
     red, blue = (Image.new("RGB", (32, 32), COLOURS[c]) for c in ("red", "blue"))
     after_text = [
         {"role": "user", "content": [{"type": "text", "text": "describe the image ."}, {"type": "image"}]},
@@ -170,10 +176,12 @@ def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector):
     fused = trainer.model(**batch, fused_lm_head=True)
     own = trainer.model(**batch)
     assert torch.allclose(fused.loss, own.loss, atol=1e-5), (fused.loss, own.loss)
-    # Every text token learned too (the markers aside: concat has no hidden state that predicts its marker), so
-    # the token after each image counts, predicted from the image's position.
-    marker = batch["input_ids"] == processor.image_token_id
-    everything = batch["input_ids"].masked_fill((batch["attention_mask"] == 0) | marker, -100)
+    # Every text token learned too, so the token after each image counts, predicted from the image's position.
+    # Not the markers, nor the first token: concat has no hidden state that predicts those (its image takes the
+    # marker's place; in captioning mode its own loss predicts the first token from the image in front).
+    markers = batch["input_ids"] == (processor.image_token_id if marker else -1)
+    everything = batch["input_ids"].masked_fill((batch["attention_mask"] == 0) | markers, -100)
+    everything[:, 0] = -100
     full = {**batch, "labels": everything}
     assert torch.allclose(trainer.model(**full, fused_lm_head=True).loss, trainer.model(**full).loss, atol=1e-5), (
         connector
