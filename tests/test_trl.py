@@ -192,7 +192,12 @@ def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector, 
 
 # ---------------------------------------------------------------------- training, saving, reloading
 def test_sft_trainer_trains_saves_and_reloads_a_hive_model(toy, tmp_path):
-    model, processor = fresh_model_and_processor(toy)
+    """From a saved HIVE directory with its processor (what every hive-train stage writes), as the README shows."""
+    composed, composed_processor = fresh_model_and_processor(toy)
+    composed.save_pretrained(tmp_path / "start")
+    composed_processor.save_pretrained(tmp_path / "start")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "start")
+    processor = AutoProcessor.from_pretrained(tmp_path / "start")
     trainer = SFTTrainer(
         model=model, args=sft_config(tmp_path / "run"), train_dataset=colour_dataset(), processing_class=processor
     )
