@@ -11,6 +11,7 @@ so `copy.deepcopy` of a model copies them along with the modules they belong to.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,15 +32,26 @@ class HiveBlockCall:
     """
 
     def __init__(
-        self, *, block: HiveCrossAttentionBlock, block_index: int, level_index: int | None, runtime: HiveRuntime
+        self,
+        *,
+        block: HiveCrossAttentionBlock | Callable[[], nn.Module],
+        block_index: int,
+        level_index: int | None,
+        runtime: HiveRuntime,
     ):
-        self.block = block
+        self._block = block
         self.block_index = block_index
         self.level_index = level_index
         self.runtime = runtime
         # Set while a stack-level checkpoint replays the layer (transformers < 4.48): the media and masks
         # that went into the checkpoint as explicit inputs.
         self.replay_inputs: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def block(self) -> nn.Module:
+        """The block, or what its owner holds in its place right now when given as a lookup: PEFT's
+        `modules_to_save` puts a wrapper there whose trainable copy must be the one that runs."""
+        return self._block if isinstance(self._block, nn.Module) else self._block()
 
     def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """media, visible, has_media for this block and a batch of hidden states."""
@@ -228,11 +240,13 @@ def attach_hive_hooks(
     layers_path: str,
     llm_layers: tuple[int, ...],
     level_of_block: tuple[int | None, ...],
-    blocks: list[HiveCrossAttentionBlock],
+    blocks: list[HiveCrossAttentionBlock] | nn.ModuleDict,
     placement: str,
     runtime: HiveRuntime,
 ) -> HiveAttachment:
-    """Run `blocks[k]` in decoder layer `llm_layers[k]` of `model`.
+    """Run `blocks[k]` in decoder layer `llm_layers[k]` of `model`. `blocks` as an `nn.ModuleDict` keyed by
+    decoder layer (`hive_blocks`) is looked up on every call, so a module put in a block's place later (PEFT's
+    `ModulesToSaveWrapper`) is the one that runs.
 
     Under layer-level checkpointing (transformers >= 4.48) the hooks run outside the checkpoint and
     checkpoint the block themselves; under stack-level checkpointing (< 4.48) `hive_aware_checkpoint`
@@ -245,9 +259,11 @@ def attach_hive_hooks(
             raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")
     attachment = HiveAttachment(layers=layers, layers_path=layers_path, llm_layers=tuple(llm_layers))
     for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block, strict=True)):
-        call = HiveBlockCall(
-            block=blocks[block_index], block_index=block_index, level_index=level_index, runtime=runtime
-        )
+        if isinstance(blocks, nn.ModuleDict):
+            block = functools.partial(blocks.__getitem__, str(layer_index))
+        else:
+            block = blocks[block_index]
+        call = HiveBlockCall(block=block, block_index=block_index, level_index=level_index, runtime=runtime)
         if placement == "before":
             layers[layer_index].register_forward_pre_hook(HiveBeforeLayer(call), with_kwargs=True)
         else:

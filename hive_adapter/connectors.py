@@ -106,6 +106,16 @@ class Connector:
         """One forward of the language model with the images seen through this connector (`HiveMixin`)."""
         raise NotImplementedError
 
+    def hidden_states(self, model, decoder: torch.nn.Module, **inputs: Any):
+        """The decoder stack's output (no LM head) with one hidden state per input column, `last_hidden_state`
+        (`HiveBackbone`, what TRL's fused LM head reads): `forward` on the decoder, for a connector that leaves
+        the sequence as it is."""
+
+        def run_decoder(*, labels=None, **decoder_inputs: Any):  # a backbone has no loss: labels stay out
+            return decoder(**decoder_inputs)
+
+        return self.forward(model, run_decoder, labels=None, **inputs)
+
     def generate(self, model, generate, **inputs: Any):
         """`generate` of the language model with the prompt's images seen through this connector."""
         raise NotImplementedError
@@ -229,6 +239,31 @@ class ConcatConnector(Connector):
             **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
         )
 
+    def hidden_states(self, model, decoder, *, input_ids, pixel_values, attention_mask, inputs_embeds,
+                      past_key_values, vision_inputs, **kwargs):  # fmt: skip
+        """The decoder's output on the spliced sequence, `last_hidden_state` gathered back to the input's columns:
+        a marker's column takes its image's last token, whose hidden state predicts the text after the image.
+        Only `last_hidden_state` is gathered (the cache and any `hidden_states` stay spliced)."""
+        if pixel_values is None and not (model.training and torch.is_grad_enabled()):
+            return super().hidden_states(
+                model, decoder, input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds, past_key_values=past_key_values, vision_inputs=vision_inputs, **kwargs,
+            )  # fmt: skip
+        if past_length_of(past_key_values) > 0:
+            raise ValueError("connector='concat': a backbone forward takes whole prompts, not decoding steps")
+        embeddings, spliced_mask, _, *positions = self.embeddings(
+            model, input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs,
+            padding_side="right", return_positions=True,
+        )  # fmt: skip
+        output = decoder(
+            inputs_embeds=embeddings, attention_mask=spliced_mask, past_key_values=past_key_values, **kwargs
+        )
+        if positions:  # images were spliced in (without images the columns are the input's)
+            hidden = output.last_hidden_state
+            index = positions[0].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            output.last_hidden_state = hidden.gather(1, index)
+        return output
+
     def generate(self, model, generate, *, input_ids, pixel_values, attention_mask, inputs_embeds, vision_inputs,
                  **kwargs):  # fmt: skip
         embeddings, attention_mask, _ = self.embeddings(
@@ -248,8 +283,9 @@ class ConcatConnector(Connector):
 
     @staticmethod
     def embeddings(model, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *,
-                   padding_side: str):  # fmt: skip
-        """Input embeddings with each image's tokens spliced in at its marker.
+                   padding_side: str, return_positions: bool = False):  # fmt: skip
+        """Input embeddings with each image's tokens spliced in at its marker (and, with `return_positions`,
+        where each input column landed: `splice_image_tokens`; nothing more without images).
 
         Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
         """
@@ -270,6 +306,7 @@ class ConcatConnector(Connector):
             attention_mask=attention_mask,
             labels=labels,
             padding_side=padding_side,
+            return_positions=return_positions,
         )
 
 

@@ -88,7 +88,7 @@ class HiveMixin:
             layers_path=layers_path,
             llm_layers=resolved.llm_layers,
             level_of_block=resolved.level_of_block,
-            blocks=list(self.hive_blocks.values()),
+            blocks=self.hive_blocks,
             placement=config.placement,
             runtime=self.hive_runtime,
         )
@@ -127,6 +127,14 @@ class HiveMixin:
     def hive_top_modules(self) -> list[nn.Module]:
         """The modules HIVE added: the level encoder and one block per chosen decoder layer."""
         return [self.hive_levels, *self.hive_blocks.values()]
+
+    def hive_modules_to_save(self) -> list[str]:
+        """The names of HIVE's modules for PEFT's `modules_to_save` (`LoraConfig(modules_to_save=...)`, also
+        through TRL's `SFTTrainer(peft_config=...)`): the level encoder and each block, one by one (PEFT wraps
+        modules, not a `ModuleDict`). HIVE's modules are new in a model being fine-tuned, its gates at 0: left to
+        LoRA they stay frozen and the images never reach the text. Listed here, they train whole and are saved
+        in the adapter."""
+        return ["hive_levels", *(f"hive_blocks.{index}" for index in self.hive_blocks)]
 
     def hive_place_modules(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Put HIVE's modules on the base's device and dtype; gates and norms stay float32 for stability."""
@@ -226,6 +234,16 @@ class HiveMixin:
             vision_inputs=vision_inputs,
             **kwargs,
         )
+
+    def _hive_hidden_states(self, decoder: nn.Module, **inputs: Any):
+        """`_hive_forward` without the LM head: the decoder stack's output, one hidden state per input column
+        (`Connector.hidden_states`). What `HiveForConditionalGeneration.base_model` runs."""
+        if inputs.pop("labels", None) is not None:
+            raise ValueError("the backbone has no LM head and takes no labels; call the model itself for a loss")
+        vision_inputs = {name: inputs.pop(name) for name in VISION_INPUT_NAMES if name in inputs}
+        for name in ("input_ids", "pixel_values", "attention_mask", "inputs_embeds", "past_key_values"):
+            inputs.setdefault(name, None)
+        return self.hive_connector.hidden_states(self, decoder, vision_inputs=vision_inputs, **inputs)
 
     def _hive_generate(
         self,

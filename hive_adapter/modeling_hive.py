@@ -176,6 +176,14 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
     def get_decoder(self) -> nn.Module:
         return self.language_model.get_decoder()
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The model without its LM head (`HiveBackbone`), as transformers' composite models expose theirs
+        (`LlavaForConditionalGeneration.model`): the same inputs as `forward`, `last_hidden_state` out. TRL's
+        fused LM head (`SFTTrainer`) runs it and applies `get_output_embeddings()` itself. Built on each access,
+        so it follows modules that were replaced (PEFT, FSDP)."""
+        return HiveBackbone(self)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -219,6 +227,51 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
     def export_vision_model(self) -> PreTrainedModel:
         """The vision encoder as the plain HF model it is (what `hive-export-vision` writes)."""
         return self.vision_model
+
+
+class HiveBackbone(nn.Module):
+    """`HiveForConditionalGeneration` without its LM head: the vision side, HIVE's modules and the language
+    model's decoder stack, returning the decoder's output (`last_hidden_state`, ...). Its children are the
+    model's own modules (nothing is copied; it is not registered in the model, so checkpoints are unchanged).
+
+    One hidden state per input column for every connector: `concat`, which splices the images' tokens into the
+    sequence, gathers its hidden states back to the input's columns (`Connector.hidden_states`), so that they
+    line up with the caller's labels.
+    """
+
+    _tp_plan = None  # read by `PreTrainedModel.supports_tp_plan` / `supports_pp_plan` through `base_model`
+    _pp_plan = None
+
+    def __init__(self, model: HiveForConditionalGeneration):
+        super().__init__()
+        self.vision_model = model.vision_model
+        self.decoder = model.language_model.get_decoder()
+        self.hive_levels = model.hive_levels
+        self.hive_blocks = model.hive_blocks
+        object.__setattr__(self, "_hive_model", model)  # a reference, not a child: no second copy of its names
+
+    @property
+    def config(self) -> HiveConfig:
+        return self._hive_model.config
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        return self._hive_model._hive_hidden_states(
+            self.decoder,
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
 
 def _refuse_legacy_checkpoint(path: str) -> None:

@@ -19,9 +19,14 @@ def splice_image_tokens(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     padding_side: str = "right",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return_positions: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Replace each marker by its image's tokens (LLaVA's splice) and pad the rows to one length
     (`"right"` for training, `"left"` for generation).
+
+    With `return_positions`, a fourth tensor, (batch, text): where each input column landed in the spliced
+    sequence; a marker's column points at its image's last token, whose hidden state predicts the text after
+    the image (as the marker's own would without splicing). Columns of padding point at some spliced position.
 
     markers: (batch, text) True where a marker stands; None (no marker token): each sample's single image
     goes in front of its text. embeddings: (batch, text, hidden); images: (images, tokens, hidden), or a list of
@@ -29,10 +34,12 @@ def splice_image_tokens(
     """
     batch, length = embeddings.shape[:2]
     if embeddings.device.type == "meta":
+        if return_positions:
+            raise ValueError("return_positions: no positions on the meta device")
         return _splice_on_meta(embeddings, images, attention_mask, labels, batch=batch, tokens=images.shape[1])
     if attention_mask is None:
         attention_mask = torch.ones(batch, length, dtype=torch.long, device=embeddings.device)
-    rows_embeds, rows_mask, rows_labels = [], [], []
+    rows_embeds, rows_mask, rows_labels, rows_positions = [], [], [], []
     next_image = 0
     for b in range(batch):
         if markers is None:
@@ -40,6 +47,7 @@ def splice_image_tokens(
         else:
             positions = markers[b].nonzero().flatten().tolist()
         pieces_e, pieces_m, pieces_l = [], [], []
+        landed = []  # per input column, its index in this row of the spliced sequence
         start = 0
         for position in positions:
             if next_image >= len(images):
@@ -51,11 +59,20 @@ def splice_image_tokens(
             tokens = image.shape[0]
             next_image += 1
             cut = max(position, 0)
+            if return_positions:
+                offset = sum(piece.shape[0] for piece in pieces_e) - start  # spliced index minus input index
+                landed.append(torch.arange(start, cut) + offset)
+                if position >= 0:  # the marker's column: its image's last token
+                    landed.append(torch.tensor([cut + offset + tokens - 1]))
             pieces_e += [embeddings[b, start:cut], image]
             pieces_m += [attention_mask[b, start:cut], attention_mask.new_ones(tokens)]
             if labels is not None:
                 pieces_l += [labels[b, start:cut], labels.new_full((tokens,), IGNORE_INDEX)]
             start = position + 1
+        if return_positions:
+            offset = sum(piece.shape[0] for piece in pieces_e) - start
+            landed.append(torch.arange(start, length) + offset)
+            rows_positions.append(torch.cat(landed))
         pieces_e.append(embeddings[b, start:])
         pieces_m.append(attention_mask[b, start:])
         if labels is not None:
@@ -73,6 +90,7 @@ def splice_image_tokens(
     out_embeds = embeddings.new_zeros(batch, width, embeddings.shape[-1])
     out_mask = attention_mask.new_zeros(batch, width)
     out_labels = labels.new_full((batch, width), IGNORE_INDEX) if labels is not None else None
+    out_positions = torch.empty(batch, length, dtype=torch.long) if return_positions else None
     for b in range(batch):
         n = rows_embeds[b].shape[0]
         span = slice(0, n) if padding_side == "right" else slice(width - n, width)
@@ -80,6 +98,10 @@ def splice_image_tokens(
         out_mask[b, span] = rows_mask[b]
         if out_labels is not None:
             out_labels[b, span] = rows_labels[b]
+        if out_positions is not None:
+            out_positions[b] = rows_positions[b] + span.start
+    if out_positions is not None:
+        return out_embeds, out_mask, out_labels, out_positions.to(embeddings.device)
     return out_embeds, out_mask, out_labels
 
 
