@@ -73,7 +73,7 @@ def test_llava_conversations_keep_every_turn_text_only_entries_and_several_image
     assert [part["type"] for part in messages[0]["content"]] == ["image", "image", "text"]
     assert [part["image"] for part in messages[0]["content"][:2]] == ["a.png", "b.png"]
     unmarked = records["no-marker"].messages()
-    assert unmarked[0]["content"][0] == {"type": "image", "image": "b.png"}  # LLaVA's rule: in front
+    assert unmarked[0]["content"][0] == {"type": "image", "image": "b.png"}  # in front (LLaVA would leave it unseen)
 
 
 def test_bad_instruction_entries_are_named(tmp_path):

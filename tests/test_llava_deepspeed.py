@@ -9,6 +9,7 @@ are passed from outside; the last flag wins.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -34,13 +35,14 @@ CPU_FLAGS = ["--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--repor
 
 def run_example(script: str, toy: dict, **paths) -> str:
     extra = paths.pop("extra", [])
+    launcher = paths.pop("launcher", "deepspeed --num_nodes 1 --num_accelerators 2")
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "LAUNCHER": "deepspeed --num_nodes 1 --num_accelerators 2",
+        "LAUNCHER": launcher,
         "ENTRY": "hive_adapter.integrations.llava.train",  # train_mem needs flash-attn (GPU)
         "VISION_TOWER": str(toy["clip"]),
         "IMAGES": str(toy["data"]),
@@ -161,3 +163,40 @@ def test_llava_stage1_under_fsdp_saves_a_whole_adapter_that_the_next_stage_loads
     )  # fmt: skip
     assert stage2.returncode == 0, (stage2.stdout + stage2.stderr)[-6000:]
     assert_trained_on_real_labels(stage2.stdout + stage2.stderr)
+
+
+def test_llava_finetune_with_a_text_only_rank_and_an_image_rank_trains_as_one_process(runs, tmp_path):
+    """LLaVA's own train() (finetune.sh, ZeRO-3) on 2 ranks whose batches differ in modality: rank 0 only
+    text-only conversations, rank 1 only conversations with an image (sequential sampling instead of LLaVA's
+    modality grouping). No hang (bounded), and the weights of a one-rank run on the same batches."""
+    root, toy, _ = runs
+    entries = json.loads(toy["finetune"].read_text())
+    with_image = [entry for entry in entries if "image" in entry][:16]
+    text_only = [{key: value for key, value in copy.deepcopy(entry).items() if key != "image"} for entry in with_image]
+    for entry in text_only:
+        for turn in entry["conversations"]:
+            turn["value"] = turn["value"].replace("<image>", "").strip()
+    assert all("<image>" in entry["conversations"][0]["value"] for entry in with_image)
+    ordered = [*text_only[:8], *with_image[:8], *text_only[8:16], *with_image[8:16]]  # 8 per rank per step
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(ordered))
+    common = dict(model=toy["vicuna"], data=data, adapter=root / "llava-s1" / "mm_projector.bin")
+    sequential = ["--group_by_modality_length", "False", "--train_sampling_strategy", "sequential", "--seed", "0",
+                  "--gradient_checkpointing", "False", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+                  "--warmup_ratio", "0"]  # fmt: skip
+    two = run_example("finetune.sh", toy, output=tmp_path / "two", extra=sequential, **common)
+    assert two.count("exits successfully") == 2
+    single = run_example(
+        "finetune.sh", toy, output=tmp_path / "one", extra=[*sequential, "--per_device_train_batch_size", "16"],
+        launcher="deepspeed --num_nodes 1 --num_accelerators 1", **common,
+    )  # fmt: skip
+    assert_trained_on_real_labels(single)
+    two_ranks, one_rank = (
+        load_file(tmp_path / "two" / "model.safetensors"),
+        load_file(tmp_path / "one" / "model.safetensors"),
+    )
+    start = torch.load(root / "llava-s1" / "mm_projector.bin", map_location="cpu", weights_only=True)
+    assert any((one_rank[key].float() - value.float()).abs().max() > 0 for key, value in start.items())
+    assert two_ranks.keys() == one_rank.keys()
+    for key, tensor in one_rank.items():
+        torch.testing.assert_close(two_ranks[key].float(), tensor.float(), rtol=1e-4, atol=1e-6, msg=key)

@@ -5,7 +5,8 @@ LLaVA's instruction file (`llava_v1_5_mix665k.json` layout) is a list of entries
 several rounds per entry, `<image>` markers in the human turns, and entries without an image (text-only
 instruction data). Every round is kept. A conversation becomes chat messages (`human` -> `user`, `gpt` ->
 `assistant`, `system` -> `system`), each `<image>` an image part at its place; an entry with images but no marker
-gets them at the start of its first user turn (LLaVA's own rule). The model's `HiveProcessor` renders them with
+gets them at the start of its first user turn (LLaVA itself would train on such an entry without ever showing
+the image to the text). The model's `HiveProcessor` renders them with
 its chat template, the one inference uses, and its `{% generation %}` blocks say which tokens are the
 assistant's: the loss is on every assistant turn and nothing else.
 
