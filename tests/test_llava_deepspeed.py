@@ -168,7 +168,9 @@ def test_llava_stage1_under_fsdp_saves_a_whole_adapter_that_the_next_stage_loads
 def test_llava_finetune_with_a_text_only_rank_and_an_image_rank_trains_as_one_process(runs, tmp_path):
     """LLaVA's own train() (finetune.sh, ZeRO-3) on 2 ranks whose batches differ in modality: rank 0 only
     text-only conversations, rank 1 only conversations with an image (sequential sampling instead of LLaVA's
-    modality grouping). No hang (bounded), and the weights of a one-rank run on the same batches."""
+    modality grouping). No hang (bounded), and the weights of a one-rank run on the same batches: LLaVA's model
+    averages its loss over each batch's own tokens, so the one-rank run sees the two ranks' batches as two
+    accumulation steps (the mean of the two means, as the ranks' gradients are averaged)."""
     root, toy, _ = runs
     entries = json.loads(toy["finetune"].read_text())
     with_image = [entry for entry in entries if "image" in entry][:16]
@@ -187,7 +189,7 @@ def test_llava_finetune_with_a_text_only_rank_and_an_image_rank_trains_as_one_pr
     two = run_example("finetune.sh", toy, output=tmp_path / "two", extra=sequential, **common)
     assert two.count("exits successfully") == 2
     single = run_example(
-        "finetune.sh", toy, output=tmp_path / "one", extra=[*sequential, "--per_device_train_batch_size", "16"],
+        "finetune.sh", toy, output=tmp_path / "one", extra=[*sequential, "--gradient_accumulation_steps", "2"],
         launcher="deepspeed --num_nodes 1 --num_accelerators 1", **common,
     )  # fmt: skip
     assert_trained_on_real_labels(single)
