@@ -28,8 +28,9 @@ from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
 from .connectors import Connector, connector_for
 from .context import HiveVisionContext
-from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
+from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample, one_image_per_segment
 from .levels import HiveLevelEncoder
+from .packing import refuse_packed_generation
 from .parameters import is_hive_parameter
 from .runtime import HiveRuntime
 from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
@@ -161,9 +162,11 @@ class HiveMixin:
         input_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
+        segments: torch.Tensor | None = None,
         **vision_inputs: Any,
     ) -> HiveVisionContext:
         """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids).
+        `segments` (batch, text): the sample of each token in packed rows (`hive_adapter.packing`), or None.
         Changes no state: the runtime makes it current (`context_for_call`, `generating`, `pinned_to`)."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
@@ -175,8 +178,10 @@ class HiveMixin:
 
         def slots_for(num_images: int) -> ImageSlots:
             if markers is None:
+                if segments is not None:
+                    return one_image_per_segment(segments, num_images)
                 return one_image_per_sample(batch, num_images, reference.device)
-            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id)
+            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id, segments=segments)
 
         return build_vision_context(
             self.hive_vision,
@@ -242,6 +247,7 @@ class HiveMixin:
         `inputs_embeds` alone. Cross-attention connectors build the prompt's vision context once (vision tower
         and every block's K/V run once per prompt) and pin it while `generate` runs on text alone."""
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        refuse_packed_generation(kwargs.get("position_ids"), attention_mask)
         return self.hive_connector.generate(
             self,
             generate,

@@ -213,7 +213,9 @@ def run_stage(
         model.config.use_cache = False
     tokenizer = with_pad_token(AutoTokenizer.from_pretrained(previous))
     image_processor = AutoImageProcessor.from_pretrained(previous)
-    collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
+    collator = HiveCaptionCollator(
+        tokenizer, image_processor, max_length=data_args.max_text_length, packing_length=data_args.packed_row_length
+    )
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
     settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
@@ -238,6 +240,7 @@ def run_stage(
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
         + (f", HIVE modules at lr {hive_learning_rate:g}" if hive_learning_rate is not None else "")
+        + (f", packed rows of {collator.packing_length} tokens" if collator.packing_length is not None else "")
     )
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -255,6 +258,7 @@ def run_stage(
         "skipped_images": getattr(dataset, "skipped", 0),
         "world_size": world_size(),
         "deepspeed": deepspeed,
+        "packing_length": collator.packing_length,
     }
     if stage_args.verify_rank_consistency:
         report["rank_fingerprints"] = rank_fingerprints(trainer.model)
@@ -330,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     validate_hive_learning_rate(stage_args.hive_learning_rate, stages)
     validate_model_paths(model_args)
+    data_args.packed_row_length  # noqa: B018  (refuses --packing_length without --packing, or too short)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
     checked_attributes(data_args.synthetic_attributes)
     output_dir = Path(base_args.output_dir)
