@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import ImageSlots
+from .packing import PackedLayout
 
 
 @dataclass
@@ -37,10 +38,9 @@ class HiveVisionContext:
     prompt_length: int
     token_valid: torch.Tensor | None = None
     media_attention: str = "previous"
-    # Packed rows (`hive_adapter.packing`): the sample of each prompt column (batch, text) and of each slot
-    # (batch, images_per_sample); a column sees only the slots of its own sample. None: one sample per row.
-    segments: torch.Tensor | None = None
-    slot_segments: torch.Tensor | None = None
+    # Packed rows (`hive_adapter.packing`): this context is laid out per *sample*, as for padded rows, and
+    # `packed` says where each sample stands in the rows; blocks gather a sample's tokens, attend, scatter back.
+    packed: PackedLayout | None = None
     _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)  # for_batch's memo
 
     @classmethod
@@ -79,8 +79,6 @@ class HiveVisionContext:
             prompt_length=prompt_length,
             token_valid=token_valid,
             media_attention=media_attention,
-            segments=slots.segments,
-            slot_segments=slots.slot_segments,
         )
 
     @property
@@ -96,9 +94,9 @@ class HiveVisionContext:
         """
         if batch_size == self.batch_size:
             return self
-        if self.segments is not None:
+        if self.packed is not None:
             raise ValueError(
-                f"a HIVE layer got a batch of {batch_size} rows for a packed context of {self.batch_size} rows: "
+                f"a HIVE layer got a batch of {batch_size} rows for a packed context of {self.batch_size} samples: "
                 "packed rows are for training and are never expanded (beams, several sequences per prompt)"
             )
         if batch_size % self.batch_size:
@@ -140,9 +138,6 @@ class HiveVisionContext:
         columns = positions.clamp(max=self.prompt_length)
         # (batch, text, images): the image's marker stands at or before the query
         seen = (self.marker_positions[:, None, :] <= columns[None, :, None]) & self.image_valid[:, None, :]
-        if self.segments is not None:  # packed rows: only the images of the column's own sample
-            own = self.segments[:, columns.clamp(max=self.segments.shape[1] - 1)]  # (batch, text)
-            seen = seen & (self.slot_segments[:, None, :] == own[:, :, None])
         has_media = seen.any(dim=-1)
         if self.media_attention == "previous":
             # The latest *usable* image at or before the query: slots need not be a prefix of usable images (an

@@ -9,36 +9,27 @@ marker consume one (blank) image that nobody sees.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .packing import segment_starts
-
 
 @dataclass(frozen=True)
 class ImageSlots:
     """image_index, image_valid, marker_positions: each (batch, slots). A slot's image, whether the slot is
-    real (padding slots copy some image and are masked out), and the column its marker stands at.
-
-    Packed rows (several samples per row, `hive_adapter.packing`): `segments` (batch, text) is the sample each
-    token belongs to and `slot_segments` (batch, slots) the sample each slot's image belongs to; a token sees
-    only the slots of its own sample. Both None for unpacked rows (one sample each)."""
+    real (padding slots copy some image and are masked out), and the column its marker stands at."""
 
     image_index: torch.Tensor
     image_valid: torch.Tensor
     marker_positions: torch.Tensor
-    segments: torch.Tensor | None = None
-    slot_segments: torch.Tensor | None = None
 
     def without(self, usable: torch.Tensor | None) -> ImageSlots:
         """These slots with the images that are not `usable` (images,) seen by nobody."""
         if usable is None:
             return self
-        return dataclasses.replace(self, image_valid=self.image_valid & usable[self.image_index])
+        return ImageSlots(self.image_index, self.image_valid & usable[self.image_index], self.marker_positions)
 
 
 def no_images(batch: int, device: torch.device) -> ImageSlots:
@@ -57,29 +48,6 @@ def one_image_per_sample(batch: int, num_images: int, device: torch.device) -> I
         )
     index = torch.arange(batch, device=device)[:, None]
     return ImageSlots(index, torch.ones(batch, 1, dtype=torch.bool, device=device), torch.zeros_like(index))
-
-
-def one_image_per_segment(segments: torch.Tensor, num_images: int) -> ImageSlots:
-    """Captioning in packed rows (no marker token): image `k` for the `k`-th sample of the batch (row-major),
-    seen by every token of that sample from its first column on."""
-    counts = segments[:, -1] + 1  # (batch,) samples per row
-    if int(counts.sum()) != num_images:
-        raise ValueError(
-            f"pixel_values holds {num_images} images for a packed batch of {int(counts.sum())} samples (per row: "
-            f"{counts.tolist()}). Without an image marker token (image_token_id=None) HIVE pairs exactly one image "
-            "with each sample, in the order the samples stand in the rows"
-        )
-    slots = int(counts.max())
-    slot = torch.arange(slots, device=segments.device)
-    first = counts.cumsum(0) - counts
-    image_index = (first[:, None] + slot).clamp(max=max(num_images - 1, 0))
-    return ImageSlots(
-        image_index,
-        slot < counts[:, None],
-        segment_starts(segments, slots),
-        segments=segments,
-        slot_segments=slot.expand(len(counts), slots),
-    )
 
 
 def images_by_marker(
@@ -103,11 +71,8 @@ def images_by_marker(
     return ImageSlots(image_index, slot < counts[:, None], marker_positions)
 
 
-def marker_slots(
-    markers: torch.Tensor, num_images: int, *, image_token_id: int | None, segments: torch.Tensor | None = None
-) -> ImageSlots:
-    """Slots from a (batch, text) marker mask: the Hugging Face front ends. `segments` (batch, text): the sample
-    each token of a packed row belongs to (a marker's image belongs to the marker's sample)."""
+def marker_slots(markers: torch.Tensor, num_images: int, *, image_token_id: int | None) -> ImageSlots:
+    """Slots from a (batch, text) marker mask: the Hugging Face front ends."""
     batch, length = markers.shape
     device = markers.device
     if device.type == "meta":
@@ -121,7 +86,7 @@ def marker_slots(
         markers, torch.arange(length, device=device), torch.full_like(markers, length, dtype=torch.long)
     )
     marker_positions = columns.sort(dim=1).values[:, :slots]  # (batch, slots); `length` where no marker
-    slots = images_by_marker(
+    return images_by_marker(
         counts,
         marker_positions,
         num_images,
@@ -129,10 +94,6 @@ def marker_slots(
         "{images} images; per sample: {per_sample} markers. Put one marker where each image goes (with "
         "inputs_embeds alone, a marker is a row equal to the marker token's embedding; or pass input_ids alongside).",
     )
-    if segments is None:
-        return slots
-    slot_segments = segments.gather(1, marker_positions.clamp(max=length - 1))  # padding slots: masked anyway
-    return dataclasses.replace(slots, segments=segments, slot_segments=slot_segments)
 
 
 def find_markers(

@@ -16,6 +16,7 @@ hooked layers (`hive`, `cascaded`), or the deepest level spliced into the input 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -28,9 +29,9 @@ from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
 from .connectors import Connector, connector_for
 from .context import HiveVisionContext
-from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample, one_image_per_segment
+from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
-from .packing import refuse_packed_generation
+from .packing import PackedLayout, refuse_packed_generation
 from .parameters import is_hive_parameter
 from .runtime import HiveRuntime
 from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
@@ -173,27 +174,33 @@ class HiveMixin:
             raise ValueError("pass input_ids or inputs_embeds")
         if reference.shape[1] == 0:
             raise ValueError(f"an empty prompt (input of shape {tuple(reference.shape[:2])}): give at least one token")
-        batch = reference.shape[0]
+        batch, length = reference.shape[:2]
         markers = self.hive_markers(input_ids, inputs_embeds)
+        packed = None
+        if segments is not None:
+            # Packed rows: the context is laid out per sample, exactly as for padded rows (`PackedLayout`).
+            packed = PackedLayout.from_segments(segments)
+            batch, length = packed.samples, packed.width
+            if markers is not None:
+                markers = packed.gather(markers) & packed.valid
 
         def slots_for(num_images: int) -> ImageSlots:
             if markers is None:
-                if segments is not None:
-                    return one_image_per_segment(segments, num_images)
                 return one_image_per_sample(batch, num_images, reference.device)
-            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id, segments=segments)
+            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id)
 
-        return build_vision_context(
+        context = build_vision_context(
             self.hive_vision,
             pixel_values,
             vision_inputs,
             slots_for=slots_for,
             batch_size=batch,
-            prompt_length=reference.shape[1],
+            prompt_length=length,
             device=reference.device,
             media_attention=self.hive_config.media_attention,
             training=self.training,
         )
+        return context if packed is None else dataclasses.replace(context, packed=packed)
 
     # ------------------------------------------------------------------ forward and generate
     @property

@@ -10,6 +10,7 @@ packed exactly when transformers would treat it so: position ids that restart, n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,10 +74,55 @@ def refuse_packed_generation(position_ids: torch.Tensor | None, attention_mask: 
         )
 
 
-def segment_starts(segments: torch.Tensor, count: int) -> torch.Tensor:
-    """(batch, count) the first column of segment k of each row; the row's length where it has no segment k."""
-    batch, length = segments.shape
-    columns = torch.arange(length, device=segments.device).expand(batch, length)
-    starts = torch.full((batch, count), length, dtype=torch.long, device=segments.device)
-    index = segments.clamp(max=count - 1)
-    return starts.scatter_reduce(1, index, torch.where(segments < count, columns, length), reduce="amin")
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each sample of packed rows stands, both ways. Samples are numbered row-major (row 0's first
+    sample is 0). `row`, `column`, `valid`: (samples, width), the row and column of each sample's position
+    (`width` is the longest sample; `valid` False past a sample's end); `sample`, `offset`: (rows, text), the
+    sample and position within it of each column (every column belongs to a sample: a row's padding continues
+    its last one)."""
+
+    row: torch.Tensor
+    column: torch.Tensor
+    valid: torch.Tensor
+    sample: torch.Tensor
+    offset: torch.Tensor
+
+    @classmethod
+    def from_segments(cls, segments: torch.Tensor) -> PackedLayout:
+        rows, length = segments.shape
+        device = segments.device
+        counts = segments[:, -1] + 1  # (rows,) samples per row
+        first = counts.cumsum(0) - counts
+        sample = first[:, None] + segments  # (rows, text)
+        columns = torch.arange(length, device=device).expand(rows, length)
+        total = int(counts.sum())
+        starts = torch.full((total,), length, dtype=torch.long, device=device)
+        starts = starts.scatter_reduce(0, sample.flatten(), columns.flatten(), reduce="amin")
+        offset = columns - starts[sample]
+        lengths = torch.bincount(sample.flatten(), minlength=total)
+        width = int(lengths.max())
+        row = torch.zeros(total, width, dtype=torch.long, device=device)
+        column = torch.zeros(total, width, dtype=torch.long, device=device)
+        valid = torch.zeros(total, width, dtype=torch.bool, device=device)
+        row[sample, offset] = torch.arange(rows, device=device)[:, None].expand(rows, length)
+        column[sample, offset] = columns
+        valid[sample, offset] = True
+        return cls(row, column, valid, sample, offset)
+
+    @property
+    def samples(self) -> int:
+        return self.row.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.row.shape[1]
+
+    def gather(self, packed: torch.Tensor) -> torch.Tensor:
+        """(rows, text, ...) -> (samples, width, ...): each sample's positions in a row of its own (positions
+        past its end repeat column 0 of row 0; mask them with `valid`)."""
+        return packed[self.row, self.column]
+
+    def scatter(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """(samples, width, ...) -> (rows, text, ...): the inverse of `gather` (every column is some sample's)."""
+        return per_sample[self.sample, self.offset]
