@@ -210,3 +210,20 @@ def test_a_packed_batch_with_a_cache_or_in_generate_is_refused():
         model.generate(
             input_ids=packed["input_ids"], position_ids=packed["position_ids"], pixel_values=pixels, max_new_tokens=2
         )
+
+
+def test_packed_layout_gathers_each_sample_into_its_own_row_and_back():
+    from hive_adapter.packing import PackedLayout
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
+    layout = PackedLayout.from_segments(packed_segments(position_ids, attention_mask=None, past_key_values=None))
+    assert (layout.samples, layout.width) == (5, 6)
+    values = torch.arange(18).view(2, 9) * 10
+    gathered = layout.gather(values)
+    expected = [[0, 10, 20], [30, 40], [50, 60, 70, 80], [90, 100, 110, 120, 130, 140], [150, 160, 170]]
+    for sample, want in enumerate(expected):
+        assert gathered[sample][layout.valid[sample]].tolist() == want
+        assert layout.valid[sample].sum() == len(want)
+    assert torch.equal(layout.scatter(gathered), values)
+    features = torch.randn(2, 9, 3)
+    assert torch.equal(layout.scatter(layout.gather(features)), features)
