@@ -259,6 +259,7 @@ def environment(threads: int) -> dict:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "hive_adapter": hive_adapter.__version__,
+        "load_average_at_start": os.getloadavg(),  # 1, 5, 15 min: other work on the machine
     }
 
 
@@ -270,7 +271,10 @@ def markdown(results: dict, env: dict, args: argparse.Namespace) -> str:
         f"{args.packing_factor} --image_size {args.image_size}` on {env['date']}: {env['machine']} ({env['processor']}), {env['cpu_count']} cores, "
         f"{env['torch_threads']} torch threads; torch {env['torch']}, transformers {env['transformers']}.",
         "",
-        f"**Contended timings**: {args.note}",
+        f"**Contended timings**: {args.note}. Load average (1, 5, 15 min) at the start "
+        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_start'])}, at the end "
+        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_end'])}; {env['wall_s']} s in all. The modes run "
+        "interleaved, round after round, so the ratios are fairer than the absolute times.",
         "",
         f"CPU pair: {CPU_SMALL.name}, real kernels (SDPA; packed rows masked block-diagonally by transformers from "
         "their position ids), float32, one training step (forward + backward) of the stage such data trains, "
@@ -327,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment(args.threads)
+    started = time.perf_counter()
     results = run(args.batch, args.rounds, args.packing_factor, args.seed, not args.no_flops, args.image_size)
+    env["load_average_at_end"] = os.getloadavg()
+    env["wall_s"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"environment": env, "arguments": {k: str(v) for k, v in vars(args).items()}, "results": results}
     (args.out / "packing.json").write_text(json.dumps(record, indent=1))
