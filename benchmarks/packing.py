@@ -39,6 +39,7 @@ from hive_adapter.data.collator import pack_rows
 from hive_adapter.splice import IGNORE_INDEX
 
 from .configs import CPU_SMALL, IMAGE_TOKEN_ID, PAPER_1B, ModelPair
+from .flops import vision_tower_flops
 from .models import build, set_stage
 
 
@@ -244,6 +245,7 @@ def run(
                 for mode in MODES
                 for layout in meta_inputs
             }
+            entry["flops_1b_vision_tower"] = vision_tower_flops(flops_pair, stage=dist.stage, batch=batch)
         results[title] = entry
     return results
 
@@ -305,6 +307,15 @@ def markdown(results: dict, env: dict, args: argparse.Namespace) -> str:
                 f"| {key} | {values['padding_share']:.1%} | {values['step_s']:.3f} | "
                 f"{values['text_tokens_per_s']:.0f} | {values['text_tokens_per_s_without_tower']:.0f} |{flops}"
             )
+        if "flops_1b" in entry:
+            tower = entry["flops_1b_vision_tower"]
+            hive = entry["flops_1b"]["hive padded"] - tower, entry["flops_1b"]["hive packed"] - tower
+            lines += [
+                "",
+                f"FLOPs at 1B: the vision tower's share is {tower / 1e12:.1f} T of each HIVE step; HIVE's LLM side "
+                f"(projectors, blocks, LLM) {hive[0] / 1e12:.1f} T padded vs {hive[1] / 1e12:.1f} T packed "
+                f"({hive[1] / hive[0]:.2f}x).",
+            ]
         lines += [
             "",
             f"HIVE packed / padded: **{entry['hive packed / padded tokens/s']:.2f}x** text tokens/s "
