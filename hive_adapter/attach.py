@@ -62,7 +62,16 @@ class HiveBlockCall:
 
     def __call__(self, hidden: torch.Tensor, checkpoint: Callable | None = None) -> torch.Tensor:
         """`hidden` plus the gated cross-attention (and FFN) update; `checkpoint`: the layer's checkpoint
-        function when it checkpoints, so the block is recomputed in backward too."""
+        function when it checkpoints, so the block is recomputed in backward too. Packed rows: each sample's
+        tokens are gathered into a row of their own, run as a padded batch would be, and scattered back, so a
+        token's cross-attention costs what it costs unpacked and reads only its own sample's images."""
+        context = self.runtime.context
+        packed = context.packed if context is not None and self.replay_inputs is None else None
+        if packed is not None:
+            return packed.scatter(self.run(packed.gather(hidden), checkpoint))
+        return self.run(hidden, checkpoint)
+
+    def run(self, hidden: torch.Tensor, checkpoint: Callable | None) -> torch.Tensor:
         if self.replay_inputs is not None:
             hidden, _, _ = self.block(hidden, *self.replay_inputs)
             return hidden

@@ -30,8 +30,8 @@ CHECKPOINT_COMPLETE = "hive_checkpoint_complete"
 # with other values would mix two runs in one stage (`settings_changed`).
 RUN_SETTINGS = "hive_run_settings.json"
 # Settings whose change keeps what a step means: the same samples per step, split otherwise over ranks,
-# micro-batches and accumulation (said when they change, not refused).
-BATCH_SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size")
+# micro-batches and accumulation, or packed otherwise into rows (said when they change, not refused).
+BATCH_SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "packing_length")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)$")
 
 

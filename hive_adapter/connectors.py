@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .config import DEFAULT_LEVEL_FRACTION, ResolvedLayers, normalise_layers, spread_layers
+from .packing import check_packed_language_model, packed_segments
 from .runtime import past_length_of
-from .splice import splice_image_tokens
+from .splice import splice_image_tokens, splice_packed
 from .vision import usable_images
 
 if TYPE_CHECKING:
@@ -160,10 +161,19 @@ class CrossAttentionConnector(Connector):
 
     def forward(self, model, language_model, *, input_ids, pixel_values, attention_mask, labels, inputs_embeds,
                 past_key_values, vision_inputs, **kwargs):  # fmt: skip
+        # Packed rows (position ids restarting, no mask, no cache): transformers masks the self-attention
+        # block-diagonally, the context keeps each token's cross-attention within its own sample.
+        segments = packed_segments(
+            kwargs.get("position_ids"), attention_mask=attention_mask, past_key_values=past_key_values
+        )
+        if segments is not None:
+            check_packed_language_model(language_model, kwargs)
         model.hive_runtime.context_for_call(
             past_length=past_length_of(past_key_values),
             has_images=pixel_values is not None,
-            build=lambda: model.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs),
+            build=lambda: model.hive_prompt_context(
+                input_ids, inputs_embeds, pixel_values, segments=segments, **vision_inputs
+            ),
         )
         text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         return language_model(
@@ -215,6 +225,15 @@ class ConcatConnector(Connector):
     def forward(self, model, language_model, *, input_ids, pixel_values, attention_mask, labels, inputs_embeds,
                 past_key_values, vision_inputs, **kwargs):  # fmt: skip
         text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        segments = packed_segments(
+            kwargs.get("position_ids"), attention_mask=attention_mask, past_key_values=past_key_values
+        )
+        if segments is not None:
+            check_packed_language_model(language_model, kwargs)
+            embeddings, kwargs["position_ids"], labels = self.packed_embeddings(
+                model, input_ids, inputs_embeds, pixel_values, segments, kwargs["position_ids"], labels, vision_inputs
+            )
+            return language_model(inputs_embeds=embeddings, labels=labels, **kwargs)
         if pixel_values is not None or (model.training and torch.is_grad_enabled()):
             # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)
             if past_length_of(past_key_values) > 0:
@@ -280,6 +299,29 @@ class ConcatConnector(Connector):
             return sequences
         output.sequences = sequences
         return output
+
+    @staticmethod
+    def packed_embeddings(model, input_ids, inputs_embeds, pixel_values, segments, position_ids, labels,
+                          vision_inputs):  # fmt: skip
+        """Input embeddings of packed rows with each image's tokens inside its own sample (`splice_packed`), and
+        the position ids and labels of the spliced rows."""
+        embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+        vision = model.hive_vision
+        if pixel_values is None:  # text alone; every projector still runs (ZeRO-3) and adds exactly zero
+            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
+            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), position_ids, labels
+        pixel_values, _ = usable_images(pixel_values, training=model.training)
+        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
+        images = levels[-1].to(embeddings.dtype)
+        if token_mask is not None:
+            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
+        return splice_packed(
+            markers=model.hive_markers(input_ids, inputs_embeds),
+            segments=segments,
+            embeddings=embeddings,
+            images=images,
+            labels=labels,
+        )
 
     @staticmethod
     def embeddings(model, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *,

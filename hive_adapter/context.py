@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import ImageSlots
+from .packing import PackedLayout
 
 
 @dataclass
@@ -37,6 +38,9 @@ class HiveVisionContext:
     prompt_length: int
     token_valid: torch.Tensor | None = None
     media_attention: str = "previous"
+    # Packed rows (`hive_adapter.packing`): this context is laid out per *sample*, as for padded rows, and
+    # `packed` says where each sample stands in the rows; blocks gather a sample's tokens, attend, scatter back.
+    packed: PackedLayout | None = None
     _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)  # for_batch's memo
 
     @classmethod
@@ -90,6 +94,11 @@ class HiveVisionContext:
         """
         if batch_size == self.batch_size:
             return self
+        if self.packed is not None:
+            raise ValueError(
+                f"a HIVE layer got a batch of {batch_size} rows for a packed context of {self.batch_size} samples: "
+                "packed rows are for training and are never expanded (beams, several sequences per prompt)"
+            )
         if batch_size % self.batch_size:
             raise ValueError(
                 f"a HIVE layer got a batch of {batch_size} rows, but the vision context holds {self.batch_size} "

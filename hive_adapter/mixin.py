@@ -16,6 +16,7 @@ hooked layers (`hive`, `cascaded`), or the deepest level spliced into the input 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -30,6 +31,7 @@ from .connectors import Connector, connector_for
 from .context import HiveVisionContext
 from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
+from .packing import PackedLayout, refuse_packed_generation
 from .parameters import is_hive_parameter
 from .runtime import HiveRuntime
 from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
@@ -169,34 +171,44 @@ class HiveMixin:
         input_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
+        segments: torch.Tensor | None = None,
         **vision_inputs: Any,
     ) -> HiveVisionContext:
         """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids).
+        `segments` (batch, text): the sample of each token in packed rows (`hive_adapter.packing`), or None.
         Changes no state: the runtime makes it current (`context_for_call`, `generating`, `pinned_to`)."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         if reference.shape[1] == 0:
             raise ValueError(f"an empty prompt (input of shape {tuple(reference.shape[:2])}): give at least one token")
-        batch = reference.shape[0]
+        batch, length = reference.shape[:2]
         markers = self.hive_markers(input_ids, inputs_embeds)
+        packed = None
+        if segments is not None:
+            # Packed rows: the context is laid out per sample, exactly as for padded rows (`PackedLayout`).
+            packed = PackedLayout.from_segments(segments)
+            batch, length = packed.samples, packed.width
+            if markers is not None:
+                markers = packed.gather(markers) & packed.valid
 
         def slots_for(num_images: int) -> ImageSlots:
             if markers is None:
                 return one_image_per_sample(batch, num_images, reference.device)
             return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id)
 
-        return build_vision_context(
+        context = build_vision_context(
             self.hive_vision,
             pixel_values,
             vision_inputs,
             slots_for=slots_for,
             batch_size=batch,
-            prompt_length=reference.shape[1],
+            prompt_length=length,
             device=reference.device,
             media_attention=self.hive_config.media_attention,
             training=self.training,
         )
+        return context if packed is None else dataclasses.replace(context, packed=packed)
 
     # ------------------------------------------------------------------ forward and generate
     @property
@@ -260,6 +272,7 @@ class HiveMixin:
         `inputs_embeds` alone. Cross-attention connectors build the prompt's vision context once (vision tower
         and every block's K/V run once per prompt) and pin it while `generate` runs on text alone."""
         vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        refuse_packed_generation(kwargs.get("position_ids"), attention_mask)
         return self.hive_connector.generate(
             self,
             generate,

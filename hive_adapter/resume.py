@@ -44,13 +44,14 @@ def run_settings(args: TrainingArguments, data_args: DataArguments, *, num_sampl
         "max_grad_norm": args.max_grad_norm,
         "seed": args.seed,
         "max_text_length": data_args.max_text_length,
+        "packing_length": data_args.packed_row_length,
         **data,
     }
 
 
 def check_resume_settings(checkpoint: Path, settings: dict, stage: StageSpec) -> None:
     """Refuse a resume whose settings change what a step means (naming each flag, now and then); say when only
-    the split of the same global batch over ranks, micro-batches and accumulation changed."""
+    the split of the same global batch over ranks, micro-batches and accumulation, or its packing, changed."""
     saved = run_settings_of(checkpoint)
     if saved is None:
         say(f"stage {stage.number}: {checkpoint} carries no run settings (hive-adapter 0.2): not checked against these")
@@ -64,16 +65,23 @@ def check_resume_settings(checkpoint: Path, settings: dict, stage: StageSpec) ->
         )
     if split:
 
+        def rows(values: dict) -> str:
+            length = values.get("packing_length")
+            return "padded rows" if length is None else f"packed rows of {length}"
+
         def shown(values: dict) -> str:
             ranks = values["world_size"]
-            return f"{values['per_device_train_batch_size']} x {values['gradient_accumulation_steps']} x {ranks}"
+            return (
+                f"{values['per_device_train_batch_size']} x {values['gradient_accumulation_steps']} x {ranks}, "
+                f"{rows(values)}"
+            )
 
         ranks = settings["world_size"]
         say(
             f"stage {stage.number}: resuming with per-device batch {settings['per_device_train_batch_size']} x "
-            f"{settings['gradient_accumulation_steps']} accumulation x {ranks} rank{'s' if ranks > 1 else ''} "
-            f"(the checkpoint: {shown(saved)}): the same global batch of {settings['global_batch_size']}, so each "
-            "step still sees the same samples"
+            f"{settings['gradient_accumulation_steps']} accumulation x {ranks} rank{'s' if ranks > 1 else ''}, "
+            f"{rows(settings)} (the checkpoint: {shown(saved)}): the same global batch of "
+            f"{settings['global_batch_size']}, so each step still sees the same samples"
         )
 
 

@@ -125,3 +125,71 @@ def _splice_on_meta(embeddings, images, attention_mask, labels, *, batch: int, t
             [labels.new_full((batch, per_sample * tokens), IGNORE_INDEX), labels[:, per_sample:]], dim=1
         )
     return out_embeds, out_mask, out_labels
+
+
+def splice_packed(
+    *,
+    markers: torch.Tensor | None,
+    segments: torch.Tensor,
+    embeddings: torch.Tensor,
+    images: torch.Tensor | list[torch.Tensor],
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`splice_image_tokens` for packed rows (`hive_adapter.packing`): each image's tokens go inside its own
+    sample, at its marker or (no marker token) in front of the sample's text, and the position ids restart at
+    every sample, image tokens included. Rows are padded to one length by continuing their last sample (causal
+    attention: no real token sees the padding), with `IGNORE_INDEX` labels. Returns embeddings, position ids,
+    labels."""
+    batch, length = embeddings.shape[:2]
+    rows_embeds, rows_labels, rows_positions = [], [], []
+    next_image = 0
+    for b in range(batch):
+        bounds = (torch.diff(segments[b], prepend=segments[b, :1] - 1) != 0).nonzero().flatten().tolist()
+        pieces_e, pieces_l, pieces_p = [], [], []
+        for start, end in zip(bounds, [*bounds[1:], length], strict=True):
+            if markers is None:
+                cuts = [(start, start)]  # the sample's image in front of its text, nothing dropped
+            else:
+                cuts = [(p, p + 1) for p in (markers[b, start:end].nonzero().flatten() + start).tolist()]
+            sample_e, sample_l, begin = [], [], start
+            for cut, resume in cuts:
+                if next_image >= len(images):
+                    raise ValueError(
+                        f"the packed batch has more images to place than the {len(images)} in pixel_values; put one "
+                        "marker where each image goes (without a marker token: one image per sample)"
+                    )
+                image = images[next_image]
+                next_image += 1
+                sample_e += [embeddings[b, begin:cut], image]
+                if labels is not None:
+                    sample_l += [labels[b, begin:cut], labels.new_full((image.shape[0],), IGNORE_INDEX)]
+                begin = resume
+            sample_e.append(embeddings[b, begin:end])
+            if labels is not None:
+                sample_l.append(labels[b, begin:end])
+            sample = torch.cat(sample_e)
+            pieces_e.append(sample)
+            pieces_l += sample_l
+            pieces_p.append(torch.arange(sample.shape[0], device=embeddings.device))
+        rows_embeds.append(torch.cat(pieces_e))
+        rows_positions.append(pieces_p)
+        if labels is not None:
+            rows_labels.append(torch.cat(pieces_l))
+    if next_image != len(images):
+        raise ValueError(
+            f"the packed batch places {next_image} images but pixel_values holds {len(images)}; put one marker where "
+            "each image goes (without a marker token: one image per sample)"
+        )
+    width = max(row.shape[0] for row in rows_embeds)
+    out_embeds = embeddings.new_zeros(batch, width, embeddings.shape[-1])
+    out_positions = torch.zeros(batch, width, dtype=torch.long, device=embeddings.device)
+    out_labels = labels.new_full((batch, width), IGNORE_INDEX) if labels is not None else None
+    for b in range(batch):
+        n = rows_embeds[b].shape[0]
+        out_embeds[b, :n] = rows_embeds[b]
+        last = rows_positions[b][-1]
+        tail = torch.arange(last.shape[0], last.shape[0] + width - n, device=embeddings.device)
+        out_positions[b] = torch.cat([*rows_positions[b], tail])
+        if out_labels is not None:
+            out_labels[b, :n] = rows_labels[b]
+    return out_embeds, out_positions, out_labels

@@ -281,7 +281,10 @@ def run_stage(
     if instruct:
         collator = HiveConversationCollator(processor, max_length=data_args.max_text_length)
     else:
-        collator = HiveCaptionCollator(tokenizer, image_processor, max_length=data_args.max_text_length)
+        collator = HiveCaptionCollator(
+            tokenizer, image_processor, max_length=data_args.max_text_length, packing_length=data_args.packed_row_length
+        )
+    packing_length = getattr(collator, "packing_length", None)
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
     settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
@@ -306,6 +309,7 @@ def run_stage(
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
         + (f", HIVE modules at lr {hive_learning_rate:g}" if hive_learning_rate is not None else "")
+        + (f", packed rows of {packing_length} tokens" if packing_length is not None else "")
     )
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -323,6 +327,7 @@ def run_stage(
         "skipped_images": getattr(dataset, "skipped", 0),
         "world_size": world_size(),
         "deepspeed": deepspeed,
+        "packing_length": packing_length,
     }
     if stage_args.verify_rank_consistency:
         report["rank_fingerprints"] = rank_fingerprints(trainer.model)
@@ -400,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     validate_hive_learning_rate(stage_args.hive_learning_rate, stages)
     validate_model_paths(model_args)
+    data_args.packed_row_length  # noqa: B018  (refuses --packing_length without --packing, or too short)
+    if instruct and data_args.packing:
+        raise ValueError(
+            "--packing with --stage sft: conversations are not packed yet (pre-training captions are); drop --packing"
+        )
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
     checked_attributes(data_args.synthetic_attributes)
     output_dir = Path(base_args.output_dir)

@@ -70,6 +70,33 @@ class DataArguments:
     skip_bad_images: bool = field(
         default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each micro-batch's samples several to a row (position ids restart per sample, "
+            "block-diagonal self-attention, each token's cross-attention on its own sample's images): no padding "
+            "compute; the same loss and gradients as padded rows."
+        },
+    )
+    packing_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per packed row with --packing (default: --max_text_length; at least that)."},
+    )
+
+    @property
+    def packed_row_length(self) -> int | None:
+        """Tokens per packed row, or None without --packing."""
+        if not self.packing:
+            if self.packing_length is not None:
+                raise ValueError(f"--packing_length {self.packing_length} without --packing: add --packing")
+            return None
+        length = self.packing_length or self.max_text_length
+        if length < self.max_text_length:
+            raise ValueError(
+                f"--packing_length {length}: shorter than --max_text_length {self.max_text_length} (a sample may "
+                "have that many tokens); give at least that"
+            )
+        return length
 
 
 @dataclass

@@ -86,6 +86,8 @@ def logged_losses(output: str) -> list[float]:
 
 def assert_trained_on_real_labels(output: str) -> None:
     """LLaVA masks a whole sample (loss 0.0) when its tokenizer disagrees with the conversation template."""
-    assert "tokenization mismatch" not in output, "LLaVA reported a tokenization mismatch: every label of those samples was masked"
+    assert "tokenization mismatch" not in output, (
+        "LLaVA reported a tokenization mismatch: every label of those samples was masked"
+    )
     losses = logged_losses(output)
     assert losses and all(loss > 0.5 for loss in losses), losses

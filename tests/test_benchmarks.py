@@ -136,3 +136,18 @@ def test_the_lean_projector_meets_its_flop_targets_at_the_paper_shapes():
     seven = {mode: count_step(PAPER_7B, mode, stage=2).llm_side for mode in ("hive_lean", "concat")}
     assert one["hive_lean"] / one["concat"] <= 0.11 and one["hive_lean"] / one["text"] <= 1.2
     assert seven["hive_lean"] / seven["concat"] <= 0.13
+
+
+def test_the_packing_benchmark_runs_every_mode_both_ways_on_the_same_samples():
+    from benchmarks import packing
+
+    distributions = {"short": packing.Distribution("short", 12, 0.5, 4, 24, stage=1)}
+    results = packing.run(
+        6, 1, 1, 0, True, TINY.vision["image_size"], pair=TINY, flops_pair=TINY, distributions=distributions
+    )["short"]
+    assert set(results["modes"]) == {"hive padded", "hive packed", "concat padded", "concat packed"}
+    assert results["rows"]["packed"][0] < results["rows"]["padded"][0] == 6
+    hive_padded, hive_packed = results["modes"]["hive padded"], results["modes"]["hive packed"]
+    assert hive_packed["padding_share"] < hive_padded["padding_share"]
+    assert all(mode["step_s"] > 0 for mode in results["modes"].values()) and results["vision_tower_s"] > 0
+    assert set(results["flops_1b"]) == set(results["modes"]) and all(results["flops_1b"].values())

@@ -221,7 +221,7 @@ def test_resume_with_settings_that_change_what_a_step_means_is_refused(toy, tmp_
         train_main(changed)
 
 
-def test_resume_with_another_batch_split_of_the_same_global_batch_says_so(toy, tmp_path, capsys):
+def test_resume_with_another_batch_split_or_packing_of_the_same_global_batch_says_so(toy, tmp_path, capsys):
     out = tmp_path / "run"
     first = [*toy_args(toy, out, "--stage", "1", "--max_steps", "4", "--synthetic_size", "32"), "--save_strategy",
              "steps", "--save_steps", "2"]  # fmt: skip
@@ -230,9 +230,12 @@ def test_resume_with_another_batch_split_of_the_same_global_batch_says_so(toy, t
 
     shutil.rmtree(out / "stage1")
     capsys.readouterr()
-    train_main([*first, "--per_device_train_batch_size", "4", "--resume_from_checkpoint", "auto"])
+    train_main([*first, "--per_device_train_batch_size", "4", "--packing", "--resume_from_checkpoint", "auto"])
     said = capsys.readouterr().out
-    assert "per-device batch 4 x 2 accumulation x 1 rank (the checkpoint: 8 x 1 x 1)" in said
+    assert (
+        "per-device batch 4 x 2 accumulation x 1 rank, packed rows of 77 (the checkpoint: 8 x 1 x 1, padded rows)"
+        in said
+    )
     assert (out / "stage1").is_dir()
 
 

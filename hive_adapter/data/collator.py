@@ -4,6 +4,9 @@ Text is truncated to 77 tokens by default (supplementary §7, SigLIP's text leng
 caption only; the prompt and padding are `-100`. HIVE's default pre-training is pure captioning: no
 image marker in the text, every token sees its sample's image. With `image_token` set, the marker is
 put in front of the prompt (and the model must know its id).
+
+With `packing_length` the samples of a batch are packed (`pack_rows`): several per row, position ids
+restarting at each, no attention mask (`hive_adapter.packing`), the images in the order the samples stand.
 """
 
 from __future__ import annotations
@@ -32,18 +35,66 @@ def with_pad_token(tokenizer):
     return tokenizer
 
 
+def pack_rows(
+    encoded: list[tuple[list[int], list[int]]], *, capacity: int, pad_token_id: int
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Pack samples ((ids, labels) each) into rows of at most `capacity` tokens, first-fit decreasing (the
+    longest first, each into the first row with room; deterministic). Returns input_ids, labels and position_ids
+    (restarting at 0 at every sample; no attention mask: transformers then keeps the samples apart), and the
+    order the samples stand in, row by row. A sample's first label is `IGNORE_INDEX`: the token before it belongs
+    to another sample (a padded row never predicts its first token either). Rows are padded to the longest by
+    continuing their last sample's positions: under causal attention no real token sees that padding."""
+    longest = max(len(ids) for ids, _ in encoded)
+    if capacity < longest:
+        raise ValueError(
+            f"packing_length={capacity}: the longest sample has {longest} tokens; give --packing_length at least "
+            "--max_text_length"
+        )
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0])):  # stable: ties keep their order
+        size = len(encoded[index][0])
+        row = next((r for r, free in enumerate(room) if free >= size), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= size
+    width = max(capacity - free for free in room)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, members in enumerate(rows):
+        column = 0
+        for index in members:
+            ids, target = encoded[index]
+            input_ids[row, column : column + len(ids)] = torch.tensor(ids)
+            labels[row, column + 1 : column + len(ids)] = torch.tensor(target[1 : len(ids)], dtype=torch.long)
+            position_ids[row, column : column + len(ids)] = torch.arange(len(ids))
+            last, column = len(ids), column + len(ids)
+        position_ids[row, column:] = torch.arange(last, last + width - column)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}, [i for r in rows for i in r]
+
+
 @dataclass
 class HiveCaptionCollator:
     tokenizer: Any
     image_processor: Any
     max_length: int = 77
     image_token: str | None = None
+    packing_length: int | None = None  # pack the batch's samples into rows of this many tokens (None: pad)
 
     def __post_init__(self) -> None:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: need room for at least one caption token")
+        if self.packing_length is not None and self.packing_length < self.max_length:
+            raise ValueError(
+                f"packing_length={self.packing_length}: shorter than max_length={self.max_length} (a sample may have "
+                "that many tokens); give --packing_length at least --max_text_length"
+            )
 
     def encode(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
         """Token ids and labels of one sample (BOS + [marker] + prompt + caption + EOS, truncated)."""
@@ -61,6 +112,9 @@ class HiveCaptionCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(s.get("prompt", ""), s["caption"]) for s in samples]
+        if self.packing_length is not None:
+            batch, order = pack_rows(encoded, capacity=self.packing_length, pad_token_id=self.tokenizer.pad_token_id)
+            return {**batch, "pixel_values": self.pixels([samples[i] for i in order])}
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
@@ -70,6 +124,15 @@ class HiveCaptionCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             labels[row, : len(target)] = torch.tensor(target)
             attention_mask[row, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": self.pixels(samples),
+        }
+
+    def pixels(self, samples: list[dict]) -> torch.Tensor:
+        """The samples' images, processed, in their order; non-finite pixels are an error naming the image."""
         pixels = self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
         finite = torch.isfinite(pixels.flatten(1)).all(dim=1)
         if not bool(finite.all()):
@@ -79,4 +142,4 @@ class HiveCaptionCollator:
                 "processor's image_mean / image_std (a std of 0 divides by zero). Training stops rather than make "
                 "every gradient NaN."
             )
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixels}
+        return pixels
