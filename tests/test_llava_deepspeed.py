@@ -201,4 +201,6 @@ def test_llava_finetune_with_a_text_only_rank_and_an_image_rank_trains_as_one_pr
     assert any((one_rank[key].float() - value.float()).abs().max() > 0 for key, value in start.items())
     assert two_ranks.keys() == one_rank.keys()
     for key, tensor in one_rank.items():
-        torch.testing.assert_close(two_ranks[key].float(), tensor.float(), rtol=1e-4, atol=1e-6, msg=key)
+        # float32, gradients reduced in another order; Adam (lr 1e-3) turns that noise, where a gradient is near 0,
+        # into differences of a few 1e-6 (measured: 3e-6 at most, on 7 of ~400k weights): 1e-5 is 1% of one step
+        torch.testing.assert_close(two_ranks[key].float(), tensor.float(), rtol=1e-4, atol=1e-5, msg=key)
