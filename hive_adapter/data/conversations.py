@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..splice import IGNORE_INDEX
-from .datasets import IMAGE_MARKER, BadImageError
+from .datasets import IMAGE_MARKER, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +128,7 @@ class ConversationDataset:
         return kept
 
     def _image(self, name: str) -> Image.Image:
-        path = self.image_folder / name
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise BadImageError(f"cannot read image {path}: {error}") from error
+        return open_image(self.image_folder / name)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

@@ -23,6 +23,15 @@ class BadImageError(ValueError):
     """An image file that is missing or cannot be decoded."""
 
 
+def open_image(path: Path) -> Image.Image:
+    """The RGB picture at `path`, or a `BadImageError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise BadImageError(f"cannot read image {path}: {error}") from error
+
+
 @dataclass(frozen=True)
 class CaptionRecord:
     image: str
@@ -157,12 +166,7 @@ class ImageCaptionDataset:
         return [(record.prompt, record.caption) for record in self.records]
 
     def load_image(self, record: CaptionRecord) -> Image.Image:
-        path = self.image_folder / record.image
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise BadImageError(f"cannot read image {path}: {error}") from error
+        return open_image(self.image_folder / record.image)
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.records)):
