@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import ProcessorMixin
-from transformers.image_utils import make_flat_list_of_images
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class HiveProcessor(ProcessorMixin):
             self._check_one_image_per_sample(images, per_sample, len(texts))
             return
         markers = [sample.count(self.image_token) for sample in texts]
-        given = 0 if images is None else len(make_flat_list_of_images(images))
+        given = 0 if images is None else len(_flat(images))
         if sum(markers) != given or (per_sample is not None and per_sample != markers):
             detail = f"; images per sample: {per_sample}" if per_sample is not None else ""
             raise ValueError(
@@ -140,7 +139,7 @@ class HiveProcessor(ProcessorMixin):
         """Captioning mode: no marker, so every sample is paired with exactly one image (or none has one)."""
         if images is None:
             return
-        counts = per_sample if per_sample is not None else [len(make_flat_list_of_images(images))]
+        counts = per_sample if per_sample is not None else [len(_flat(images))]
         if per_sample is None and counts[0] == samples:
             return
         if per_sample is not None and all(count == 1 for count in per_sample):
@@ -168,6 +167,14 @@ def _single_token_id(tokenizer: Any, token: str) -> int:
             "embeddings, or pass the marker the model was trained with"
         )
     return int(ids[0])
+
+
+def _flat(images: Any) -> list:
+    """One image, a list of images, or a list of per-sample lists, as one flat list (transformers' own
+    `make_flat_list_of_images` is not in the 4.x releases LLaVA pins, where this module is imported too)."""
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
 
 
 def _images_per_sample(images: Any, samples: int) -> list[int] | None:
