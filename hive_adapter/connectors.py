@@ -301,20 +301,32 @@ class ConcatConnector(Connector):
         return output
 
     @staticmethod
+    def images_to_splice(model, input_ids, inputs_embeds, pixel_values, vision_inputs):
+        """(input embeddings, each image's deepest-level tokens to splice: (images, tokens, hidden), or a list of
+        (tokens_i, hidden) for NaFlex grids). Without images the tokens are None and every projector still runs
+        (ZeRO-3 must see every parameter), adding exactly zero to the embeddings."""
+        embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+        vision = model.hive_vision
+        if pixel_values is None:
+            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
+            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), None
+        pixel_values, _ = usable_images(pixel_values, training=model.training)  # a left-out image: spliced blank
+        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
+        images = levels[-1].to(embeddings.dtype)
+        if token_mask is not None:  # NaFlex: each image's real tokens only
+            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
+        return embeddings, images
+
+    @staticmethod
     def packed_embeddings(model, input_ids, inputs_embeds, pixel_values, segments, position_ids, labels,
                           vision_inputs):  # fmt: skip
         """Input embeddings of packed rows with each image's tokens inside its own sample (`splice_packed`), and
         the position ids and labels of the spliced rows."""
-        embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
-        vision = model.hive_vision
-        if pixel_values is None:  # text alone; every projector still runs (ZeRO-3) and adds exactly zero
-            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
-            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), position_ids, labels
-        pixel_values, _ = usable_images(pixel_values, training=model.training)
-        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        images = levels[-1].to(embeddings.dtype)
-        if token_mask is not None:
-            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
+        embeddings, images = ConcatConnector.images_to_splice(
+            model, input_ids, inputs_embeds, pixel_values, vision_inputs
+        )
+        if images is None:
+            return embeddings, position_ids, labels
         return splice_packed(
             markers=model.hive_markers(input_ids, inputs_embeds),
             segments=segments,
@@ -331,16 +343,11 @@ class ConcatConnector(Connector):
 
         Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
         """
-        embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
-        vision = model.hive_vision
-        if pixel_values is None:
-            levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
-            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), attention_mask, labels
-        pixel_values, _ = usable_images(pixel_values, training=model.training)  # a left-out image: spliced blank
-        levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        images = levels[-1].to(embeddings.dtype)  # (images, tokens, hidden)
-        if token_mask is not None:  # NaFlex: each image's real tokens only, (tokens_i, hidden) each
-            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
+        embeddings, images = ConcatConnector.images_to_splice(
+            model, input_ids, inputs_embeds, pixel_values, vision_inputs
+        )
+        if images is None:
+            return embeddings, attention_mask, labels
         return splice_image_tokens(
             markers=model.hive_markers(input_ids, inputs_embeds),
             embeddings=embeddings,
