@@ -107,8 +107,7 @@ def _hive_model_manager(base: type) -> type:
                     model = AutoModelForImageTextToText.from_pretrained(
                         model_id, dtype=dtype, attn_implementation=self.attn_implementation
                     )
-                    device = "cpu" if self.device == "auto" and not _has_accelerator() else self.device
-                    return model.to(_device_for(device)).eval()
+                    return model.to(_device_for(self.device)).eval()
             return super()._load_model(model_id_and_revision, tqdm_class, progress_callback, gguf_file)
 
         @staticmethod
@@ -118,12 +117,6 @@ def _hive_model_manager(base: type) -> type:
             return base.get_model_modality(model, processor=processor)
 
     return HiveModelManager
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _device_for(device):
