@@ -1,34 +1,35 @@
-"""HIVE against concat with a real, frozen language model (issue 30): stage 1 of `hive-train` on SmolLM2.
+"""HIVE against concat with a real language model (issue 30): stages 1 and 2 of `hive-train` on SmolLM2.
 
-    python -m benchmarks.real_lm                              # the study: hive and concat, seeds 0,1 (~1 h, 2 cores)
-    python -m benchmarks.real_lm --seeds 0 --train_size 1600  # a smaller one (~15 min)
+    python -m benchmarks.real_lm                              # the study: hive and concat, seeds 0,1, stages 1,2
+    python -m benchmarks.real_lm --stages 1                   # stage 1 only (the LM stays frozen; ~25 min)
+    python -m benchmarks.real_lm --connectors cascaded --seeds 0
+    python -m benchmarks.real_lm --time_breakdown             # where a training step's time goes; nothing trains
     python -m benchmarks.real_lm --print_commands             # the hive-train command lines, checked; nothing runs
     python -m benchmarks.real_lm --summary                    # only rewrite real_lm.md from the finished runs
 
-The study itself has not been run yet: its times above are estimates. What was run (2026-12-03, 2 cores): a
-smoke run of this script at toy size (`--seeds 0 --train_size 32 --held_out 8 --encoder_steps 5`, 1 min 47 s),
-whose two steps per connector took 1.5 s (hive) and 2.4 s (concat) each, startup included; by hand earlier, a
-HIVE step 1.9 s and a concat step 23 s with all 64 patches spliced (here they are pooled to 16).
+Each run states its own time in its JSON (`seconds`, `torch_threads`); real_lm.md gives seconds per step.
 
-What it compares, the paper's stage 1 in the setting whose absence made the small-scale runs fail before (#17):
+What it compares, the paper's stage 1 in the setting whose absence made the small-scale runs fail before (#17),
+then its stage 2:
 - the language model: SmolLM2-135M-Instruct (`hive_adapter.real_lm`: 30 layers, width 576, vocabulary 49,152),
-  frozen;
+  frozen in stage 1, trained in stage 2;
 - the vision encoder: the toy SigLIP (8 layers x 64, 64x64 images, 64 patches), pre-trained image-text
   contrastive for 600 steps as `hive-reproduce` does it (no real vision encoder ships on the registry), frozen;
 - the data: the synthetic shapes set, captions such as "a yellow solid cross in the bottom left" (8 SmolLM2
-  tokens) after the prompt "describe the image ."; 3200 training pairs, 256 held out (other seeds);
-- stage 1 of Table 3 (HIVE's modules, or concat's projector, train; its optimiser, learning rate and schedule),
-  batch 16: 200 steps per run;
+  tokens) after the prompt "describe the image ."; 1600 training pairs, 256 held out (other seeds);
+- stages 1 and 2 of Table 3 (stage 1: HIVE's modules, or concat's projector; stage 2: those and the LLM; each
+  stage's optimiser, learning rate and schedule), batch 16, one epoch each (Table 3's stage 2 has two: halved to
+  fit the budget): 100 steps per stage;
 - HIVE: levels 1,3,5,7 pooled to 16 tokens each, read by decoder layers 0,7,15,22 (HIVE's default spread over
   30 layers); concat: the deepest level (7), 16 tokens, spliced in front of the text.
 
 Measured per run, in `<output>/runs/<connector>-seed<s>.json` (a finished run is kept and skipped when rerun):
 content-token accuracy (the colour, texture, shape and position words, teacher-forced top-1) with each sample's
 own image and with the next sample's (the control: a model that reads the picture loses its content tokens),
-before (stage 0) and after stage 1; the loss curve; seconds per step; greedy captions of four held-out images.
+before (stage 0) and after each stage; the loss curve; seconds per step; greedy captions of four held-out images.
 Use a new `--work_dir` for other settings: hive-train keeps (or refuses to redo) a finished stage.
-Every run ends by writing `<output>/real_lm.md` from all finished runs. Checkpoints go to `--work_dir` (kept: the SmolLM2-sized stage
-directories are ~0.55 GB each).
+Every run ends by writing `<output>/real_lm.md` from all finished runs. Checkpoints go to `--work_dir` (kept: the
+SmolLM2-sized stage directories are ~0.55 GB each).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from hive_adapter.loading import load_hive
 from hive_adapter.real_lm import SMOLLM2, cache_root, smollm2_directory
 
 OUTPUT = Path(__file__).parent / "results" / "real_lm"
-CONNECTORS = ("hive", "concat")
+CONNECTORS = ("hive", "concat", "cascaded")  # the table's order; the study runs --connectors
+STAGES = (1, 2)
 VISION_LAYERS, LLM_LAYERS, TOKENS_PER_LEVEL = "1,3,5,7", "0,7,15,22", 16
 ENCODER_PRETRAINING_STEPS = 600  # hive-reproduce's default
 IMAGE_SIZE = 64  # the toy SigLIP's
@@ -64,26 +66,30 @@ def say(message: str) -> None:
 
 def vision_encoder(work: Path, seed: int, steps: int = ENCODER_PRETRAINING_STEPS) -> Path:
     """The toy SigLIP of `seed`, pre-trained contrastive for `steps` (its toy LM, left random, is not used)."""
-    return (
-        prepare_models(
-            work / f"encoder-seed{seed}", seed=seed, language_steps=0, vision_steps=ENCODER_PRETRAINING_STEPS
-        )
-        / "vision"
-    )
+    return prepare_models(work / f"encoder-seed{seed}", seed=seed, language_steps=0, vision_steps=steps) / "vision"
 
 
 def hive_train_arguments(
-    connector: str, vision: Path, language: Path, run: Path, *, seed: int, train_size: int, batch_size: int
+    connector: str,
+    vision: Path,
+    language: Path,
+    run: Path,
+    *,
+    seed: int,
+    train_size: int,
+    batch_size: int,
+    stages: tuple[int, ...] = STAGES,
 ) -> list[str]:
-    """hive-train's arguments for stage 1 of `connector` (stage 0, the composed model, is written on the way)."""
+    """hive-train's arguments for `stages` of `connector` (stage 0, the composed model, is written on the way)."""
+    epochs = ["--num_train_epochs", "1"] if 2 in stages else []  # Table 3's stage 2 has 2 epochs; one fits the budget
     return [
         "--vision_model", str(vision), "--language_model", str(language), "--vision_connector", connector,
         "--hive_vision_layers", VISION_LAYERS, "--hive_llm_layers", LLM_LAYERS,
         "--hive_tokens_per_level", str(TOKENS_PER_LEVEL),
         "--data_format", "synthetic", "--synthetic_size", str(train_size), "--synthetic_seed", str(seed),
-        "--stage", "1", "--output_dir", str(run), "--global_batch_size", str(batch_size),
+        "--stage", ",".join(map(str, stages)), "--output_dir", str(run), "--global_batch_size", str(batch_size),
         "--per_device_train_batch_size", str(batch_size), "--logging_steps", "10", "--save_strategy", "no",
-        "--report_to", "none", "--seed", str(seed), "--disable_tqdm", "True",
+        "--report_to", "none", "--seed", str(seed), "--disable_tqdm", "True", *epochs,
     ]  # fmt: skip
 
 
@@ -131,16 +137,27 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
     vision = vision_encoder(args.work_dir / f"encoder-{args.encoder_steps}-steps", seed, args.encoder_steps)
     directory = args.work_dir / "runs" / f"{connector}-seed{seed}"
     arguments = hive_train_arguments(
-        connector, vision, language, directory, seed=seed, train_size=args.train_size, batch_size=args.batch_size
-    )
+        connector, vision, language, directory, seed=seed, train_size=args.train_size, batch_size=args.batch_size,
+        stages=args.stages,
+    )  # fmt: skip
     completed = subprocess.run([sys.executable, "-m", "hive_adapter.train", *arguments], capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"hive-train failed for {connector} seed {seed} (exit {completed.returncode})")
     trained = time.time() - started
-    say(f"{connector} seed {seed}: stage 1 trained in {trained:.0f} s; measuring")
+    say(f"{connector} seed {seed}: stages {args.stages} trained in {trained:.0f} s; measuring")
     held_out = SyntheticShapes(args.held_out, seed=HELD_OUT_SEED_OFFSET + seed, image_size=IMAGE_SIZE)
-    report = stage_report(directory, 1)
+    stages = {}
+    for stage in args.stages:
+        report = stage_report(directory, stage)
+        stages[str(stage)] = {
+            "losses": report["losses"],  # one per --logging_steps
+            "final_loss": report["losses"][-1] if report["losses"] else None,
+            "train_loss": report.get("train_loss"),  # the mean over the stage
+            "steps": report["global_steps"],
+            "seconds_per_step": seconds_per_step(report),
+            "captions": greedy_captions(directory / f"stage{stage}", held_out),
+        }
     result = {
         "connector": connector,
         "seed": seed,
@@ -152,16 +169,13 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
             "llm_layers": LLM_LAYERS,
             "tokens_per_level": TOKENS_PER_LEVEL,
             "encoder_pretraining_steps": args.encoder_steps,
+            "stages": list(args.stages),
         },  # fmt: skip
         "image_reading": {
-            str(stage): checkpoint_image_reading(directory / f"stage{stage}", held_out).to_dict() for stage in (0, 1)
+            str(stage): checkpoint_image_reading(directory / f"stage{stage}", held_out).to_dict()
+            for stage in (0, *args.stages)
         },
-        "losses": report["losses"],  # one per --logging_steps
-        "final_loss": report["losses"][-1] if report["losses"] else None,
-        "train_loss": report.get("train_loss"),  # the mean over the run
-        "steps": report["global_steps"],
-        "seconds_per_step": seconds_per_step(report),
-        "captions": greedy_captions(directory / "stage1", held_out),
+        "stages": stages,
         "seconds": {"training": trained, "all": time.time() - started},
         "command": "python -m hive_adapter.train " + " ".join(arguments),
         "date": time.strftime("%Y-%m-%d"),
@@ -169,10 +183,10 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
     }
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
-    reading = result["image_reading"]["1"]
+    reading = result["image_reading"][str(args.stages[-1])]
     say(
-        f"{result_path.name}: content {reading['real']['content']:.1%} own / {reading['swapped']['content']:.1%} "
-        f"swapped, {result['seconds_per_step']:.1f} s per step, {time.time() - started:.0f} s in all"
+        f"{result_path.name}: content after stage {args.stages[-1]} {reading['real']['content']:.1%} own / "
+        f"{reading['swapped']['content']:.1%} swapped, {time.time() - started:.0f} s in all"
     )
 
 
@@ -186,36 +200,203 @@ def _cell(values: list[float], percent: bool = True) -> str:
     return f"{mean:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
 
 
+def _stages_of(result: dict) -> dict[str, dict]:
+    """Per-stage figures of a run; runs written before stage 2 was measured kept them at the top level."""
+    if "stages" in result:
+        return result["stages"]
+    keys = ("losses", "final_loss", "train_loss", "steps", "seconds_per_step", "captions")
+    return {"1": {key: result.get(key) for key in keys}}
+
+
 def summary(output: Path) -> str:
     runs = [json.loads(path.read_text()) for path in sorted((output / "runs").glob("*.json"))]
+    stages = sorted({int(stage) for result in runs for stage in _stages_of(result)})
+    header = " | ".join(f"after stage {stage}" for stage in stages)
     lines = [
-        "| connector | seeds | content, own / swapped image, before | after stage 1 | final loss | s per step |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| connector | seeds | content, own / swapped image, before | {header} | final loss per stage | "
+        "s per step per stage |",
+        "| --- | --- | --- | " + "--- | " * len(stages) + "--- | --- |",
     ]
     for connector in CONNECTORS:
         results = [r for r in runs if r["connector"] == connector]
         if not results:
             continue
-        before = [_cell([r["image_reading"]["0"][kind]["content"] for r in results]) for kind in ("real", "swapped")]
-        after = [_cell([r["image_reading"]["1"][kind]["content"] for r in results]) for kind in ("real", "swapped")]
+
+        def reading(stage: int, results: list[dict] = results) -> str:
+            done = [r["image_reading"][str(stage)] for r in results if str(stage) in r["image_reading"]]
+            return " / ".join(_cell([d[kind]["content"] for d in done]) for kind in ("real", "swapped"))
+
+        def per_stage(key: str, results: list[dict] = results) -> str:
+            cells = []
+            for stage in stages:
+                values = [_stages_of(r).get(str(stage), {}).get(key) for r in results]
+                cells.append(_cell([v for v in values if v is not None], percent=False))
+            return " / ".join(cells)
+
         lines.append(
-            f"| {connector} | {','.join(str(r['seed']) for r in results)} | {' / '.join(before)} | "
-            f"{' / '.join(after)} | {_cell([r['final_loss'] for r in results if r['final_loss'] is not None], False)} | "
-            f"{_cell([r['seconds_per_step'] for r in results], percent=False)} |"
+            f"| {connector} | {','.join(str(r['seed']) for r in results)} | {reading(0)} | "
+            + " | ".join(reading(stage) for stage in stages)
+            + f" | {per_stage('final_loss')} | {per_stage('seconds_per_step')} |"
         )
-    captions = ["| connector | seed | caption | written after stage 1 (greedy) |", "| --- | --- | --- | --- |"]
+    captions = ["| connector | seed | stage | caption | written (greedy) |", "| --- | --- | --- | --- | --- |"]
     for result in runs:
-        for row in result["captions"]:
-            written = " ".join(row["written"].split()).replace("|", "\\|")  # one table cell
-            captions.append(f"| {result['connector']} | {result['seed']} | {row['caption']} | {written} |")
+        for stage, figures in _stages_of(result).items():
+            for row in figures["captions"] or []:
+                written = " ".join(row["written"].split()).replace("|", "\\|")  # one table cell
+                captions.append(
+                    f"| {result['connector']} | {result['seed']} | {stage} | {row['caption']} | {written} |"
+                )
+    threads = sorted({r.get("torch_threads") for r in runs if r.get("torch_threads")})
     return (
-        "# HIVE against concat with a real frozen LM (SmolLM2-135M-Instruct), stage 1\n\n"
+        "# HIVE against concat with a real LM (SmolLM2-135M-Instruct): stage 1 (LM frozen), stage 2 (LM trains)\n\n"
         f"Generated by `python -m benchmarks.real_lm --summary` from {len(runs)} finished runs in `runs/` (each "
         "records its hive-train command, date and threads). Content: teacher-forced top-1 on the held-out colour, "
         "texture, shape and position tokens, with each sample's own image and with the next sample's (the "
-        "control). Mean ± standard deviation over seeds.\n\n" + "\n".join(lines) + "\n\n## Captions\n\n"
-        + "\n".join(captions) + "\n"
+        f"control). Mean ± standard deviation over seeds. Torch threads per run: {threads}.\n\n"
+        + "\n".join(lines) + "\n\n## Captions\n\n" + "\n".join(captions) + "\n"
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- where a step's time goes
+BREAKDOWN_PARTS = ("vision tower (forward, frozen)", "HIVE modules (forward)", "output layer + loss (49k-way)",
+                   "optimiser step", "decoder layers and the rest")  # fmt: skip
+
+
+def _median_seconds(function, repeats: int) -> float:
+    function()  # warm-up: first-call allocations and kernel choices
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+class _ForwardClock:
+    """Seconds spent inside the forward of some modules (hooks; CPU work is synchronous, so wall time is theirs)."""
+
+    def __init__(self, modules) -> None:
+        self.seconds, self._starts = 0.0, {}
+        self._hooks = []
+        for module in modules:
+            self._hooks.append(module.register_forward_pre_hook(self._enter))
+            self._hooks.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, module, *_) -> None:
+        self._starts[id(module)] = time.perf_counter()
+
+    def _leave(self, module, *_) -> None:
+        self.seconds += time.perf_counter() - self._starts.pop(id(module))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _time_stage(model, batch: dict, *, stage: int, repeats: int, hive_clock: _ForwardClock) -> tuple[float, dict]:
+    """Seconds per training step of `stage` and its parts (see `time_breakdown`)."""
+    from hive_adapter.parameters import is_hive_parameter
+
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_hive_parameter(name) or (stage == 2 and name.startswith("language_model.")))
+    optimiser = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    record: dict[str, float] = {}
+
+    def step() -> None:
+        hive_clock.seconds = 0.0
+        model(**batch).loss.backward()
+        started = time.perf_counter()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        record["optimiser"], record["hive"] = time.perf_counter() - started, hive_clock.seconds
+
+    step_seconds = _median_seconds(step, repeats)  # `record` holds the last repeat's parts
+    with torch.no_grad():
+        vision = _median_seconds(
+            lambda: model.vision_model(pixel_values=batch["pixel_values"], output_hidden_states=True), repeats
+        )
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (batch, [image +] text, width)
+    labels = batch["labels"]
+    hidden = hidden[:, -labels.shape[1] :]  # concat's image tokens stand in front of the text; the loss reads text
+    head = model.get_output_embeddings()
+
+    def output_layer() -> None:
+        logits = head(hidden.clone().requires_grad_(True))  # (batch, text, vocabulary)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        loss.backward()
+        head.weight.grad = None
+
+    parts = {
+        BREAKDOWN_PARTS[0]: vision,
+        BREAKDOWN_PARTS[1]: record["hive"],
+        BREAKDOWN_PARTS[2]: _median_seconds(output_layer, repeats),
+        BREAKDOWN_PARTS[3]: record["optimiser"],
+    }
+    parts[BREAKDOWN_PARTS[4]] = step_seconds - sum(parts.values())
+    return step_seconds, parts
+
+
+def time_breakdown(language: Path, *, batch_size: int, repeats: int, connectors: list[str]) -> dict:
+    """One training step of stage 1 and of stage 2 per connector, split into parts, each timed on its own.
+
+    The model is composed fresh (timing does not depend on what it learned): the toy SigLIP around SmolLM2 with
+    the study's levels; the batch is the study's (16 synthetic captions after the prompt). The step is timed
+    whole; its parts separately (median of `repeats`): the vision tower's forward alone; HIVE's modules' forward
+    (hooks around them inside the step); the output layer with the loss, forward and backward on the step's final
+    hidden states (with the weight's gradient when the LM trains); the optimiser step (AdamW over what trains).
+    What is left is the decoder layers' forward and backward and everything else."""
+    import tempfile
+
+    from transformers import AutoImageProcessor, AutoTokenizer, LlamaForCausalLM, SiglipVisionModel
+
+    import hive_adapter as hive
+    from hive_adapter.data.collator import HiveCaptionCollator
+    from hive_adapter.data.synthetic import caption_vocabulary
+    from hive_adapter.toy import write_toy_models
+
+    tokenizer = AutoTokenizer.from_pretrained(language)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    results: dict = {"batch_size": batch_size, "repeats": repeats, "torch_threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        vision_dir, _ = write_toy_models(Path(tmp) / "toy", caption_vocabulary())
+        collator = HiveCaptionCollator(tokenizer, AutoImageProcessor.from_pretrained(vision_dir), max_length=77)
+        samples = SyntheticShapes(batch_size, seed=0, image_size=IMAGE_SIZE)
+        batch = collator([samples[i] for i in range(batch_size)])  # input_ids (batch, text), pixel_values
+        results["text_tokens"] = list(batch["input_ids"].shape)
+        for connector in connectors:
+            torch.manual_seed(0)
+            config = hive.HiveConfig(
+                vision_layers=[int(v) for v in VISION_LAYERS.split(",")],
+                llm_layers=[int(v) for v in LLM_LAYERS.split(",")],
+                tokens_per_level=TOKENS_PER_LEVEL,
+                connector=connector,
+            )
+            model = hive.HiveForConditionalGeneration.from_vision_text(
+                SiglipVisionModel.from_pretrained(vision_dir), LlamaForCausalLM.from_pretrained(language), config
+            ).train()
+            clock = _ForwardClock([*model.hive_levels.children(), *model.hive_blocks.children()])
+            for stage in STAGES:
+                step, parts = _time_stage(model, batch, stage=stage, repeats=repeats, hive_clock=clock)
+                results[f"{connector} stage {stage}"] = {"step": step, "parts": parts}
+                say(
+                    f"{connector} stage {stage}: {step:.2f} s per step; "
+                    + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+                )
+            clock.remove()
+    return results
+
+
+def breakdown_table(results: dict) -> str:
+    rows = [key for key in results if " stage " in key]
+    lines = ["| run | s per step | " + " | ".join(BREAKDOWN_PARTS) + " |", "| --- " * (len(BREAKDOWN_PARTS) + 2) + "|"]
+    for key in rows:
+        step, parts = results[key]["step"], results[key]["parts"]
+        cells = [f"{parts[part]:.2f} s ({parts[part] / step:.0%})" for part in BREAKDOWN_PARTS]
+        lines.append(f"| {key} | {step:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     parser.add_argument("--connectors", default=",".join(CONNECTORS), help="comma-separated: hive, concat, cascaded")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--train_size", type=int, default=3200, help="training pairs (batch 16: 200 steps)")
+    parser.add_argument("--train_size", type=int, default=1600, help="training pairs (batch 16: 100 steps a stage)")
+    parser.add_argument("--stages", default="1,2", help="1 or 1,2 (stage 2 trains the LLM too)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--held_out", type=int, default=256)
     parser.add_argument("--encoder_steps", type=int, default=ENCODER_PRETRAINING_STEPS, help="contrastive pre-training")
@@ -233,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, default=OUTPUT)
     parser.add_argument("--print_commands", action="store_true", help="print and check the commands; run nothing")
     parser.add_argument("--summary", action="store_true", help="run nothing; rewrite real_lm.md from the finished runs")
+    parser.add_argument("--time_breakdown", action="store_true", help="time a step's parts (no training), write JSON")
+    parser.add_argument("--repeats", type=int, default=5, help="--time_breakdown: timed steps per part (median)")
     args = parser.parse_args(argv)
     quiet_progress_bars(reloads_models=True)  # every measurement reloads a checkpoint
     connectors = [c for c in args.connectors.split(",") if c]
@@ -240,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--connectors: unknown {unknown}; choose from hive, concat, cascaded")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    if args.stages not in ("1", "1,2"):
+        parser.error(f"--stages {args.stages!r}: give 1 or 1,2")
+    args.stages = tuple(int(stage) for stage in args.stages.split(","))
     if args.print_commands:
         for seed in seeds:
             for connector in connectors:
@@ -251,9 +438,19 @@ def main(argv: list[str] | None = None) -> None:
                     seed=seed,
                     train_size=args.train_size,
                     batch_size=args.batch_size,
+                    stages=args.stages,
                 )
                 check_arguments(arguments)
                 print("python -m hive_adapter.train " + " ".join(arguments))
+        return
+    if args.time_breakdown:
+        results = time_breakdown(
+            smollm2_directory(report=say), batch_size=args.batch_size, repeats=args.repeats, connectors=connectors
+        )
+        results["date"] = time.strftime("%Y-%m-%d")
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "time_breakdown.json").write_text(json.dumps(results, indent=1))
+        print(breakdown_table(results))
         return
     if not args.summary:
         language = smollm2_directory(report=say)

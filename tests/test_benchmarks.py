@@ -151,3 +151,56 @@ def test_the_packing_benchmark_runs_every_mode_both_ways_on_the_same_samples():
     assert hive_packed["padding_share"] < hive_padded["padding_share"]
     assert all(mode["step_s"] > 0 for mode in results["modes"].values()) and results["vision_tower_s"] > 0
     assert set(results["flops_1b"]) == set(results["modes"]) and all(results["flops_1b"].values())
+
+
+def _real_lm_run(connector: str, seed: int, content: dict[str, float], *, stages: bool) -> dict:
+    """A run record as benchmarks.real_lm writes it (`stages`: the stage-1,2 form; else the earlier stage-1 form)."""
+    reading = {
+        stage: {"real": {"content": value}, "swapped": {"content": value / 2}} for stage, value in content.items()
+    }
+    figures = {"losses": [1.0, 0.5], "final_loss": 0.5, "train_loss": 0.7, "steps": 100, "seconds_per_step": 1.5,
+               "captions": [{"caption": "a red solid square in the top left", "written": "a red | square\nleft"}]}  # fmt: skip
+    run = {"connector": connector, "seed": seed, "image_reading": reading, "torch_threads": 2}
+    if stages:
+        return {**run, "stages": {stage: figures for stage in content if stage != "0"}}
+    return {**run, **figures}
+
+
+def test_the_real_lm_summary_reads_stage_one_runs_and_stage_two_runs(tmp_path):
+    from benchmarks.real_lm import summary
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for seed, (before, first, second) in enumerate([(0.1, 0.5, 0.9), (0.1, 0.7, 0.7)]):
+        record = _real_lm_run("hive", seed, {"0": before, "1": first, "2": second}, stages=True)
+        (runs / f"hive-seed{seed}.json").write_text(json.dumps(record))
+    old = _real_lm_run("concat", 0, {"0": 0.02, "1": 0.3}, stages=False)  # measured before stage 2 was
+    (runs / "concat-seed0.json").write_text(json.dumps(old))
+    table = summary(tmp_path)
+    hive_row = next(line for line in table.splitlines() if line.startswith("| hive |"))
+    assert "| 0,1 | 10.0% ± 0.0 / 5.0% ± 0.0 | 60.0% ± 14.1 / 30.0% ± 7.1 | 80.0% ± 14.1 / 40.0% ± 7.1 |" in hive_row
+    concat_row = next(line for line in table.splitlines() if line.startswith("| concat |"))
+    assert "| 30.0% / 15.0% | – / – |" in concat_row  # no stage 2 for it: said, not invented
+    assert "a red \\| square left" in table  # a caption stays one table cell
+
+
+def test_the_real_lm_commands_for_stages_one_and_two_pass_hive_train_checks(capsys):
+    from benchmarks import real_lm
+
+    real_lm.main(["--print_commands", "--seeds", "0", "--connectors", "hive,concat,cascaded"])
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 3 and all("--stage 1,2" in c and "--num_train_epochs 1" in c for c in commands)
+    real_lm.main(["--print_commands", "--seeds", "0", "--connectors", "hive", "--stages", "1"])
+    (stage_one,) = capsys.readouterr().out.strip().splitlines()
+    assert "--stage 1 " in stage_one and "--num_train_epochs" not in stage_one
+    with pytest.raises(SystemExit):
+        real_lm.main(["--print_commands", "--stages", "2"])
+    assert "--stages '2': give 1 or 1,2" in capsys.readouterr().err
+
+
+def test_the_real_lm_breakdown_table_gives_each_part_its_share():
+    from benchmarks.real_lm import BREAKDOWN_PARTS, breakdown_table
+
+    parts = dict(zip(BREAKDOWN_PARTS, [0.1, 0.1, 0.4, 0.2, 1.2], strict=True))
+    table = breakdown_table({"batch_size": 16, "hive stage 2": {"step": 2.0, "parts": parts}})
+    assert "| hive stage 2 | 2.00 | 0.10 s (5%) | 0.10 s (5%) | 0.40 s (20%) | 0.20 s (10%) | 1.20 s (60%) |" in table
