@@ -279,12 +279,14 @@ def run_stage(
     if base_args.gradient_checkpointing:
         model.config.use_cache = False
     if instruct:
-        collator = HiveConversationCollator(processor, max_length=data_args.max_text_length)
+        collator = HiveConversationCollator(
+            processor, max_length=data_args.max_text_length, packing_length=data_args.packed_row_length
+        )
     else:
         collator = HiveCaptionCollator(
             tokenizer, image_processor, max_length=data_args.max_text_length, packing_length=data_args.packed_row_length
         )
-    packing_length = getattr(collator, "packing_length", None)
+    packing_length = collator.packing_length
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
     settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
@@ -406,10 +408,6 @@ def main(argv: list[str] | None = None) -> None:
     validate_hive_learning_rate(stage_args.hive_learning_rate, stages)
     validate_model_paths(model_args)
     data_args.packed_row_length  # noqa: B018  (refuses --packing_length without --packing, or too short)
-    if instruct and data_args.packing:
-        raise ValueError(
-            "--packing with --stage sft: conversations are not packed yet (pre-training captions are); drop --packing"
-        )
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded
     checked_attributes(data_args.synthetic_attributes)
     output_dir = Path(base_args.output_dir)

@@ -2,9 +2,33 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def instruction_toy(tmp_path_factory):
+    """Toy vision and language models (`hive_adapter.toy`) whose tokenizer has the synthetic conversations' words."""
+    from hive_checkpoints import SIZES
+
+    from hive_adapter.data.conversations import instruction_vocabulary
+    from hive_adapter.toy import write_toy_models
+
+    return write_toy_models(tmp_path_factory.mktemp("toy"), instruction_vocabulary(), sizes=SIZES)
+
+
+@pytest.fixture(scope="module")
+def instruction_processor(instruction_toy):
+    """A marker-mode `HiveProcessor` (`<image>`, LLaVA's chat template) of the instruction toy models."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    import hive_adapter as hive
+
+    vision, language = instruction_toy
+    return hive.HiveProcessor(AutoImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(language))
 
 
 def pytest_configure(config):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from hive_checkpoints import SIZES, VISION_LAYERS
+from hive_checkpoints import VISION_LAYERS
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, pipeline
 
@@ -19,24 +19,12 @@ from hive_adapter.data.conversations import (
     HiveConversationCollator,
     SyntheticConversations,
     drop_cut_images,
-    instruction_vocabulary,
     read_llava_instruct,
 )
 from hive_adapter.loading import load_vision_encoder
 from hive_adapter.stages import SFT, parse_stages
-from hive_adapter.toy import write_toy_models
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return write_toy_models(tmp_path_factory.mktemp("toy"), instruction_vocabulary(), sizes=SIZES)
-
-
-@pytest.fixture(scope="module")
-def processor(toy):
-    return hive.HiveProcessor(AutoImageProcessor.from_pretrained(toy[0]), AutoTokenizer.from_pretrained(toy[1]))
 
 
 def picture(colour):
@@ -91,22 +79,22 @@ def test_bad_instruction_entries_are_named(tmp_path):
     refused({"not": "a list"}, "expected LLaVA's list")
 
 
-def test_labels_are_every_assistant_turn_and_nothing_else(llava_file, processor):
+def test_labels_are_every_assistant_turn_and_nothing_else(llava_file, instruction_processor):
     dataset = ConversationDataset(read_llava_instruct(llava_file), llava_file.parent)
-    batch = HiveConversationCollator(processor, max_length=64)([dataset[0], dataset[1], dataset[2]])
-    tokens = processor.tokenizer.convert_ids_to_tokens
+    batch = HiveConversationCollator(instruction_processor, max_length=64)([dataset[0], dataset[1], dataset[2]])
+    tokens = instruction_processor.tokenizer.convert_ids_to_tokens
     learned = [tokens(row[row >= 0]) for row in batch["labels"]]
     assert learned == [["red", "<eos>", "a", "square", "<eos>"], ["blue", "<eos>"], ["blue", "<eos>"]]
     first = tokens(batch["input_ids"][0][batch["attention_mask"][0].bool()])
     assert first == ["<bos>", "USER:", "<image>", "what", "colour", "is", "it", "?", "ASSISTANT:", "red", "<eos>",
                      "USER:", "what", "shape", "is", "it", "?", "ASSISTANT:", "a", "square", "<eos>"]  # fmt: skip
     assert batch["pixel_values"].shape[0] == 3  # one + none + two, in marker order
-    marker = processor.image_token_id
+    marker = instruction_processor.image_token_id
     assert (batch["input_ids"] == marker).sum(dim=1).tolist() == [1, 0, 2]
 
 
 def test_truncation_drops_a_conversation_that_would_lose_its_image_and_never_moves_an_image(
-    llava_file, processor, caplog
+    llava_file, instruction_processor, caplog
 ):
     from hive_adapter.data.conversations import ConversationRecord
 
@@ -118,15 +106,15 @@ def test_truncation_drops_a_conversation_that_would_lose_its_image_and_never_mov
         [late, short], llava_file.parent
     )  # late's marker is token 12, short's token 2; short's answer starts at token 9
     with caplog.at_level(logging.WARNING):
-        kept = drop_cut_images(dataset, processor, max_length=10)
+        kept = drop_cut_images(dataset, instruction_processor, max_length=10)
     assert [record.id for record in kept.records] == ["short"] and kept.dropped == ["late"]
     assert "1 of 2 conversations dropped at --max_text_length 10: an image marker lies beyond it" in caplog.text
     assert "entry late" in caplog.text
     # past the filter, a cut marker in a batch is refused, never an image given to the next sample's text
     with pytest.raises(ValueError, match=r"entry late: 1 images but 0 markers left after truncation at 10"):
-        HiveConversationCollator(processor, max_length=10)([dataset[0], dataset[1]])
+        HiveConversationCollator(instruction_processor, max_length=10)([dataset[0], dataset[1]])
     with pytest.raises(ValueError, match=r"no conversation fits --max_text_length 2"):
-        drop_cut_images(dataset, processor, max_length=2)
+        drop_cut_images(dataset, instruction_processor, max_length=2)
 
 
 def test_the_sft_stage_is_llava_1_5_finetuning_and_runs_alone():
@@ -143,20 +131,20 @@ def hive_train(*args):
 
 
 @pytest.fixture(scope="module")
-def pretrained(toy, tmp_path_factory):
+def pretrained(instruction_toy, tmp_path_factory):
     """A saved captioning-mode HIVE model with its processor, as stage 3 leaves one."""
     directory = tmp_path_factory.mktemp("stage3")
     torch.manual_seed(0)
     model = hive.HiveForConditionalGeneration.from_vision_text(
-        load_vision_encoder(toy[0]),
-        AutoModelForCausalLM.from_pretrained(toy[1]),
+        load_vision_encoder(instruction_toy[0]),
+        AutoModelForCausalLM.from_pretrained(instruction_toy[1]),
         hive.HiveConfig(vision_layers=VISION_LAYERS, llm_layers=[0, 1], tokens_per_level=4),
     )
     model.save_pretrained(directory)
     hive.HiveProcessor.for_model(
         model,
-        tokenizer=AutoTokenizer.from_pretrained(toy[1]),
-        image_processor=AutoImageProcessor.from_pretrained(toy[0]),
+        tokenizer=AutoTokenizer.from_pretrained(instruction_toy[1]),
+        image_processor=AutoImageProcessor.from_pretrained(instruction_toy[0]),
     ).save_pretrained(directory)
     return directory
 

@@ -6,7 +6,15 @@ The reference is the padded batch of the same samples: loss and gradients must a
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, vision_inputs
+from tiny_models import (
+    IMAGE_TOKEN,
+    assert_packed_equals_padded,
+    build_text,
+    build_vision,
+    set_gates,
+    spliced_position_ids,
+    vision_inputs,
+)
 
 import hive_adapter as hive
 from hive_adapter.data.collator import pack_rows
@@ -59,14 +67,6 @@ def padded(encoded, pad=0):
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    output = model(**batch)
-    output.loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return output, grads
-
-
 def packed_and_padded(encoded, pixels, capacity, *, pixels_per_sample=None):
     """The same samples padded (one per row) and packed (`pack_rows`), with the pixels in each one's order."""
     reference = {**padded(encoded), "pixel_values": pixels}
@@ -83,20 +83,11 @@ def test_packed_equals_padded_loss_and_gradients(connector):
     reference, packed, order = packed_and_padded(encoded, pixels, capacity=14)
     assert packed["input_ids"].shape[0] < len(encoded) and "attention_mask" not in packed  # really packed
     assert sorted(order) == list(range(len(encoded)))
-    model = model_for(connector)
-    want, want_grads = loss_and_grads(model, reference)
-    got, got_grads = loss_and_grads(model, packed)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
-    assert got_grads.keys() == want_grads.keys() and any("hive_" in name for name in got_grads)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    spans = None
     if connector != "concat":  # token by token: each packed sample's logits are its padded row's
         rows = segment_spans(packed["position_ids"], len(encoded), order)
-        for sample, (row, start) in rows.items():
-            length = len(encoded[sample][0])
-            torch.testing.assert_close(
-                got.logits[row, start : start + length], want.logits[sample, :length], rtol=1e-4, atol=1e-5
-            )
+        spans = {sample: (row, start, len(encoded[sample][0])) for sample, (row, start) in rows.items()}
+    assert_packed_equals_padded(model_for(connector), packed, reference, spans=spans)
 
 
 def segment_spans(position_ids, count, order):
@@ -124,11 +115,7 @@ def test_packed_equals_padded_with_markers_and_a_text_only_sample(media_attentio
     pixels = vision_inputs("clip", next_image)["pixel_values"]
     reference, packed, order = packed_and_padded(encoded, pixels, capacity=16, pixels_per_sample=per_sample)
     model = model_for("hive", image_token_id=IMAGE_TOKEN, media_attention=media_attention)
-    want, want_grads = loss_and_grads(model, reference)
-    got, got_grads = loss_and_grads(model, packed)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_packed_equals_padded(model, packed, reference)
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
@@ -145,7 +132,7 @@ def test_swapping_one_samples_image_changes_only_that_samples_tokens(connector):
     with torch.no_grad():
         before, after = model(**packed).logits[0], model(**swapped).logits[0]
     # concat: the image tokens sit in front of each sample's text, so find the samples by their position ids
-    positions = packed["position_ids"][0] if connector != "concat" else concat_positions(model, packed)
+    positions = packed["position_ids"][0] if connector != "concat" else spliced_position_ids(model, packed)[0]
     starts = (positions == 0).nonzero().flatten().tolist()
     ends = starts[1:] + [len(positions)]
     changed = (before - after).abs().amax(-1)
@@ -154,18 +141,6 @@ def test_swapping_one_samples_image_changes_only_that_samples_tokens(connector):
             assert changed[start:end].min() > 1e-6, (number, changed[start:end])
         elif number < len(encoded):
             assert changed[start:end].max() == 0, (number, changed[start:end])
-
-
-def concat_positions(model, packed):
-    """The position ids of concat's spliced row (its image tokens inside each sample)."""
-    seen = {}
-    handle = model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
-    )
-    with torch.no_grad():
-        model(**packed)
-    handle.remove()
-    return seen["position_ids"][0]
 
 
 def test_packed_segments_follow_transformers_restart_rule():

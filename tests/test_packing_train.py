@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from killed_runs import resumes_to_the_same_bytes
 from transformers import AutoModel
 
 import hive_adapter  # noqa: F401  (AutoModel knows "hive")
@@ -110,36 +110,10 @@ def test_packed_training_on_two_ranks_equals_one_padded_process(stage0, padded_r
     assert_same_training(out, padded_run)
 
 
-KILL_DRIVER = """
-import os, sys
-from hive_adapter import checkpoints, train
-original = checkpoints.mark_complete
-def mark_complete(folder, step):
-    original(folder, step)
-    if step == 2:
-        os._exit(9)  # killed right after a complete checkpoint
-checkpoints.mark_complete = mark_complete
-train.main(sys.argv[1:])
-"""
-
-
 def test_a_killed_packed_run_resumes_to_the_same_bytes(stage0, tmp_path):
-    args = common(stage0, tmp_path / "straight", "--per_device_train_batch_size", 4, *PACKED, stages="1",
-                  save=("--save_strategy", "steps", "--save_steps", 2))  # fmt: skip
-    run(train(*args))
-    straight = load_file(tmp_path / "straight" / "stage1" / "model.safetensors")
+    def arguments(out: Path) -> list[str]:
+        return common(stage0, out, "--per_device_train_batch_size", 4, *PACKED, stages="1",
+                      save=("--save_strategy", "steps", "--save_steps", 2))  # fmt: skip
 
-    killed = [str(tmp_path / "killed") if a == str(tmp_path / "straight") else a for a in args]
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
-    crashed = subprocess.run([sys.executable, driver, *killed], capture_output=True, text=True, env=ENV, timeout=900)
-    assert crashed.returncode == 9, crashed.stderr[-3000:]
-    assert not (tmp_path / "killed" / "stage1").exists()
-    resumed = run(train(*killed, "--resume_from_checkpoint", "auto"))
-    assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    resumed = resumes_to_the_same_bytes(arguments, tmp_path, stage=1, kill_at=2, env=ENV)
     assert "packed rows of 24 tokens" in resumed.stdout
-    again = load_file(tmp_path / "killed" / "stage1" / "model.safetensors")
-    assert again.keys() == straight.keys()
-    for key, tensor in straight.items():
-        assert torch.equal(again[key], tensor), key  # byte for byte, as an unpacked resume
-    assert losses(tmp_path / "killed", 1) == losses(tmp_path / "straight", 1)

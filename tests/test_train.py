@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from killed_runs import KILL_DRIVER
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, TrainingArguments, pipeline
 
@@ -218,19 +219,6 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
         torch.testing.assert_close(
             encoder(pixel_values=pixels).last_hidden_state, model.vision_model(pixel_values=pixels).last_hidden_state
         )
-
-
-KILL_DRIVER = """
-import os, sys
-from hive_adapter import checkpoints, train
-original = checkpoints.mark_complete
-def mark_complete(folder, step):
-    original(folder, step)
-    if step == {kill_at}:
-        os._exit(9)  # killed right after a complete checkpoint
-checkpoints.mark_complete = mark_complete
-train.main(sys.argv[1:])
-"""
 
 
 def test_a_killed_run_resumes_on_the_same_loss_curve(toy, tmp_path):

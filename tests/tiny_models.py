@@ -108,3 +108,41 @@ def set_gates(model: torch.nn.Module, value: float) -> None:
     for name, param in model.named_parameters():
         if name.endswith("hive_attn_gate") or name.endswith("hive_ffn_gate"):
             param.fill_(value)
+
+
+def spliced_position_ids(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """concat: the position ids of the spliced rows its language model runs on (packed rows: the image tokens
+    inside each sample, the positions restarting at each sample)."""
+    seen = {}
+    handle = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    return seen["position_ids"]
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict):
+    """The model's output on `batch` (labels in it) and the gradients its loss leaves, by parameter name."""
+    model.zero_grad(set_to_none=True)
+    output = model(**batch)
+    output.loss.backward()
+    return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_packed_equals_padded(
+    model: torch.nn.Module, packed: dict, padded: dict, *, spans: dict[int, tuple[int, int, int]] | None = None
+) -> None:
+    """Packed rows give the padded batch's loss and gradients (HIVE's among them), within float32 tolerance; with
+    `spans` (sample -> (row, first column, length) in the packed rows) each sample's logits are its padded row's."""
+    want, want_grads = loss_and_grads(model, padded)
+    got, got_grads = loss_and_grads(model, packed)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and any("hive_" in name for name in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for sample, (row, start, length) in (spans or {}).items():
+        torch.testing.assert_close(
+            got.logits[row, start : start + length], want.logits[sample, :length], rtol=1e-4, atol=1e-5
+        )

@@ -77,6 +77,38 @@ def pack_rows(
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}, [i for r in rows for i in r]
 
 
+def pad_rows(encoded: list[tuple[list[int], list[int]]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One sample ((ids, labels)) per row, right-padded to the longest: input_ids, attention_mask, labels."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, target) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def text_rows(
+    encoded: list[tuple[list[int], list[int]]], *, pad_token_id: int, packing_length: int | None
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The batch's text, padded (`pad_rows`) or, with `packing_length`, packed (`pack_rows`), and the order the
+    samples stand in (their images go in that order). Both collators batch their text here."""
+    if packing_length is None:
+        return pad_rows(encoded, pad_token_id=pad_token_id), list(range(len(encoded)))
+    return pack_rows(encoded, capacity=packing_length, pad_token_id=pad_token_id)
+
+
+def check_packing_length(packing_length: int | None, max_length: int) -> None:
+    """A packed row must hold any sample: `packing_length` (when packing) is at least `max_length`."""
+    if packing_length is not None and packing_length < max_length:
+        raise ValueError(
+            f"packing_length={packing_length}: shorter than max_length={max_length} (a sample may have that many "
+            "tokens); give --packing_length at least --max_text_length"
+        )
+
+
 @dataclass
 class HiveCaptionCollator:
     tokenizer: Any
@@ -90,11 +122,7 @@ class HiveCaptionCollator:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
         if self.max_length < 2:
             raise ValueError(f"max_length={self.max_length}: need room for at least one caption token")
-        if self.packing_length is not None and self.packing_length < self.max_length:
-            raise ValueError(
-                f"packing_length={self.packing_length}: shorter than max_length={self.max_length} (a sample may have "
-                "that many tokens); give --packing_length at least --max_text_length"
-            )
+        check_packing_length(self.packing_length, self.max_length)
 
     def encode(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
         """Token ids and labels of one sample (BOS + [marker] + prompt + caption + EOS, truncated)."""
@@ -112,24 +140,8 @@ class HiveCaptionCollator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(s.get("prompt", ""), s["caption"]) for s in samples]
-        if self.packing_length is not None:
-            batch, order = pack_rows(encoded, capacity=self.packing_length, pad_token_id=self.tokenizer.pad_token_id)
-            return {**batch, "pixel_values": self.pixels([samples[i] for i in order])}
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, (ids, target) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(target)] = torch.tensor(target)
-            attention_mask[row, : len(ids)] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "pixel_values": self.pixels(samples),
-        }
+        batch, order = text_rows(encoded, pad_token_id=self.tokenizer.pad_token_id, packing_length=self.packing_length)
+        return {**batch, "pixel_values": self.pixels([samples[i] for i in order])}
 
     def pixels(self, samples: list[dict]) -> torch.Tensor:
         """The samples' images, processed, in their order; non-finite pixels are an error naming the image."""

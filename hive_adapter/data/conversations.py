@@ -13,6 +13,10 @@ assistant's: the loss is on every assistant turn and nothing else.
 Truncation (`max_length`) never detaches an image from its text: a conversation whose last image marker would be
 cut away is dropped before training, counted and named in a warning (`drop_cut_images`), and the collator refuses
 a batch in which a marker is missing rather than give an image to the wrong text.
+
+With `packing_length` (`hive-train --stage sft --packing`) conversations are packed several to a row by the
+caption collator's own routine (`collator.text_rows` -> `pack_rows`): the model then keeps each conversation's
+self-attention, cross-attention and images to itself (`hive_adapter.packing`, docs/ARCHITECTURE.md §8).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from PIL import Image
 
 from ..splice import IGNORE_INDEX
+from .collator import check_packing_length, text_rows
 from .datasets import IMAGE_MARKER, open_image
 
 logger = logging.getLogger(__name__)
@@ -195,12 +200,17 @@ def drop_cut_images(dataset: ConversationDataset, processor, max_length: int) ->
 @dataclass
 class HiveConversationCollator:
     """Batches conversations for HIVE: the chat template's ids, labels on the assistant's tokens only (every
-    turn), right padding, truncation at `max_length`, the batch's images in marker order."""
+    turn), right padding, truncation at `max_length`, the batch's images in marker order. With `packing_length`
+    the conversations are packed several to a row as captions are (`collator.pack_rows`: position ids restarting
+    at each, no attention mask, no label across a boundary), each one's images in the order the conversations
+    stand; a text-only conversation brings none."""
 
     processor: Any
     max_length: int = 2048
+    packing_length: int | None = None  # pack the batch's conversations into rows of this many tokens (None: pad)
 
     def __post_init__(self) -> None:
+        check_packing_length(self.packing_length, self.max_length)
         if self.processor.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
         if self.processor.image_token is None:
@@ -228,17 +238,12 @@ class HiveConversationCollator:
                     f"after truncation at {self.max_length} tokens; drop such samples first (drop_cut_images) — an "
                     "image is never given to another sample's text"
                 )
-        width = max(len(ids) for ids, _, _ in encoded)
-        pad = self.processor.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, (ids, target, _) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(target)] = torch.tensor(target)
-            attention_mask[row, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pictures = [image for _, _, images in encoded for image in images]
+        batch, order = text_rows(
+            [(ids, labels) for ids, labels, _ in encoded],
+            pad_token_id=self.processor.tokenizer.pad_token_id,
+            packing_length=self.packing_length,
+        )
+        pictures = [image for sample in order for image in encoded[sample][2]]  # in the order the samples stand
         if pictures:
             processed = self.processor.image_processor(images=pictures, return_tensors="pt")
             batch.update({key: value for key, value in processed.items()})
