@@ -18,7 +18,14 @@ from .train_arguments import COMMAND, DataArguments
 say = partial(console_say, COMMAND)
 
 
-def run_settings(args: TrainingArguments, data_args: DataArguments, *, num_samples: int, hive_learning_rate) -> dict:
+def run_settings(
+    args: TrainingArguments,
+    data_args: DataArguments,
+    *,
+    num_samples: int,
+    hive_learning_rate: float | None,
+    vision_learning_rate: float | None = None,
+) -> dict:
     """What one optimiser step of this stage means: samples per step and how they are split, the rates and the
     schedule, the data. Saved into every checkpoint; a resume compares (`check_resume_settings`)."""
     ranks = world_size()
@@ -34,6 +41,7 @@ def run_settings(args: TrainingArguments, data_args: DataArguments, *, num_sampl
         "world_size": ranks,
         "learning_rate": args.learning_rate,
         "hive_learning_rate": hive_learning_rate,
+        "vision_learning_rate": vision_learning_rate,
         "max_steps": args.max_steps if args.max_steps > 0 else None,
         "num_train_epochs": args.num_train_epochs if args.max_steps <= 0 else None,
         "warmup_steps": args.warmup_steps,

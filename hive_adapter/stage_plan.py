@@ -183,6 +183,20 @@ def validate_run_arguments(
         raise ValueError(f"--save_total_limit {limit}: keep at least 1 checkpoint (or leave it out to keep all)")
 
 
+def validate_vision_learning_rate(rate: float | None, stages: list[StageSpec]) -> None:
+    """`--vision_learning_rate` is the encoder's own peak in the stage that trains it (3); refused elsewhere."""
+    if rate is None:
+        return
+    if not _finite_above_zero(rate):
+        raise ValueError(f"--vision_learning_rate {rate}: must be a finite number above 0")
+    if not any("vision" in stage.trains for stage in stages):
+        numbers = ",".join(str(stage.number) for stage in stages)
+        raise ValueError(
+            f"--vision_learning_rate {rate:g} applies to stage 3 (the only stage that trains the vision encoder); "
+            f"--stage {numbers} keeps the encoder frozen. Drop the flag, or add stage 3"
+        )
+
+
 def validate_hive_learning_rate(rate: float | None, stages: list[StageSpec]) -> None:
     """`--hive_learning_rate` is HIVE's own peak in the stages that also train the LLM; given for a run of
     stage 1 alone it would change nothing."""

@@ -80,6 +80,7 @@ from .stage_plan import (
     validate_hive_learning_rate,
     validate_model_paths,
     validate_run_arguments,
+    validate_vision_learning_rate,
 )
 from .stages import SFT, StageSpec, apply_stage, parse_stages
 from .train_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
@@ -289,7 +290,14 @@ def run_stage(
     packing_length = collator.packing_length
     # Stage 1 trains HIVE's modules alone: its own rate is theirs.
     hive_learning_rate = stage_args.hive_learning_rate if set(stage.trains) != {"hive"} else None
-    settings = run_settings(args, data_args, num_samples=len(dataset), hive_learning_rate=hive_learning_rate)
+    vision_learning_rate = stage_args.vision_learning_rate if "vision" in stage.trains else None
+    settings = run_settings(
+        args,
+        data_args,
+        num_samples=len(dataset),
+        hive_learning_rate=hive_learning_rate,
+        vision_learning_rate=vision_learning_rate,
+    )
     trainer = HiveTrainer(
         model=model,
         args=args,
@@ -297,6 +305,7 @@ def run_stage(
         data_collator=collator,
         keep_checkpoints=base_args.save_total_limit,
         hive_learning_rate=hive_learning_rate,
+        vision_learning_rate=vision_learning_rate,
         label=f"stage {stage.number}",
         run_settings=settings,
     )
@@ -311,6 +320,7 @@ def run_stage(
         f"global batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size()}, "
         f"warmup {args.warmup_steps} steps, clip {args.max_grad_norm}"
         + (f", HIVE modules at lr {hive_learning_rate:g}" if hive_learning_rate is not None else "")
+        + (f", vision encoder at lr {vision_learning_rate:g}" if vision_learning_rate is not None else "")
         + (f", packed rows of {packing_length} tokens" if packing_length is not None else "")
     )
     result = trainer.train(resume_from_checkpoint=resume)
@@ -326,6 +336,7 @@ def run_stage(
         "train_loss": result.training_loss,
         "learning_rate": args.learning_rate,
         "hive_learning_rate": hive_learning_rate,
+        "vision_learning_rate": vision_learning_rate,
         "skipped_images": getattr(dataset, "skipped", 0),
         "world_size": world_size(),
         "deepspeed": deepspeed,
@@ -406,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         deepspeed=deepspeed,
     )
     validate_hive_learning_rate(stage_args.hive_learning_rate, stages)
+    validate_vision_learning_rate(stage_args.vision_learning_rate, stages)
     validate_model_paths(model_args)
     data_args.packed_row_length  # noqa: B018  (refuses --packing_length without --packing, or too short)
     hive_config_from(hive_args)  # validate the HIVE flags before any model is loaded

@@ -123,6 +123,13 @@ class StageArguments:
             "cosine shape, decayed to the same fraction of its peak."
         },
     )
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the vision encoder in stage 3 (the stage that trains it; Table 3: the "
+            "stage's 2e-6 for everything, which barely moves a pre-trained encoder). Same warmup and cosine shape."
+        },
+    )
 
 
 def explicit_flags(argv: list[str]) -> set[str]:

@@ -4,7 +4,8 @@
   any moment leaves a checkpoint a resume can trust;
 - with `hive_learning_rate`, HIVE's parameters get their own optimiser groups at that peak: the Trainer's
   scheduler scales every group's own initial rate, so HIVE's modules follow the stage's warmup and cosine at a
-  different height (LLaVA's `--mm_projector_lr` does the same for its connector);
+  different height (LLaVA's `--mm_projector_lr` does the same for its connector); `vision_learning_rate` does
+  the same for the vision encoder's parameters (stage 3);
 - FSDP runs on CPU ranks too (gloo: how the tests run it), and the stage's model is saved whole;
 - without a terminal, `StepLines` prints one short line per logging step (at most one per `every_seconds`)
   where the Trainer would redraw a progress bar or print a dict;
@@ -30,7 +31,7 @@ from transformers import Trainer, TrainerCallback
 from . import checkpoints  # called through the module: fault-injection tests replace its functions
 from .console import say
 from .distributed import any_rank, barrier, is_main_process, world_size
-from .parameters import is_hive_parameter
+from .stages import part_of
 from .train_arguments import COMMAND
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class HiveTrainer(Trainer):
         *args,
         keep_checkpoints: int | None = None,
         hive_learning_rate: float | None = None,
+        vision_learning_rate: float | None = None,
         label: str = "training",
         run_settings: dict | None = None,
         **kwargs,
@@ -123,6 +125,7 @@ class HiveTrainer(Trainer):
             raise ValueError("pass the checkpoint limit as keep_checkpoints; args.save_total_limit must be None")
         self.keep_checkpoints = keep_checkpoints
         self.hive_learning_rate = hive_learning_rate
+        self.vision_learning_rate = vision_learning_rate
         self.label = label  # "stage 2": how errors name what diverged
         self.run_settings = run_settings  # what a step means, written into every checkpoint (checkpoints.RUN_SETTINGS)
         self._non_finite_loss: float | None = None  # the first non-finite loss of the current optimiser step
@@ -171,23 +174,24 @@ class HiveTrainer(Trainer):
         )
 
     def create_optimizer(self, model=None):
-        if self.hive_learning_rate is None or self.optimizer is not None:
+        own_rates = {"hive": self.hive_learning_rate, "vision": self.vision_learning_rate}
+        if all(rate is None for rate in own_rates.values()) or self.optimizer is not None:
             return super().create_optimizer(model)
         model = self.model if model is None else model
         decayed = set(self.get_decay_parameter_names(model))
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                groups.setdefault((is_hive_parameter(name), name in decayed), []).append(param)
+                groups.setdefault((part_of(name), name in decayed), []).append(param)  # hive / vision / llm / ...
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         self.optimizer = optimizer_cls(
             [
                 {
                     "params": params,
                     "weight_decay": self.args.weight_decay if decays else 0.0,
-                    **({"lr": self.hive_learning_rate} if is_hive else {}),
+                    **({"lr": own_rates[part]} if own_rates.get(part) is not None else {}),
                 }
-                for (is_hive, decays), params in groups.items()
+                for (part, decays), params in groups.items()
             ],
             **optimizer_kwargs,
         )

@@ -308,6 +308,41 @@ def test_hive_learning_rate_moves_hive_modules_at_their_own_rate_in_stage_2_only
     assert llm_moved["b"] == pytest.approx(llm_moved["a"], rel=0.5), llm_moved  # the LLM keeps Table 3's rate
 
 
+def encoder_change(before: dict, after: dict) -> float:
+    """Mean absolute change of the vision encoder's weights between two state dicts."""
+    names = [n for n in before if n.startswith("vision_model.")]
+    return sum(float((after[n] - before[n]).abs().sum()) for n in names) / sum(before[n].numel() for n in names)
+
+
+def test_vision_learning_rate_moves_the_encoder_at_its_own_rate_in_stage_3(toy, tmp_path):
+    from safetensors.torch import load_file
+
+    vision_dir, language_dir = toy
+    common = ["--data_format", "synthetic", "--synthetic_size", 64, "--max_steps", 3, "--global_batch_size", 16,
+              "--per_device_train_batch_size", 16, "--hive_tokens_per_level", 4, "--report_to", "none",
+              "--save_strategy", "no"]  # fmt: skip
+    hive_train("--vision_model", vision_dir, "--language_model", language_dir, *common, "--stage", "all",
+               "--output_dir", tmp_path / "a")  # fmt: skip
+    faster = hive_train("--model_name_or_path", tmp_path / "a" / "stage2", *common, "--stage", "3",
+                        "--output_dir", tmp_path / "b", "--vision_learning_rate", 1e-3)  # fmt: skip
+    assert "vision encoder at lr 0.001" in faster.stdout
+    reports = {run: json.loads((tmp_path / run / "stage3" / "hive_stage.json").read_text()) for run in "ab"}
+    assert reports["a"]["vision_learning_rate"] is None and reports["b"]["vision_learning_rate"] == 1e-3
+    start = load_file(tmp_path / "a" / "stage2" / "model.safetensors")
+    ends = {run: load_file(tmp_path / run / "stage3" / "model.safetensors") for run in "ab"}
+    moved = {run: encoder_change(start, ends[run]) for run in "ab"}
+    assert moved["b"] > 10 * moved["a"] > 0, moved  # Adam's step scales with the rate: 1e-3 vs Table 3's stage 3
+    llm_moved = {run: mean_change(start, ends[run], hive=False) for run in "ab"}
+    assert llm_moved["b"] == pytest.approx(llm_moved["a"], rel=0.5), llm_moved  # the LLM keeps the stage's rate
+
+
+def test_vision_learning_rate_is_refused_where_the_encoder_does_not_train(tmp_path):
+    result = hive_train("--output_dir", tmp_path, "--vision_learning_rate", "nan", check=False)
+    assert result.returncode != 0 and "--vision_learning_rate nan: must be a finite number above 0" in result.stderr
+    result = hive_train("--output_dir", tmp_path, "--stage", "1,2", "--vision_learning_rate", "1e-4", check=False)
+    assert result.returncode != 0 and "--vision_learning_rate 0.0001 applies to stage 3" in result.stderr
+
+
 def test_help_is_readable():
     result = hive_train("--help")
     for flag in ("--vision_connector", "--stage", "--hive_vision_layers", "--global_batch_size", "--skip_bad_images",
