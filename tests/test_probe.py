@@ -10,6 +10,7 @@ from PIL import Image
 
 from hive_adapter.analysis import ProbeConfig, built_in, image_folder, linear_probe, load_frozen_encoder
 from hive_adapter.analysis.augment import Table4Augment
+from hive_adapter.analysis.probe import encode
 from hive_adapter.analysis.probe import main as probe_main
 
 
@@ -107,6 +108,39 @@ def test_probe_names_bad_inputs(models, tmp_path):
         load_frozen_encoder(tmp_path)
     with pytest.raises(SystemExit):
         probe_main([str(models[0]), "--dataset", "digits", "--train", str(train)])
+
+
+def test_probe_reads_any_encoder_layer(models, tmp_path, capsys):
+    """`layer=k` probes the output of encoder layer k (0-based, before the encoder's final norm): what the
+    encoder study compares layer by layer. Each layer gives its own features; out of range is refused."""
+    import torch
+
+    encoder, processor = load_frozen_encoder(models[0])
+    images = [Image.new("RGB", (32, 32), (40 * i, 100, 200 - 30 * i)) for i in range(4)]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        states = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states  # embeddings + each layer
+    depth = encoder.config.num_hidden_layers
+    for layer in (0, depth - 1):
+        torch.testing.assert_close(encode(encoder, processor, images, features="mean", layer=layer),
+                                   states[layer + 1].mean(1))  # fmt: skip
+    assert not torch.allclose(encode(encoder, processor, images, features="mean", layer=0),
+                              encode(encoder, processor, images, features="mean"))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"layer=99: the encoder has {depth} layers \(0 to {depth - 1}\)"):
+        encode(encoder, processor, images, features="mean", layer=99)
+    with pytest.raises(ValueError, match="layer=-1: must be 0 or more"):
+        ProbeConfig(layer=-1)
+    with pytest.raises(ValueError, match="features='pooler' reads the encoder's output"):
+        ProbeConfig(layer=0, features="pooler")
+    train, test = write_easy_split(tmp_path / "data", per_class=12)
+    with pytest.raises(SystemExit):
+        probe_main([str(models[0]), "--train", str(train), "--test", str(test), "--layer", "99"])
+    assert f"--layer 99: {models[0]} has {depth} layers" in capsys.readouterr().err
+    out = tmp_path / "probe.json"
+    probe_main([str(models[0]), "--train", str(train), "--test", str(test), "--layer", "0", "--epochs", "20",
+                "--batch_size", "8", "--no_augment", "--output", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["config"]["layer"] == 0 and report["test_accuracy"] >= 0.75  # red vs blue: an early layer sees it
 
 
 def test_hive_reproduce_writes_its_table_and_figures(tmp_path):

@@ -10,7 +10,8 @@ Table 4's recipe: AdamW (betas 0.9, 0.999), peak LR 2e-4 with 1.5 warmup epochs 
 0, weight decay 0.01, batch 512, gradient clipping 3.0, and Table 4's augmentations (re-encoded every
 epoch). Features are the mean of the last layer's tokens by default (HIVE trains the encoder's
 layers, not its pooling head), standardised by a non-affine BatchNorm in front of the linear layer
-(MAE's linear-probe practice).
+(MAE's linear-probe practice). `--layer K` probes the output of encoder layer K instead (0-based, before
+the encoder's final norm): HIVE's mechanism predicts its largest gains in the early layers it reads.
 """
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ class ProbeConfig:
     augment: bool = True
     features: str = "mean"
     seed: int = 0
+    layer: int | None = None  # None: the encoder's output; k: the output of encoder layer k (0-based, pre-norm)
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
             raise ValueError(f"features={self.features!r}: expected one of {FEATURES}")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"layer={self.layer}: must be 0 or more (the first encoder layer is 0)")
+        if self.layer is not None and self.features == "pooler":
+            raise ValueError(
+                f"features='pooler' reads the encoder's output, not layer {self.layer}: use features='mean' or 'cls'"
+            )
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
@@ -102,16 +110,30 @@ def load_frozen_encoder(path: str | Path, device: str | torch.device = "cpu"):
     return encoder.to(device).eval(), processor
 
 
+def encoder_depth(encoder) -> int:
+    """How many layers the vision encoder has (its config's num_hidden_layers)."""
+    config = getattr(encoder, "config", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is None:
+        raise ValueError(f"{type(encoder).__name__}: its config names no num_hidden_layers; probe its output instead")
+    return depth
+
+
 @torch.no_grad()
-def encode(encoder, processor, images, *, features: str, chunk: int = 256) -> torch.Tensor:
-    """(images, width) features of PIL images."""
+def encode(encoder, processor, images, *, features: str, layer: int | None = None, chunk: int = 256) -> torch.Tensor:
+    """(images, width) features of PIL images: of the encoder's output, or of encoder layer `layer`'s output."""
+    if layer is not None and not 0 <= layer < (depth := encoder_depth(encoder)):
+        raise ValueError(f"layer={layer}: the encoder has {depth} layers (0 to {depth - 1})")
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
     out = []
     for start in range(0, len(images), chunk):
         pixels = processor(images=images[start : start + chunk], return_tensors="pt")["pixel_values"]
-        output = encoder(pixel_values=pixels.to(device=device, dtype=dtype))
-        if features == "pooler":
+        output = encoder(pixel_values=pixels.to(device=device, dtype=dtype), output_hidden_states=layer is not None)
+        if layer is not None:
+            tokens = output.hidden_states[layer + 1]  # (images, tokens, width); [0] is the embeddings
+            pooled = tokens[:, 0] if features == "cls" else tokens.mean(1)
+        elif features == "pooler":
             pooled = getattr(output, "pooler_output", None)
             if pooled is None:
                 raise ValueError(f"{type(encoder).__name__} has no pooler_output; use features='mean' or 'cls'")
@@ -161,8 +183,9 @@ def linear_probe(
     test_images = [test.load(i) for i in range(len(test))]
     train_labels, test_labels = torch.tensor(train.labels), torch.tensor(test.labels)
     augment = Table4Augment(size=_image_size(processor)) if config.augment else None
-    clean_train = encode(encoder, processor, train_images, features=config.features)
-    test_features = encode(encoder, processor, test_images, features=config.features)
+    read = {"features": config.features, "layer": config.layer}
+    clean_train = encode(encoder, processor, train_images, **read)
+    test_features = encode(encoder, processor, test_images, **read)
 
     width = clean_train.shape[1]
     head = nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, len(train.classes)))
@@ -190,9 +213,7 @@ def linear_probe(
     losses, step = [], 0
     for _ in tqdm(range(config.epochs), desc="linear probe", disable=not (progress and on_a_terminal()), leave=False):
         if augment is not None:
-            features = encode(
-                encoder, processor, [augment(image, rng) for image in train_images], features=config.features
-            )
+            features = encode(encoder, processor, [augment(image, rng) for image in train_images], **read)
         else:
             features = clean_train
         order = torch.randperm(len(train))
@@ -254,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe.add_argument("--warmup_epochs", type=float, default=defaults.warmup_epochs)
     recipe.add_argument("--no_augment", action="store_true", help="no augmentations (features are encoded once)")
     recipe.add_argument("--features", choices=FEATURES, default=defaults.features)
+    recipe.add_argument(
+        "--layer", type=int, default=None, help="probe encoder layer K's output (0-based) instead of the encoder's"
+    )
     recipe.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
@@ -272,12 +296,17 @@ def main(argv: list[str] | None = None) -> None:
         test = image_folder(args.test, classes=train.classes)
     else:
         parser.error("give --train DIR and --test DIR, or --dataset {digits,shapes}")
-    config = ProbeConfig(
-        epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay, batch_size=args.batch_size,
-        grad_clip=args.grad_clip, warmup_epochs=args.warmup_epochs, augment=not args.no_augment,
-        features=args.features, seed=args.seed,
-    )  # fmt: skip
+    try:
+        config = ProbeConfig(
+            epochs=args.epochs, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, grad_clip=args.grad_clip, warmup_epochs=args.warmup_epochs,
+            augment=not args.no_augment, features=args.features, seed=args.seed, layer=args.layer,
+        )  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error).replace("layer=", "--layer ").replace("features=", "--features "))
     encoder, processor = load_frozen_encoder(args.encoder, device=args.device)
+    if args.layer is not None and args.layer >= (depth := encoder_depth(encoder)):
+        parser.error(f"--layer {args.layer}: {args.encoder} has {depth} layers (0 to {depth - 1})")
     print(
         f"[hive-probe] {type(encoder).__name__} from {args.encoder}; {len(train)} training / {len(test)} test images, "
         f"{len(train.classes)} classes ({train.source})"
