@@ -23,6 +23,7 @@ from llava_helpers import (
     assert_trained_on_real_labels,
     finetune_command,
     logged_losses,
+    patched_llava_checkout,
     pretrain_command,
     run_llava,
 )
@@ -264,15 +265,7 @@ def test_a_lone_projector_file_carries_its_settings(toy, stage1, tmp_path):
 def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
     """`git apply` patches/llava/*.patch onto the llava-torch 1.2.2.post1 sources, then run that copy's own
     `llava/train/train.py` (no apply_patch) with the HIVE flag."""
-    import llava
-
-    tree = tmp_path / "LLaVA"
-    shutil.copytree(Path(llava.__file__).parent, tree / "llava", ignore=shutil.ignore_patterns("__pycache__"))
-    patches = sorted((REPO / "patches" / "llava").glob("*.patch"))
-    assert patches
-    for patch in patches:
-        subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, check=True)
-        subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
+    tree = patched_llava_checkout(tmp_path / "LLaVA")
     command = pretrain_command(
         toy, tmp_path / "llava-patched-pretrain", "--vision_connector", "hive", "--max_steps", "2"
     )

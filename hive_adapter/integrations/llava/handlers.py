@@ -107,6 +107,16 @@ def attach(llava_model: nn.Module) -> None:
         modules.attach(llava_model)
 
 
+def loaded(model: nn.Module, pretrained_model_name_or_path, **kwargs) -> None:
+    """End of LLaVA's `from_pretrained`: a HIVE connector saved with its blocks named by position (before they
+    were named by decoder layer) is loaded again by decoder layer, on the paths where transformers loaded it by
+    name (`legacy.py`)."""
+    if hive_modules_of(model) is not None:
+        from .legacy import reload_blocks_saved_by_position
+
+        reload_blocks_saved_by_position(model, pretrained_model_name_or_path, **kwargs)
+
+
 def _changed_settings(wanted: dict[str, Any], existing: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     return {key: (existing.get(key), value) for key, value in wanted.items() if existing.get(key) != value}
 

@@ -115,10 +115,28 @@ def _patch_model() -> None:
         return generate
 
     _wrap(llava_llama.LlavaLlamaForCausalLM, "generate", make_generate)
+    _wrap_from_pretrained(llava_llama.LlavaLlamaForCausalLM)
     # transformers 4.37 loads these in float32 under torch_dtype=float16 (LLaVA's builder loads fp16) instead of
     # rounding them through fp16; under bfloat16 it rounds every tensor, and HIVE's are put back in float32 after.
     if llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules is None:
         llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules = list(handlers.FLOAT32_MODULES)
+
+
+def _wrap_from_pretrained(model_class) -> None:
+    """`model_class.from_pretrained` (a classmethod) followed by `handlers.loaded`."""
+    original = model_class.from_pretrained
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        result = original.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
+        handlers.loaded(model, pretrained_model_name_or_path, **kwargs)
+        return result
+
+    functools.update_wrapper(from_pretrained, original.__func__)
+    setattr(from_pretrained, _PATCHED_MARK, True)
+    model_class.from_pretrained = classmethod(from_pretrained)
 
 
 def _patch_training() -> None:
