@@ -159,3 +159,72 @@ def test_a_full_checkpoint_with_blocks_named_by_position_loads_through_from_pret
         assert torch.equal(loaded.state_dict()[key], value), key
     trained.save_pretrained(tmp_path / "today")
     assert not reload_blocks_saved_by_position(TinyLlavaModel.from_pretrained(tmp_path / "today"), tmp_path / "today")
+
+
+def llava_train():
+    """LLaVA's `llava.train.train` with `apply_patch()` (skipped where the LLaVA repo is not installed)."""
+    pytest.importorskip("llava")
+    from hive_adapter.integrations.llava import apply_patch
+
+    apply_patch()
+    import llava.train.train
+
+    return llava.train.train
+
+
+def save_adapter(model, directory) -> dict[str, torch.Tensor]:
+    """`mm_projector.bin` as LLaVA's `--tune_mm_mlp_adapter` saves it (`safe_save_model_for_hf_trainer`)."""
+    from types import SimpleNamespace
+
+    arguments = SimpleNamespace(tune_mm_mlp_adapter=True, local_rank=-1)
+    trainer = SimpleNamespace(model=model, args=arguments, deepspeed=None)
+    llava_train().safe_save_model_for_hf_trainer(trainer=trainer, output_dir=str(directory))
+    return torch.load(directory / "mm_projector.bin", map_location="cpu", weights_only=True)
+
+
+def test_two_models_save_their_own_settings_and_the_adapter_file_round_trips(tmp_path):
+    """Two live LLaVA models with different HIVE settings: each adapter file carries its own model's settings (found
+    in the model being saved, not in a registry of live modules), and loads back bit-exact."""
+    from hive_adapter.integrations.llava.settings import SETTINGS_PARAMETER, encode_settings, settings_in_adapter_file
+
+    first, second = build(seed=0), build(seed=1, media_attention="all_previous")
+    saved = {"first": save_adapter(first, tmp_path / "first"), "second": save_adapter(second, tmp_path / "second")}
+    for name, model in (("first", first), ("second", second)):
+        weights = saved[name]
+        hive = {key for key, _ in model.named_parameters() if "mm_projector" in key}
+        assert weights.keys() == hive | {f"mm_projector.{SETTINGS_PARAMETER}"}
+        assert torch.equal(weights[f"mm_projector.{SETTINGS_PARAMETER}"], encode_settings(model.config.hive_config))
+        assert settings_in_adapter_file(tmp_path / name / "mm_projector.bin") == model.config.hive_config
+    assert saved["first"]["mm_projector.hive_settings"].shape != saved["second"]["mm_projector.hive_settings"].shape
+
+    fresh = build(seed=2)
+    fresh.mm_projector.load_state_dict({key.split("mm_projector.")[1]: value for key, value in saved["first"].items()})
+    for key, value in first.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="media_attention: weights 'previous', model 'all_previous'"):
+        second.mm_projector.load_state_dict({k.split("mm_projector.")[1]: v for k, v in saved["first"].items()})
+
+
+def test_a_copy_of_a_model_saves_its_settings_too(tmp_path):
+    """`copy.deepcopy` builds modules without running `__init__` (a registry filled there never sees them)."""
+    import copy
+
+    model = build(seed=0, media_attention="all_previous")
+    weights = save_adapter(copy.deepcopy(model), tmp_path)
+    assert torch.equal(weights["mm_projector.hive_settings"], model.mm_projector.hive_settings)
+
+
+def test_settings_are_added_from_the_model_being_saved_and_not_from_bare_parameters():
+    """`add_projector_settings(state, model)`; the (name, parameter) pairs of LLaVA checkouts patched before name no
+    model: the file is saved without the settings (the config.json beside it has them), with a warning."""
+    from hive_adapter.integrations.llava.settings import add_projector_settings
+
+    model = build(seed=0)
+    state = {key: value.detach().clone() for key, value in model.named_parameters() if "mm_projector" in key}
+    assert torch.equal(
+        add_projector_settings(dict(state), model)["mm_projector.hive_settings"], model.mm_projector.hive_settings
+    )
+    assert "model.mm_projector.hive_settings" not in add_projector_settings(dict(state), model)
+    assert add_projector_settings({}, model) == {}  # LLaVA's own connector's file, or no HIVE weights in it
+    with pytest.warns(FutureWarning, match="re-apply patches/llava"):
+        assert add_projector_settings(dict(state), list(model.named_parameters())).keys() == state.keys()

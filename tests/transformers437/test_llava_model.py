@@ -323,3 +323,41 @@ def test_the_patch_file_loads_a_checkpoint_with_blocks_saved_by_position(saved_b
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLaVA patched" not in result.stderr
     assert_loaded(trained, torch.load(tmp_path / "loaded.pt", weights_only=True), "patched checkout")
+
+
+def test_each_model_saves_its_own_settings_in_both_of_llavas_adapter_saves(toy, tmp_path):
+    """With `--tune_mm_mlp_adapter` LLaVA writes `mm_projector.bin` in `safe_save_model_for_hf_trainer` (at the end)
+    and in `LLaVATrainer._save_checkpoint` (each checkpoint), from the parameters alone. Two live models with other
+    HIVE settings: each file carries the settings of the model being saved, and a stage 2 started from it
+    (`--pretrain_mm_mlp_adapter`) rebuilds that connector and loads it bit-exact."""
+    from types import SimpleNamespace
+
+    from hive_adapter.integrations.llava.settings import settings_in_adapter_file
+
+    models = {
+        "default": build(toy, vision_connector="hive"),
+        "chosen": build(toy, vision_connector="hive", hive_vision_layers="1,3,5", hive_llm_layers="0,2,3"),
+    }
+    files = {}
+    for name, model in models.items():
+        arguments = SimpleNamespace(tune_mm_mlp_adapter=True, local_rank=-1)
+        trainer = SimpleNamespace(model=model, args=arguments, deepspeed=None)
+        llava_train.safe_save_model_for_hf_trainer(trainer=trainer, output_dir=str(tmp_path / name))
+        args = llava_train.TrainingArguments(output_dir=str(tmp_path / f"{name}-run"), use_cpu=True, report_to="none")
+        args.tune_mm_mlp_adapter = True  # LLaVA's train() copies it from its model arguments
+        llava_train.LLaVATrainer(model=model, args=args)._save_checkpoint(model, trial=None)
+        files[name] = [
+            tmp_path / name / "mm_projector.bin",
+            tmp_path / f"{name}-run" / "checkpoint-0" / "mm_projector.bin",
+        ]
+    assert models["default"].config.hive_config != models["chosen"].config.hive_config
+    for name, model in models.items():
+        trained = {key: value for key, value in model.state_dict().items() if "mm_projector" in key}
+        for file in files[name]:
+            assert settings_in_adapter_file(file) == model.config.hive_config, file
+            weights = torch.load(file, map_location="cpu", weights_only=True)
+            assert weights.keys() == trained.keys()
+            stage2 = build(toy, vision_connector="hive", pretrain_mm_mlp_adapter=str(file))
+            assert stage2.config.hive_config == model.config.hive_config
+            for key, value in trained.items():
+                assert torch.equal(stage2.state_dict()[key], value), (file, key)

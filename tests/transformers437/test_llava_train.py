@@ -28,6 +28,7 @@ from llava_helpers import (
     run_llava,
 )
 
+from hive_adapter.integrations.llava.settings import settings_in_adapter_file
 from hive_adapter.integrations.llava.toy import write_llava_toy
 
 
@@ -277,3 +278,5 @@ def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
         tmp_path / "llava-patched-pretrain" / "mm_projector.bin", map_location="cpu", weights_only=True
     )
     assert weights and all(key.startswith("model.mm_projector.hive_") for key in weights)
+    recorded = json.loads((tmp_path / "llava-patched-pretrain" / "config.json").read_text())["hive_config"]
+    assert settings_in_adapter_file(tmp_path / "llava-patched-pretrain" / "mm_projector.bin") == recorded

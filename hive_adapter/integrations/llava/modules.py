@@ -32,7 +32,7 @@ from ...parameters import check_finite
 from ...runtime import HiveRuntime, past_length_of
 from ...vision import HiveVisionSide, build_vision_context
 from .markers import TextWithoutMarkers, drop_image_markers
-from .settings import LIVE_MODULES, SETTINGS_PARAMETER, decode_settings, encode_settings
+from .settings import SETTINGS_PARAMETER, decode_settings, encode_settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ class HiveLlavaModules(nn.Module):
         self.register_buffer(SETTINGS_PARAMETER, encode_settings(self.settings))
         self.register_load_state_dict_pre_hook(self._blocks_by_decoder_layer)
         self.register_load_state_dict_pre_hook(self._check_loaded)
-        LIVE_MODULES.add(self)
         self.runtime = HiveRuntime()
         self._attachment: HiveAttachment | None = None
 

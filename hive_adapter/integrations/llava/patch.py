@@ -165,14 +165,16 @@ def _patch_training() -> None:
 
 
 def _save_without_cuda(original):
-    """LLaVA's final save calls `torch.cuda.synchronize()` before a DeepSpeed save; skip it without CUDA."""
+    """LLaVA's final save calls `torch.cuda.synchronize()` before a DeepSpeed save; skip it without CUDA. An adapter
+    save knows the model it saves (`handlers.saving_adapter_of`)."""
 
     def safe_save_model_for_hf_trainer(trainer, output_dir):
         tune_adapter = getattr(trainer.args, "tune_mm_mlp_adapter", False)
         if trainer.deepspeed and not tune_adapter and not torch.cuda.is_available():
             trainer.save_model(output_dir)
             return
-        original(trainer=trainer, output_dir=output_dir)
+        with handlers.saving_adapter_of(trainer.model):
+            original(trainer=trainer, output_dir=output_dir)
 
     return safe_save_model_for_hf_trainer
 
@@ -193,6 +195,10 @@ def _hive_trainer_class(base):
             if takes_processing_class and "tokenizer" in kwargs:
                 kwargs["processing_class"] = kwargs.pop("tokenizer")
             super().__init__(*args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            with handlers.saving_adapter_of(self.model):  # LLaVA saves mm_projector.bin here with --tune_mm_mlp_adapter
+                return super()._save_checkpoint(*args, **kwargs)
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
