@@ -128,3 +128,9 @@ def patched_llava_checkout(tree: Path) -> Path:
         subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, check=True)
         subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
     return tree
+
+
+def checkout_path(tree: Path) -> str:
+    """PYTHONPATH that runs the checkout at `tree` (its `llava` first), keeping the caller's entries after it (the
+    hive_adapter under test when it is not the installed one)."""
+    return os.pathsep.join(entry for entry in (str(tree), os.environ.get("PYTHONPATH")) if entry)

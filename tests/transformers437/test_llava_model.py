@@ -304,7 +304,7 @@ def test_the_patch_file_loads_a_checkpoint_with_blocks_saved_by_position(saved_b
     import subprocess
     import sys
 
-    from llava_helpers import patched_llava_checkout
+    from llava_helpers import checkout_path, patched_llava_checkout
 
     old, _, trained = saved_by_position
     tree = patched_llava_checkout(tmp_path / "LLaVA")
@@ -316,7 +316,7 @@ def test_the_patch_file_loads_a_checkpoint_with_blocks_saved_by_position(saved_b
         f"model = LlavaLlamaForCausalLM.from_pretrained({str(old)!r}, low_cpu_mem_usage=True)\n"
         "torch.save(model.state_dict(), sys.argv[1])\n"
     )
-    env = {**__import__("os").environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    env = {**__import__("os").environ, "PYTHONPATH": checkout_path(tree), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path / "loaded.pt")], capture_output=True, text=True, env=env
     )

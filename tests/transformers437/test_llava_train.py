@@ -21,6 +21,7 @@ pytest.importorskip("llava.train.train")
 from llava_helpers import (
     REPO,
     assert_trained_on_real_labels,
+    checkout_path,
     finetune_command,
     logged_losses,
     patched_llava_checkout,
@@ -271,7 +272,7 @@ def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
         toy, tmp_path / "llava-patched-pretrain", "--vision_connector", "hive", "--max_steps", "2"
     )
     command[1:3] = [str(tree / "llava" / "train" / "train.py")]
-    log = run_llava(command, env={"PYTHONPATH": str(tree)})
+    log = run_llava(command, env={"PYTHONPATH": checkout_path(tree)})
     assert "LLaVA patched" not in log  # the checkout's own code, not the runtime patch
     assert_trained_on_real_labels(log)
     weights = torch.load(
