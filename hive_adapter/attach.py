@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .cross_attention import HiveCrossAttentionBlock
 from .runtime import HiveRuntime, past_length_of
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ class HiveBlockCall:
     def __init__(
         self,
         *,
-        block: HiveCrossAttentionBlock | Callable[[], nn.Module],
+        block: Callable[[], nn.Module],
         block_index: int,
         level_index: int | None,
         runtime: HiveRuntime,
@@ -49,9 +48,9 @@ class HiveBlockCall:
 
     @property
     def block(self) -> nn.Module:
-        """The block, or what its owner holds in its place right now when given as a lookup: PEFT's
+        """What the block's owner holds in its place right now (looked up on every call): PEFT's
         `modules_to_save` puts a wrapper there whose trainable copy must be the one that runs."""
-        return self._block if isinstance(self._block, nn.Module) else self._block()
+        return self._block()
 
     def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """media, visible, has_media for this block and a batch of hidden states."""
@@ -249,29 +248,28 @@ def attach_hive_hooks(
     layers_path: str,
     llm_layers: tuple[int, ...],
     level_of_block: tuple[int | None, ...],
-    blocks: list[HiveCrossAttentionBlock] | nn.ModuleDict,
+    blocks: nn.ModuleDict,
     placement: str,
     runtime: HiveRuntime,
 ) -> HiveAttachment:
-    """Run `blocks[k]` in decoder layer `llm_layers[k]` of `model`. `blocks` as an `nn.ModuleDict` keyed by
-    decoder layer (`hive_blocks`) is looked up on every call, so a module put in a block's place later (PEFT's
-    `ModulesToSaveWrapper`) is the one that runs.
+    """Run `blocks[str(layer)]` in decoder layer `layer` of `model`, for each layer of `llm_layers`. `blocks` is
+    the owner's `hive_blocks`, keyed by decoder layer on every front end; it is looked up on every call, so a
+    module put in a block's place later (PEFT's `ModulesToSaveWrapper`) is the one that runs.
 
     Under layer-level checkpointing (transformers >= 4.48) the hooks run outside the checkpoint and
     checkpoint the block themselves; under stack-level checkpointing (< 4.48) `hive_aware_checkpoint`
     hands the block's media and masks to the checkpoint as explicit inputs.
     """
-    if len(blocks) != len(llm_layers):
-        raise ValueError(f"{len(blocks)} HIVE blocks for {len(llm_layers)} decoder layers {list(llm_layers)}")
+    if list(blocks) != [str(index) for index in llm_layers]:
+        raise ValueError(
+            f"HIVE blocks {list(blocks)} for decoder layers {list(llm_layers)}: one per layer, by its index"
+        )
     for layer_index in llm_layers:
         if hive_call_of(layers[layer_index]) is not None:
             raise ValueError(f"decoder layer {layer_index} at {layers_path} already runs a HIVE block")
     attachment = HiveAttachment(layers=layers, layers_path=layers_path, llm_layers=tuple(llm_layers))
     for block_index, (layer_index, level_index) in enumerate(zip(llm_layers, level_of_block, strict=True)):
-        if isinstance(blocks, nn.ModuleDict):
-            block = functools.partial(blocks.__getitem__, str(layer_index))
-        else:
-            block = blocks[block_index]
+        block = functools.partial(blocks.__getitem__, str(layer_index))
         call = HiveBlockCall(block=block, block_index=block_index, level_index=level_index, runtime=runtime)
         if placement == "before":
             layers[layer_index].register_forward_pre_hook(HiveBeforeLayer(call), with_kwargs=True)

@@ -39,6 +39,17 @@ from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
 logger = logging.getLogger(__name__)
 
 
+def hold_reference(owner: nn.Module, name: str, module: nn.Module) -> None:
+    """`owner.<name> = module` without registering `module` as a child of `owner`.
+
+    `nn.Module.__setattr__` registers every module assigned to an attribute. A module that already has its place
+    (the base model's vision tower, the model a `HiveBackbone` views) would get a second name: a second copy of its
+    keys in state dicts, a second entry in `named_modules()`, a second target for PEFT. The reference is a plain
+    instance attribute instead, which `state_dict()` and `named_modules()` never read and `copy.deepcopy` copies
+    to the same copy of the module."""
+    object.__setattr__(owner, name, module)
+
+
 class HiveMixin:
     """HIVE's modules and forward logic; the class that mixes it in decides where the base parts live."""
 
@@ -74,10 +85,10 @@ class HiveMixin:
         self.hive_config = config
         self.hive_layers = resolved
         self.hive_runtime = HiveRuntime()
-        object.__setattr__(self, "_hive_vision_tower", vision_tower)  # a reference, not a second registration
-        object.__setattr__(self, "_hive_vision_shape", vision)
-        object.__setattr__(self, "_hive_text_shape", text)
-        object.__setattr__(self, "_hive_image_token_id", image_token_id)
+        hold_reference(self, "_hive_vision_tower", vision_tower)  # registered where the base keeps it
+        self._hive_vision_shape = vision
+        self._hive_text_shape = text
+        self._hive_image_token_id = image_token_id
         self.hive_levels = build_level_encoder(config, resolved, vision, text)
         kernel = cross_attention_kernel(config, text_config)
         make_block = block_factory(config, vision, text, kernel)
@@ -94,7 +105,7 @@ class HiveMixin:
             placement=config.placement,
             runtime=self.hive_runtime,
         )
-        object.__setattr__(self, "_hive_attachment", attachment)
+        self._hive_attachment = attachment
         logger.info(
             "HIVE (%s): vision layers %s -> decoder layers %s, %s cross-attention",
             config.connector,

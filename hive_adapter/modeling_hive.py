@@ -23,7 +23,7 @@ from transformers.generation import GenerationMixin
 
 from .builders import init_hive_module
 from .config import HiveConfig
-from .mixin import HiveMixin
+from .mixin import HiveMixin, hold_reference
 from .parameters import check_finite
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class HiveBackbone(nn.Module):
         self.decoder = model.language_model.get_decoder()
         self.hive_levels = model.hive_levels
         self.hive_blocks = model.hive_blocks
-        object.__setattr__(self, "_hive_model", model)  # a reference, not a child: no second copy of its names
+        hold_reference(self, "_hive_model", model)  # a view of `model`, not a second copy of its names
 
     @property
     def config(self) -> HiveConfig:

@@ -91,3 +91,46 @@ def assert_trained_on_real_labels(output: str) -> None:
     )
     losses = logged_losses(output)
     assert losses and all(loss > 0.5 for loss in losses), losses
+
+
+def blocks_by_position(state: dict) -> dict:
+    """`state` with its HIVE blocks named as hive-adapter named LLaVA's before it named them by decoder layer:
+    `mm_projector.hive_blocks.<k>` for the k-th block (layers ascending)."""
+    import re
+
+    pattern = re.compile(r"mm_projector\.hive_blocks\.(\d+)\.")
+    layers = sorted({int(match.group(1)) for key in state if (match := pattern.search(key))})
+    return {
+        pattern.sub(lambda m: f"mm_projector.hive_blocks.{layers.index(int(m.group(1)))}.", k): v
+        for k, v in state.items()
+    }
+
+
+def rewrite_with_blocks_by_position(directory: Path) -> None:
+    """A LLaVA checkpoint directory (one `model.safetensors`) rewritten with its blocks named by position."""
+    from safetensors.torch import load_file, save_file
+
+    weights = directory / "model.safetensors"
+    save_file(blocks_by_position(load_file(weights)), weights, metadata={"format": "pt"})
+
+
+def patched_llava_checkout(tree: Path) -> Path:
+    """The installed llava-torch 1.2.2.post1 sources copied to `tree/llava` and `git apply`-ed with
+    patches/llava/*.patch, as a user patches a LLaVA checkout; put `tree` on PYTHONPATH to run it."""
+    import shutil
+
+    import llava
+
+    shutil.copytree(Path(llava.__file__).parent, tree / "llava", ignore=shutil.ignore_patterns("__pycache__"))
+    patches = sorted((REPO / "patches" / "llava").glob("*.patch"))
+    assert patches
+    for patch in patches:
+        subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, check=True)
+        subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
+    return tree
+
+
+def checkout_path(tree: Path) -> str:
+    """PYTHONPATH that runs the checkout at `tree` (its `llava` first), keeping the caller's entries after it (the
+    hive_adapter under test when it is not the installed one)."""
+    return os.pathsep.join(entry for entry in (str(tree), os.environ.get("PYTHONPATH")) if entry)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 pytest.importorskip("llava")
 
-from llava_helpers import REPO, assert_trained_on_real_labels
+from llava_helpers import REPO, assert_trained_on_real_labels, rewrite_with_blocks_by_position
 
 from hive_adapter.integrations.llava.toy import write_llava_toy
 
@@ -127,6 +128,26 @@ def test_zero3_stage3_trains_the_partitioned_vision_tower(runs):
     assert trained.shape == clip[vision_key(clip, suffix)].shape
     assert (trained.float() - clip[vision_key(clip, suffix)].float()).abs().max() > 0
     assert json.loads((root / "llava-s3" / "config.json").read_text())["unfreeze_mm_vision_tower"] is True
+
+
+def test_zero3_stage3_starts_from_a_stage2_checkpoint_with_blocks_saved_by_position(runs, tmp_path):
+    """Stage 2 as hive-adapter saved it before it named a connector's blocks by decoder layer (`hive_blocks.<k>`;
+    the toy's blocks sit in decoder layers 0 and 2). Under ZeRO-3 transformers loads partitioned parameters by
+    name; stage 3 still starts from the same weights, so it ends where it ends from today's names."""
+    root, toy, _ = runs
+    old = tmp_path / "llava-s2-by-position"
+    shutil.copytree(root / "llava-s2", old)
+    rewrite_with_blocks_by_position(old)
+    assert any(".hive_blocks.1." in key for key in load_file(old / "model.safetensors"))
+    run_example(
+        "finetune_vision.sh", toy, model=old, data=toy["finetune"], output=tmp_path / "s3",
+        extra=["--learning_rate", "1e-3"],
+    )  # fmt: skip
+    reference = load_file(root / "llava-s3" / "model.safetensors")
+    trained = load_file(tmp_path / "s3" / "model.safetensors")
+    assert trained.keys() == reference.keys()
+    for key, tensor in trained.items():
+        torch.testing.assert_close(tensor.float(), reference[key].float(), rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_llava_stage1_under_fsdp_saves_a_whole_adapter_that_the_next_stage_loads(runs, tmp_path):

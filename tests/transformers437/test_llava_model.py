@@ -12,6 +12,8 @@ import torch
 
 llava_train = pytest.importorskip("llava.train.train")
 
+from llava_helpers import blocks_by_position, rewrite_with_blocks_by_position
+
 from hive_adapter.integrations.llava import (
     apply_patch,
     drop_image_markers,
@@ -245,3 +247,117 @@ def test_llava_mistral_with_a_hive_connector_is_refused_by_name(toy):
                                                                                              "architectures")})  # fmt: skip
     with pytest.raises(ValueError, match=r"--vision_connector hive on LlavaMistralModel: .*Llama models"):
         LlavaMistralForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def saved_by_position(toy, tmp_path_factory):
+    """A LLaVA checkpoint and an `mm_projector.bin` as hive-adapter wrote them before it named a connector's blocks by
+    decoder layer: `hive_blocks.<k>` for the k-th block. Returns (directory, adapter file, the trained tensors)."""
+    import shutil
+
+    model = build(toy, vision_connector="hive", hive_vision_layers="1,3,5", hive_llm_layers="0,2,3")
+    assert list(hive_modules_of(model).hive_blocks) == ["0", "2", "3"]  # positions 0, 1, 2: 2 means another layer
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "hive_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    trained = {key: value.clone() for key, value in model.state_dict().items() if "mm_projector" in key}
+    root = tmp_path_factory.mktemp("saved-by-position")
+    old = root / "llava-old"
+    model.save_pretrained(old)
+    for file in toy["vicuna"].iterdir():
+        if "token" in file.name:
+            shutil.copy(file, old / file.name)
+    rewrite_with_blocks_by_position(old)
+    adapter = root / "adapter" / "mm_projector.bin"
+    adapter.parent.mkdir()
+    torch.save(blocks_by_position(trained), adapter)
+    return old, adapter, trained
+
+
+def assert_loaded(trained: dict, state: dict, route: str) -> None:
+    for key, value in trained.items():  # the builder loads in float16: the same rounding as the file's values
+        assert torch.equal(state[key], value.to(state[key].dtype)), (route, key)
+
+
+def test_a_checkpoint_with_blocks_saved_by_position_loads_on_every_path(toy, saved_by_position):
+    """Checkpoints with blocks saved by position load bit-exact by decoder layer: through `from_pretrained` plain
+    (4.37 loads module by module) and with `low_cpu_mem_usage` (parameters set by name: the patched
+    `from_pretrained` loads the connector again), LLaVA's builder (`load_pretrained_model`), and an
+    `mm_projector.bin` (`--pretrain_mm_mlp_adapter`)."""
+    from llava.model.builder import load_pretrained_model
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    old, adapter, trained = saved_by_position
+    loaded = {
+        "from_pretrained": LlavaLlamaForCausalLM.from_pretrained(old),
+        "low_cpu_mem_usage": LlavaLlamaForCausalLM.from_pretrained(old, low_cpu_mem_usage=True),
+        "load_pretrained_model": load_pretrained_model(str(old), None, "llava-old", device="cpu")[1],
+        "mm_projector.bin": build(toy, vision_connector="hive", pretrain_mm_mlp_adapter=str(adapter)),
+    }
+    for route, candidate in loaded.items():
+        assert_loaded(trained, candidate.state_dict(), route)
+
+
+def test_the_patch_file_loads_a_checkpoint_with_blocks_saved_by_position(saved_by_position, tmp_path):
+    """The same through a LLaVA checkout patched with patches/llava/*.patch (its own classes, no apply_patch)."""
+    import subprocess
+    import sys
+
+    from llava_helpers import checkout_path, patched_llava_checkout
+
+    old, _, trained = saved_by_position
+    tree = patched_llava_checkout(tmp_path / "LLaVA")
+    torch.save(trained, tmp_path / "trained.pt")
+    script = (
+        "import sys, torch, llava\n"
+        "from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM\n"
+        f"assert llava.__file__.startswith({str(tree)!r}), llava.__file__\n"
+        f"model = LlavaLlamaForCausalLM.from_pretrained({str(old)!r}, low_cpu_mem_usage=True)\n"
+        "torch.save(model.state_dict(), sys.argv[1])\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": checkout_path(tree), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "loaded.pt")], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LLaVA patched" not in result.stderr
+    assert_loaded(trained, torch.load(tmp_path / "loaded.pt", weights_only=True), "patched checkout")
+
+
+def test_each_model_saves_its_own_settings_in_both_of_llavas_adapter_saves(toy, tmp_path):
+    """With `--tune_mm_mlp_adapter` LLaVA writes `mm_projector.bin` in `safe_save_model_for_hf_trainer` (at the end)
+    and in `LLaVATrainer._save_checkpoint` (each checkpoint), from the parameters alone. Two live models with other
+    HIVE settings: each file carries the settings of the model being saved, and a stage 2 started from it
+    (`--pretrain_mm_mlp_adapter`) rebuilds that connector and loads it bit-exact."""
+    from types import SimpleNamespace
+
+    from hive_adapter.integrations.llava.settings import settings_in_adapter_file
+
+    models = {
+        "default": build(toy, vision_connector="hive"),
+        "chosen": build(toy, vision_connector="hive", hive_vision_layers="1,3,5", hive_llm_layers="0,2,3"),
+    }
+    files = {}
+    for name, model in models.items():
+        arguments = SimpleNamespace(tune_mm_mlp_adapter=True, local_rank=-1)
+        trainer = SimpleNamespace(model=model, args=arguments, deepspeed=None)
+        llava_train.safe_save_model_for_hf_trainer(trainer=trainer, output_dir=str(tmp_path / name))
+        args = llava_train.TrainingArguments(output_dir=str(tmp_path / f"{name}-run"), use_cpu=True, report_to="none")
+        args.tune_mm_mlp_adapter = True  # LLaVA's train() copies it from its model arguments
+        llava_train.LLaVATrainer(model=model, args=args)._save_checkpoint(model, trial=None)
+        files[name] = [
+            tmp_path / name / "mm_projector.bin",
+            tmp_path / f"{name}-run" / "checkpoint-0" / "mm_projector.bin",
+        ]
+    assert models["default"].config.hive_config != models["chosen"].config.hive_config
+    for name, model in models.items():
+        trained = {key: value for key, value in model.state_dict().items() if "mm_projector" in key}
+        for file in files[name]:
+            assert settings_in_adapter_file(file) == model.config.hive_config, file
+            weights = torch.load(file, map_location="cpu", weights_only=True)
+            assert weights.keys() == trained.keys()
+            stage2 = build(toy, vision_connector="hive", pretrain_mm_mlp_adapter=str(file))
+            assert stage2.config.hive_config == model.config.hive_config
+            for key, value in trained.items():
+                assert torch.equal(stage2.state_dict()[key], value), (file, key)

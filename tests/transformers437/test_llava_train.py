@@ -21,12 +21,15 @@ pytest.importorskip("llava.train.train")
 from llava_helpers import (
     REPO,
     assert_trained_on_real_labels,
+    checkout_path,
     finetune_command,
     logged_losses,
+    patched_llava_checkout,
     pretrain_command,
     run_llava,
 )
 
+from hive_adapter.integrations.llava.settings import settings_in_adapter_file
 from hive_adapter.integrations.llava.toy import write_llava_toy
 
 
@@ -264,23 +267,17 @@ def test_a_lone_projector_file_carries_its_settings(toy, stage1, tmp_path):
 def test_patch_files_apply_to_the_released_llava_and_train(toy, tmp_path):
     """`git apply` patches/llava/*.patch onto the llava-torch 1.2.2.post1 sources, then run that copy's own
     `llava/train/train.py` (no apply_patch) with the HIVE flag."""
-    import llava
-
-    tree = tmp_path / "LLaVA"
-    shutil.copytree(Path(llava.__file__).parent, tree / "llava", ignore=shutil.ignore_patterns("__pycache__"))
-    patches = sorted((REPO / "patches" / "llava").glob("*.patch"))
-    assert patches
-    for patch in patches:
-        subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, check=True)
-        subprocess.run(["git", "apply", str(patch)], cwd=tree, check=True)
+    tree = patched_llava_checkout(tmp_path / "LLaVA")
     command = pretrain_command(
         toy, tmp_path / "llava-patched-pretrain", "--vision_connector", "hive", "--max_steps", "2"
     )
     command[1:3] = [str(tree / "llava" / "train" / "train.py")]
-    log = run_llava(command, env={"PYTHONPATH": str(tree)})
+    log = run_llava(command, env={"PYTHONPATH": checkout_path(tree)})
     assert "LLaVA patched" not in log  # the checkout's own code, not the runtime patch
     assert_trained_on_real_labels(log)
     weights = torch.load(
         tmp_path / "llava-patched-pretrain" / "mm_projector.bin", map_location="cpu", weights_only=True
     )
     assert weights and all(key.startswith("model.mm_projector.hive_") for key in weights)
+    recorded = json.loads((tmp_path / "llava-patched-pretrain" / "config.json").read_text())["hive_config"]
+    assert settings_in_adapter_file(tmp_path / "llava-patched-pretrain" / "mm_projector.bin") == recorded

@@ -8,9 +8,13 @@ the default `--vision_connector mlp` LLaVA runs exactly as upstream.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +109,16 @@ def attach(llava_model: nn.Module) -> None:
     if isinstance(modules, HiveLlavaModules):
         check_supported(llava_model)
         modules.attach(llava_model)
+
+
+def loaded(model: nn.Module, pretrained_model_name_or_path, **kwargs) -> None:
+    """End of LLaVA's `from_pretrained`: a HIVE connector saved with its blocks named by position (before they
+    were named by decoder layer) is loaded again by decoder layer, on the paths where transformers loaded it by
+    name (`legacy.py`)."""
+    if hive_modules_of(model) is not None:
+        from .legacy import reload_blocks_saved_by_position
+
+        reload_blocks_saved_by_position(model, pretrained_model_name_or_path, **kwargs)
 
 
 def _changed_settings(wanted: dict[str, Any], existing: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -306,12 +320,38 @@ def maybe_zero_3(param, ignore_status: bool = False, name: str | None = None):
     return param.detach().cpu().clone()
 
 
+# The model whose adapter file LLaVA is writing, inside `saving_adapter_of` (one per thread / task).
+_MODEL_BEING_SAVED: contextvars.ContextVar[nn.Module | None] = contextvars.ContextVar("hive_llava_saving", default=None)
+
+
+@contextlib.contextmanager
+def saving_adapter_of(model: nn.Module) -> Iterator[None]:
+    """Inside, LLaVA writes `model`'s adapter file: `apply_patch` opens this around LLaVA's two adapter saves
+    (`safe_save_model_for_hf_trainer`, `LLaVATrainer._save_checkpoint`), whose `get_mm_adapter_state_maybe_zero_3`
+    is handed the parameters alone, so that `adapter_state` knows which model's settings go with them. (The patch
+    file passes the model to `add_projector_settings` at those two places instead.)"""
+    token = _MODEL_BEING_SAVED.set(model)
+    try:
+        yield
+    finally:
+        _MODEL_BEING_SAVED.reset(token)
+
+
 def adapter_state(get_adapter_state):
     """Wrap LLaVA's `get_mm_adapter_state_maybe_zero_3` (what `mm_projector.bin` is made of) so that a HIVE
-    projector's settings are saved with its weights."""
+    projector's settings are saved with its weights: those of the model `saving_adapter_of` names."""
 
     def get_mm_adapter_state_maybe_zero_3(named_params, keys_to_match):
-        named = list(named_params)
-        return add_projector_settings(get_adapter_state(named, keys_to_match), named)
+        state = get_adapter_state(named_params, keys_to_match)
+        model = _MODEL_BEING_SAVED.get()
+        if model is not None:
+            return add_projector_settings(state, model)
+        if any("mm_projector.hive_" in key for key in state):
+            warnings.warn(
+                "LLaVA's get_mm_adapter_state_maybe_zero_3 called outside its adapter saves: the HIVE weights are "
+                "collected without their settings (add them with add_projector_settings(state, model))",
+                stacklevel=2,
+            )
+        return state
 
     return get_mm_adapter_state_maybe_zero_3

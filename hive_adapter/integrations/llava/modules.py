@@ -32,7 +32,7 @@ from ...parameters import check_finite
 from ...runtime import HiveRuntime, past_length_of
 from ...vision import HiveVisionSide, build_vision_context
 from .markers import TextWithoutMarkers, drop_image_markers
-from .settings import LIVE_MODULES, SETTINGS_PARAMETER, decode_settings, encode_settings
+from .settings import SETTINGS_PARAMETER, decode_settings, encode_settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +57,39 @@ class HiveLlavaModules(nn.Module):
         self.vision_shape = vision
         self.hive_levels = build_level_encoder(self.hive_config, self.resolved, vision, text)
         make_block = block_factory(self.hive_config, vision, text, cross_attention_kernel(self.hive_config, config))
-        self.hive_blocks = nn.ModuleList(make_block() for _ in self.resolved.llm_layers)
-        for module in (self.hive_levels, *self.hive_blocks):
+        # Named by the decoder layer each block runs in (`hive_blocks.3.*`), as on the Hugging Face front end.
+        self.hive_blocks = nn.ModuleDict({str(index): make_block() for index in self.resolved.llm_layers})
+        for module in (self.hive_levels, *self.hive_blocks.values()):
             init_hive_weights(module, self.hive_config)
             keep_float32(module)  # built under LLaVA's torch_dtype: gates and norms back to float32
         self.settings = dict(config.hive_config)
         self.register_buffer(SETTINGS_PARAMETER, encode_settings(self.settings))
+        self.register_load_state_dict_pre_hook(self._blocks_by_decoder_layer)
         self.register_load_state_dict_pre_hook(self._check_loaded)
-        LIVE_MODULES.add(self)
         self.runtime = HiveRuntime()
         self._attachment: HiveAttachment | None = None
+
+    def saved_by_position(self, keys, prefix: str = "") -> bool:
+        """Whether a state dict with `keys` names this connector's blocks by position (`<prefix>hive_blocks.<k>`,
+        the k-th block), as hive-adapter wrote LLaVA checkpoints before it named them by decoder layer. Decided
+        on the whole set: blocks exactly `0..n-1` where the decoder layers are not (layers are ascending, so the
+        two sets differ whenever the names do); any other set is left to strict loading."""
+        head = prefix + "hive_blocks."
+        found = {key[len(head) :].split(".", 1)[0] for key in keys if key.startswith(head)}
+        layers = {str(index) for index in self.resolved.llm_layers}
+        return found != layers and found == {str(position) for position in range(len(layers))}
+
+    def _blocks_by_decoder_layer(self, module, state_dict, prefix, *args) -> None:
+        """Before weights load: blocks saved by position (`saved_by_position`) are renamed to their decoder layer."""
+        if not self.saved_by_position(state_dict, prefix):
+            return
+        head = prefix + "hive_blocks."
+        layers = [str(index) for index in self.resolved.llm_layers]
+        moved = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(head)]}
+        for key, tensor in moved.items():
+            position, rest = key[len(head) :].split(".", 1)
+            state_dict[f"{head}{layers[int(position)]}.{rest}"] = tensor
+        logger.info("HIVE (LLaVA): blocks saved by position loaded into decoder layers %s", layers)
 
     def _check_loaded(self, module, state_dict, prefix, *args) -> None:
         """Before weights load into these modules: refuse NaN/inf and settings other than their own; a file
@@ -110,7 +133,7 @@ class HiveLlavaModules(nn.Module):
             layers_path="model.layers",
             llm_layers=self.resolved.llm_layers,
             level_of_block=self.resolved.level_of_block,
-            blocks=list(self.hive_blocks),
+            blocks=self.hive_blocks,  # looked up on every call (a module put in a block's place runs)
             placement=self.hive_config.placement,
             runtime=self.runtime,
         )

@@ -115,10 +115,28 @@ def _patch_model() -> None:
         return generate
 
     _wrap(llava_llama.LlavaLlamaForCausalLM, "generate", make_generate)
+    _wrap_from_pretrained(llava_llama.LlavaLlamaForCausalLM)
     # transformers 4.37 loads these in float32 under torch_dtype=float16 (LLaVA's builder loads fp16) instead of
     # rounding them through fp16; under bfloat16 it rounds every tensor, and HIVE's are put back in float32 after.
     if llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules is None:
         llava_llama.LlavaLlamaForCausalLM._keep_in_fp32_modules = list(handlers.FLOAT32_MODULES)
+
+
+def _wrap_from_pretrained(model_class) -> None:
+    """`model_class.from_pretrained` (a classmethod) followed by `handlers.loaded`."""
+    original = model_class.from_pretrained
+    if getattr(original, _PATCHED_MARK, False):
+        return
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        result = original.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
+        handlers.loaded(model, pretrained_model_name_or_path, **kwargs)
+        return result
+
+    functools.update_wrapper(from_pretrained, original.__func__)
+    setattr(from_pretrained, _PATCHED_MARK, True)
+    model_class.from_pretrained = classmethod(from_pretrained)
 
 
 def _patch_training() -> None:
@@ -147,14 +165,16 @@ def _patch_training() -> None:
 
 
 def _save_without_cuda(original):
-    """LLaVA's final save calls `torch.cuda.synchronize()` before a DeepSpeed save; skip it without CUDA."""
+    """LLaVA's final save calls `torch.cuda.synchronize()` before a DeepSpeed save; skip it without CUDA. An adapter
+    save knows the model it saves (`handlers.saving_adapter_of`)."""
 
     def safe_save_model_for_hf_trainer(trainer, output_dir):
         tune_adapter = getattr(trainer.args, "tune_mm_mlp_adapter", False)
         if trainer.deepspeed and not tune_adapter and not torch.cuda.is_available():
             trainer.save_model(output_dir)
             return
-        original(trainer=trainer, output_dir=output_dir)
+        with handlers.saving_adapter_of(trainer.model):
+            original(trainer=trainer, output_dir=output_dir)
 
     return safe_save_model_for_hf_trainer
 
@@ -175,6 +195,10 @@ def _hive_trainer_class(base):
             if takes_processing_class and "tokenizer" in kwargs:
                 kwargs["processing_class"] = kwargs.pop("tokenizer")
             super().__init__(*args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            with handlers.saving_adapter_of(self.model):  # LLaVA saves mm_projector.bin here with --tune_mm_mlp_adapter
+                return super()._save_checkpoint(*args, **kwargs)
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()

@@ -3,17 +3,19 @@
 `config.hive_config` of a LLaVA model holds the HIVE knobs with the layer lists resolved and the vision
 encoder's shape, so `LlavaLlamaForCausalLM.from_pretrained` and `load_pretrained_model` rebuild the modules
 without the command line that trained them. The same settings travel inside `mm_projector.bin` as a buffer
-(`hive_settings`), so a stage-1 adapter file says what it was trained with.
+(`hive_settings`), so a stage-1 adapter file says what it was trained with: LLaVA builds that file from the
+parameters alone, and `add_projector_settings` adds the buffer of the model being saved.
 """
 
 from __future__ import annotations
 
 import json
-import weakref
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ...architectures import vision_shape_of
 from ...config import HiveConfig
@@ -45,7 +47,6 @@ def hive_llava_settings(hive_config: HiveConfig, vision_config, num_llm_layers: 
 # state dict, and `add_projector_settings` puts it into `mm_projector.bin` (which LLaVA builds from the
 # parameters alone), so the file carries the settings it was trained with.
 SETTINGS_PARAMETER = "hive_settings"
-LIVE_MODULES: weakref.WeakSet = weakref.WeakSet()
 
 
 def encode_settings(settings: dict[str, Any]) -> torch.Tensor:
@@ -60,17 +61,28 @@ def decode_settings(tensor: torch.Tensor, *, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: its {SETTINGS_PARAMETER} do not decode ({error}); the file is damaged") from error
 
 
-def add_projector_settings(state: dict[str, torch.Tensor], named_parameters: list) -> dict[str, torch.Tensor]:
-    """`state` (LLaVA's adapter dict, built from `named_parameters`) with the HIVE projector's settings added
-    next to its weights, when one of them is there."""
-    for name, parameter in named_parameters:
-        if "mm_projector.hive_" not in name or name not in state:
-            continue
-        owner = next((p for p in LIVE_MODULES if any(q is parameter for q in p.parameters())), None)
-        if owner is not None:
-            prefix = name[: name.index("mm_projector.") + len("mm_projector.")]
-            state[prefix + SETTINGS_PARAMETER] = owner.hive_settings.detach().float().cpu().clone()
-        break
+def add_projector_settings(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` (LLaVA's adapter dict, the parameters of `model` named like `mm_projector`) with the HIVE connector's
+    settings added next to its weights, under the name the buffer has in `model`, the model being saved (LLaVA's,
+    or a PEFT model around it): `model.mm_projector.hive_settings`. Unchanged when `state` holds no HIVE weights.
+
+    Checkouts patched before pass LLaVA's (name, parameter) pairs instead of the model: they name no model, so the
+    file is saved without the settings (its config.json beside it has them), with a warning to re-apply the patch.
+    """
+    if not isinstance(model, nn.Module):
+        warnings.warn(
+            "add_projector_settings(state, named_parameters) is the call of a LLaVA checkout patched by an earlier "
+            "hive-adapter: re-apply patches/llava/*.patch. This mm_projector.bin is saved without its HIVE settings "
+            "(the config.json beside it has them)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return state
+    suffix = f"mm_projector.{SETTINGS_PARAMETER}"
+    for name, buffer in model.named_buffers():
+        prefix = name[: -len(SETTINGS_PARAMETER)]
+        if name.endswith(suffix) and any(key.startswith(prefix + "hive_") for key in state):
+            state[name] = buffer.detach().float().cpu().clone()
     return state
 
 
