@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 # clones (a clean CI clone reuses it, as pip reuses its cache). Torch keys each build by its sources.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hive-adapter/torch_extensions
 
-.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo quickstart bench gpu-check protocol clean
+.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo demo-real quickstart bench gpu-check protocol clean
 
 setup: $(VENV)/.installed
 
@@ -89,6 +89,11 @@ protocol: setup-eval
 
 demo: setup
 	$(PY) examples/demo.py --output_dir outputs/demo
+
+# Opt-in (not in `make test`): HIVE over the real SmolLM2-135M-Instruct, pre-trained, instruction-tuned, then asked
+# about held-out pictures through pipeline("image-text-to-text") (examples/real_lm_chat.py; ~25 min on 2 cores).
+demo-real: setup
+	$(PY) examples/real_lm_chat.py --output_dir outputs/real_lm_chat
 
 quickstart: setup
 	$(PY) examples/quickstart.py
