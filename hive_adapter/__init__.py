@@ -6,17 +6,17 @@
 Importing the package registers `model_type="hive"` with transformers' Auto classes.
 """
 
-from .adapter_model import HiveModel, get_hive_model
-from .config import HiveConfig
-from .console import drop_deepspeed_cpu_notice
-from .context import HiveVisionContext
-from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
-from .layout import image_token_id_from_tokenizer
-from .levels import HiveLevelEncoder, HiveProjector
-from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
-from .parameters import is_hive_parameter, mark_hive_trainable
-from .processing_hive import HiveProcessor, _register_auto_processor
-from .runtime import HiveRuntime
+from .model.adapter_model import HiveModel, get_hive_model
+from .model.config import HiveConfig
+from .model.context import HiveVisionContext
+from .model.cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
+from .model.layout import image_token_id_from_tokenizer
+from .model.levels import HiveLevelEncoder, HiveProjector
+from .model.modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
+from .model.parameters import is_hive_parameter, mark_hive_trainable
+from .model.processing_hive import HiveProcessor, _register_auto_processor
+from .model.runtime import HiveRuntime
+from .utils.console import drop_deepspeed_cpu_notice
 from .version import __version__
 
 _register_auto_classes()
