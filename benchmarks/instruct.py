@@ -38,8 +38,8 @@ def say(message: str) -> None:
 
 def prepare_models(directory: Path, seed: int, *, language_steps: int, vision_steps: int) -> Path:
     from hive_adapter.data.conversations import instruction_vocabulary
-    from hive_adapter.toy import write_toy_models
-    from hive_adapter.toy_pretraining import ToyPretraining
+    from hive_adapter.tools.toy_models import write_toy_models
+    from hive_adapter.tools.toy_pretraining import ToyPretraining
 
     if not (directory / "vision" / "config.json").is_file():
         pretraining = ToyPretraining(language_steps=language_steps, vision_steps=vision_steps)
@@ -49,7 +49,7 @@ def prepare_models(directory: Path, seed: int, *, language_steps: int, vision_st
 
 def hive_train(*args: str) -> float:
     started = time.time()
-    command = [sys.executable, "-m", "hive_adapter.train", *map(str, args), "--report_to", "none",
+    command = [sys.executable, "-m", "hive_adapter.training.train", *map(str, args), "--report_to", "none",
                "--save_strategy", "no", "--disable_tqdm", "True"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:

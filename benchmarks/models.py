@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hive_adapter import HiveConfig, HiveForConditionalGeneration
-from hive_adapter.stages import STAGES, apply_stage
+from hive_adapter.training.stages import STAGES, apply_stage
 
 from .configs import IMAGE_TOKEN_ID, ModelPair
 

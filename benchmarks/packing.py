@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import hive_adapter
 from hive_adapter.data.collator import pack_rows
-from hive_adapter.splice import IGNORE_INDEX
+from hive_adapter.model.splice import IGNORE_INDEX
 
 from .configs import CPU_SMALL, IMAGE_TOKEN_ID, PAPER_1B, ModelPair
 from .flops import vision_tower_flops

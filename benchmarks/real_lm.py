@@ -11,7 +11,7 @@ Each run states its own time in its JSON (`seconds`, `torch_threads`); real_lm.m
 
 What it compares, the paper's stage 1 in the setting whose absence made the small-scale runs fail before (#17),
 then its stage 2:
-- the language model: SmolLM2-135M-Instruct (`hive_adapter.real_lm`: 30 layers, width 576, vocabulary 49,152),
+- the language model: SmolLM2-135M-Instruct (`hive_adapter.tools.real_lm`: 30 layers, width 576, vocabulary 49,152),
   frozen in stage 1, trained in stage 2;
 - the vision encoder: the toy SigLIP (8 layers x 64, 64x64 images, 64 patches), pre-trained image-text
   contrastive for 600 steps as `hive-reproduce` does it (no real vision encoder ships on the registry), frozen;
@@ -46,10 +46,10 @@ import torch
 
 from hive_adapter.analysis.image_reading import checkpoint_image_reading
 from hive_adapter.analysis.reproduce import HELD_OUT_SEED_OFFSET, prepare_models, seconds_per_step, stage_report
-from hive_adapter.console import quiet_progress_bars
 from hive_adapter.data.synthetic import SyntheticShapes
-from hive_adapter.loading import load_hive
-from hive_adapter.real_lm import SMOLLM2, cache_root, smollm2_directory
+from hive_adapter.model.loading import load_hive
+from hive_adapter.tools.real_lm import SMOLLM2, cache_root, smollm2_directory
+from hive_adapter.utils.console import quiet_progress_bars
 
 OUTPUT = Path(__file__).parent / "results" / "real_lm"
 CONNECTORS = ("hive", "concat", "cascaded")  # the table's order; the study runs --connectors
@@ -96,7 +96,7 @@ def hive_train_arguments(
 
 def check_arguments(arguments: list[str]) -> None:
     """hive-train's own checks of its command line (flags, batch sizes, HIVE settings), without a model."""
-    from hive_adapter.train import hive_config_from, parse_arguments, validate_run_arguments
+    from hive_adapter.training.train import hive_config_from, parse_arguments, validate_run_arguments
 
     _, hive_args, _, stage_args, base_args, _, explicit = parse_arguments(arguments)
     validate_run_arguments(global_batch_size=stage_args.global_batch_size, training_args=base_args, explicit=explicit)
@@ -141,7 +141,9 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
         connector, vision, language, directory, seed=seed, train_size=args.train_size, batch_size=args.batch_size,
         stages=args.stages,
     )  # fmt: skip
-    completed = subprocess.run([sys.executable, "-m", "hive_adapter.train", *arguments], capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "hive_adapter.training.train", *arguments], capture_output=True, text=True
+    )
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"hive-train failed for {connector} seed {seed} (exit {completed.returncode})")
@@ -178,7 +180,7 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
         },
         "stages": stages,
         "seconds": {"training": trained, "all": time.time() - started},
-        "command": "python -m hive_adapter.train " + " ".join(arguments),
+        "command": "python -m hive_adapter.training.train " + " ".join(arguments),
         "date": time.strftime("%Y-%m-%d"),
         "torch_threads": torch.get_num_threads(),
     }
@@ -313,7 +315,7 @@ class _ForwardClock:
 
 def _time_stage(model, batch: dict, *, stage: int, repeats: int, hive_clock: _ForwardClock) -> tuple[float, dict]:
     """Seconds per training step of `stage` and its parts (see `time_breakdown`)."""
-    from hive_adapter.parameters import is_hive_parameter
+    from hive_adapter.model.parameters import is_hive_parameter
 
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_hive_parameter(name) or (stage == 2 and name.startswith("language_model.")))
@@ -372,7 +374,7 @@ def time_breakdown(language: Path, *, batch_size: int, repeats: int, connectors:
     import hive_adapter as hive
     from hive_adapter.data.collator import HiveCaptionCollator
     from hive_adapter.data.synthetic import caption_vocabulary
-    from hive_adapter.toy import write_toy_models
+    from hive_adapter.tools.toy_models import write_toy_models
 
     tokenizer = AutoTokenizer.from_pretrained(language)
     if tokenizer.pad_token_id is None:
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
                     stages=args.stages,
                 )
                 check_arguments(arguments)
-                print("python -m hive_adapter.train " + " ".join(arguments))
+                print("python -m hive_adapter.training.train " + " ".join(arguments))
         return
     if args.time_breakdown:
         results = time_breakdown(

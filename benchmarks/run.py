@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hive_adapter.console import on_a_terminal, progress
+from hive_adapter.utils.console import on_a_terminal, progress
 
 from . import gpu_check
 from .configs import CPU_SMALL, PAPER_1B, PAPER_1B_SHALLOW, PAPER_7B, TEXT_TOKENS, ModelPair

@@ -54,8 +54,8 @@ def build_models(directory: Path) -> dict[str, Path]:
 
     import hive_adapter as hive
     from hive_adapter.data.synthetic import caption_vocabulary
-    from hive_adapter.loading import load_vision_encoder
-    from hive_adapter.toy import write_toy_models
+    from hive_adapter.model.loading import load_vision_encoder
+    from hive_adapter.tools.toy_models import write_toy_models
 
     vision_dir, language_dir = write_toy_models(directory / "toy", caption_vocabulary() + QUESTION.split())
     tokenizer = AutoTokenizer.from_pretrained(language_dir)
@@ -89,7 +89,16 @@ class Served:
         self.directory = str(directory)
         self.log = open(log, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hive_adapter.serve", self.directory, "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "hive_adapter.tools.serve",
+                self.directory,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             # one thread per server: two servers and the clients share the machine's cores

@@ -5,7 +5,7 @@
 1. builds a small SigLIP-style vision encoder and a small Llama LM plus a word-level tokenizer, saved as
    ordinary HF model directories (nothing downloaded);
 2. pre-trains them the way real checkpoints come (the LM on caption text, the encoder image-text
-   contrastive; `hive_adapter.toy_pretraining`): HIVE aligns pre-trained models;
+   contrastive; `hive_adapter.tools.toy_pretraining`): HIVE aligns pre-trained models;
 3. trains stage 1 (HIVE modules) -> 2 (+ LLM) -> 3 (+ vision encoder) with `hive-train` on the
    built-in synthetic captioning set (shapes, colours, textures, positions drawn with PIL);
 4. reloads the result with `AutoModel`, exports the vision encoder with `hive-export-vision`;
@@ -27,10 +27,10 @@ from transformers import AutoModel
 
 import hive_adapter  # noqa: F401  (registers model_type "hive" with AutoModel)
 from hive_adapter.analysis.image_reading import checkpoint_image_reading
-from hive_adapter.console import quiet_progress_bars
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
-from hive_adapter.toy import write_toy_models
-from hive_adapter.toy_pretraining import ToyPretraining
+from hive_adapter.tools.toy_models import write_toy_models
+from hive_adapter.tools.toy_pretraining import ToyPretraining
+from hive_adapter.utils.console import quiet_progress_bars
 
 # The demo fails unless the trained model's content tokens beat the swapped-image control by this much.
 REQUIRED_IMAGE_DEPENDENT_ACCURACY = 0.15
@@ -54,7 +54,7 @@ def main() -> None:
 
     print("[demo] 3/5 three-stage HIVE pre-training with hive-train")
     command = [
-        sys.executable, "-m", "hive_adapter.train",
+        sys.executable, "-m", "hive_adapter.training.train",
         "--vision_model", str(vision_dir), "--language_model", str(language_dir),
         "--data_format", "synthetic", "--synthetic_size", str(args.train_size),
         "--stage", "all", "--output_dir", str(out / "run"),
@@ -68,7 +68,7 @@ def main() -> None:
     final = out / "run" / "stage3"
     reloaded = AutoModel.from_pretrained(final)
     encoder_dir = out / "vision_encoder"
-    subprocess.run([sys.executable, "-m", "hive_adapter.export", str(final), str(encoder_dir)], check=True)
+    subprocess.run([sys.executable, "-m", "hive_adapter.tools.export", str(final), str(encoder_dir)], check=True)
     encoder = AutoModel.from_pretrained(encoder_dir)
 
     print("[demo] 5/5 caption-token accuracy on held-out synthetic images, own image vs another sample's")

@@ -3,22 +3,26 @@
     import hive_adapter as hive
     model = hive.get_hive_model(base, hive.HiveConfig(vision_layers=[1, 3, 5, 7], llm_layers=[0, 2, 4, 6]))
 
-Importing the package registers `model_type="hive"` with transformers' Auto classes.
+Importing the package registers `model_type="hive"` with transformers' Auto classes. The modules live in role
+packages (`model/`, the core; `utils/`; `training/`; `tools/`: docs/ARCHITECTURE.md §2); their flat paths of 0.3
+(`hive_adapter.config`, `hive_adapter.train`, ...) still import, with a DeprecationWarning, until 0.4 (`_moved.py`).
 """
 
-from .adapter_model import HiveModel, get_hive_model
-from .config import HiveConfig
-from .console import drop_deepspeed_cpu_notice
-from .context import HiveVisionContext
-from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
-from .layout import image_token_id_from_tokenizer
-from .levels import HiveLevelEncoder, HiveProjector
-from .modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
-from .parameters import is_hive_parameter, mark_hive_trainable
-from .processing_hive import HiveProcessor, _register_auto_processor
-from .runtime import HiveRuntime
+from . import _moved
+from .model.adapter_model import HiveModel, get_hive_model
+from .model.config import HiveConfig
+from .model.context import HiveVisionContext
+from .model.cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
+from .model.layout import image_token_id_from_tokenizer
+from .model.levels import HiveLevelEncoder, HiveProjector
+from .model.modeling_hive import HiveForConditionalGeneration, HivePreTrainedModel, _register_auto_classes
+from .model.parameters import is_hive_parameter, mark_hive_trainable
+from .model.processing_hive import HiveProcessor, _register_auto_processor
+from .model.runtime import HiveRuntime
+from .utils.console import drop_deepspeed_cpu_notice
 from .version import __version__
 
+_moved.install()
 _register_auto_classes()
 _register_auto_processor()
 drop_deepspeed_cpu_notice()
@@ -41,3 +45,8 @@ __all__ = [
     "is_hive_parameter",
     "mark_hive_trainable",
 ]
+
+
+def __getattr__(name: str):
+    """`hive_adapter.<module>` for a module's 0.3 path (`hive_adapter.config`), until 0.4."""
+    return _moved.moved_attribute(name)

@@ -11,11 +11,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 @pytest.fixture(scope="module")
 def instruction_toy(tmp_path_factory):
-    """Toy vision and language models (`hive_adapter.toy`) whose tokenizer has the synthetic conversations' words."""
+    """Toy vision and language models (`hive_adapter.tools.toy_models`) whose tokenizer has the synthetic
+    conversations' words."""
     from hive_checkpoints import SIZES
 
     from hive_adapter.data.conversations import instruction_vocabulary
-    from hive_adapter.toy import write_toy_models
+    from hive_adapter.tools.toy_models import write_toy_models
 
     return write_toy_models(tmp_path_factory.mktemp("toy"), instruction_vocabulary(), sizes=SIZES)
 

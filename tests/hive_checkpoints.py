@@ -12,8 +12,8 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 import hive_adapter as hive
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.toy import ToySizes, write_toy_models
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
 
 SIZES = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 VISION_LAYERS = [1, 3]  # of 4: layers 2 and 4 (1-based) feed HIVE
@@ -68,7 +68,7 @@ def save_llava_hf_with_adapter(directory: Path) -> tuple[Path, Path]:
         LlavaProcessor,
     )
 
-    from hive_adapter.toy import word_tokenizer
+    from hive_adapter.tools.toy_models import word_tokenizer
 
     tokenizer = word_tokenizer(caption_vocabulary() + ["what", "shape", "is", "colour", "?"])
     torch.manual_seed(0)

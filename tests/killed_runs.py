@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 KILL_DRIVER = """
 import os, sys
-from hive_adapter import checkpoints, train
+from hive_adapter.training import checkpoints, train
 original = checkpoints.mark_complete
 def mark_complete(folder, step):
     original(folder, step)
@@ -32,7 +32,7 @@ def resumes_to_the_same_bytes(
     Returns the resumed run (its stdout says what it resumed from)."""
 
     def train(*args, driver: list[str] | None = None) -> subprocess.CompletedProcess:
-        command = [sys.executable, *(driver or ["-m", "hive_adapter.train"]), *map(str, args)]
+        command = [sys.executable, *(driver or ["-m", "hive_adapter.training.train"]), *map(str, args)]
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 
     def finished(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

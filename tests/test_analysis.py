@@ -25,7 +25,7 @@ from hive_adapter.analysis.captioning import per_sample_caption_loss
 from hive_adapter.analysis.cli import main as analyze
 from hive_adapter.data.collator import HiveCaptionCollator
 from hive_adapter.data.synthetic import ATTRIBUTE_WORDS, PROMPT, SyntheticShapes
-from hive_adapter.loading import load_hive
+from hive_adapter.model.loading import load_hive
 
 SHAPES = SyntheticShapes(8, seed=7, image_size=32)
 STEPS = 120

@@ -5,7 +5,7 @@ import torch
 from tiny_models import build_llava
 
 import hive_adapter as hive
-from hive_adapter.config import spread_layers
+from hive_adapter.model.config import spread_layers
 
 
 def test_defaults_pick_a_quarter_of_vision_layers_spread_shallow_to_deep():
@@ -101,7 +101,7 @@ def test_a_model_without_known_layers_gets_told_what_to_pass():
             super().__init__()
             self.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
-    from hive_adapter.architectures import find_decoder_layers
+    from hive_adapter.model.architectures import find_decoder_layers
 
     with pytest.raises(ValueError, match="Pass HiveConfig\\(layers_path="):
         find_decoder_layers(Odd())

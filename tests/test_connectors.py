@@ -8,8 +8,8 @@ import torch
 from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.config import ResolvedLayers
-from hive_adapter.connectors import (
+from hive_adapter.model.config import ResolvedLayers
+from hive_adapter.model.connectors import (
     CrossAttentionConnector,
     connector_for,
     connector_names,

@@ -3,7 +3,7 @@
 import logging
 
 import hive_adapter  # noqa: F401  (installs the filter)
-from hive_adapter import console
+from hive_adapter.utils import console
 
 
 def records_of(logger: logging.Logger, emit) -> list[str]:

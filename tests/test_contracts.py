@@ -15,7 +15,7 @@ from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_
 from transformers import AutoModel, LlamaForCausalLM
 
 import hive_adapter as hive
-from hive_adapter.adapter_model import ADAPTER_WEIGHTS_NAME
+from hive_adapter.model.adapter_model import ADAPTER_WEIGHTS_NAME
 
 STD = 0.02
 

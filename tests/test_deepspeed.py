@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 import hive_adapter as hive  # noqa: F401  (AutoModel knows "hive")
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.toy import ToySizes, write_toy_models
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
 
 pytest.importorskip("deepspeed")
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
@@ -28,8 +28,8 @@ def single_process_run(tmp_path_factory):
 
 def torchrun(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hive_adapter.train",
-               *map(str, args)]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "hive_adapter.training.train", *map(str, args)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result

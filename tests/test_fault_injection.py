@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.toy import ToySizes, write_toy_models
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -34,7 +34,8 @@ KILLED = 9
 DRIVER = """
 import os, sys
 import transformers
-from hive_adapter import checkpoints, outputs, train
+from hive_adapter.training import checkpoints, train
+from hive_adapter.utils import outputs
 owner, name, nth = {owner}, {name!r}, {nth}
 original, calls = getattr(owner, name), [0]
 def dying(*args, **kwargs):
@@ -45,7 +46,7 @@ def dying(*args, **kwargs):
     return original(*args, **kwargs)
 setattr(owner, name, dying)
 if owner is outputs:
-    setattr(train, name, dying)  # hive_adapter.train imported the name
+    setattr(train, name, dying)  # hive_adapter.training.train imported the name
 train.main(sys.argv[1:])
 """
 
@@ -84,7 +85,7 @@ def arguments(toy, output_dir: Path) -> list[str]:
 
 
 def hive_train(args: list[str], *, driver: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "hive_adapter.train"]
+    command = [sys.executable, str(driver)] if driver else [sys.executable, "-m", "hive_adapter.training.train"]
     return subprocess.run([*command, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -119,8 +120,8 @@ def test_kills_inside_saving_and_rotation_resume_to_the_same_model(toy, referenc
 # backward then fills every gradient with NaN, which clipping and the optimiser would write into the weights.
 NAN_DRIVER = """
 import sys
-from hive_adapter import train
-from hive_adapter.trainer import HiveTrainer
+from hive_adapter.training import train
+from hive_adapter.training.trainer import HiveTrainer
 original = HiveTrainer.compute_loss
 def poisoned(self, *args, **kwargs):
     loss = original(self, *args, **kwargs)
@@ -133,7 +134,7 @@ train.cli()
 def test_a_nan_mid_stage_stops_the_stage_keeps_the_last_good_checkpoint_and_resumes(toy, reference, tmp_path):
     from safetensors.torch import load_file
 
-    from hive_adapter.checkpoints import why_incomplete
+    from hive_adapter.training.checkpoints import why_incomplete
 
     out = tmp_path / "run"
     driver = tmp_path / "nan.py"
@@ -171,7 +172,7 @@ def test_twenty_random_kills_resume_to_the_same_model(toy, tmp_path):
         while True:
             resume = ["--resume_from_checkpoint", "auto"] if out.exists() else []
             process = subprocess.Popen(
-                [sys.executable, "-m", "hive_adapter.train", *arguments(toy, out), *longer, *resume],
+                [sys.executable, "-m", "hive_adapter.training.train", *arguments(toy, out), *longer, *resume],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
             )  # fmt: skip
             delay = rng.uniform(0.4 * total, total)

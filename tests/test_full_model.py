@@ -18,7 +18,7 @@ from tiny_models import (
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import hive_adapter as hive
-from hive_adapter.attach import hive_call_of
+from hive_adapter.model.attach import hive_call_of
 
 PAIRS = list(itertools.product(VISION_BUILDERS, TEXT_BUILDERS))
 
@@ -135,7 +135,7 @@ def test_special_tokens_are_dropped_and_pooling_reaches_the_asked_count(vision, 
 
 
 def test_pooling_averages_neighbouring_patches():
-    from hive_adapter.levels import pool_patch_grid
+    from hive_adapter.model.levels import pool_patch_grid
 
     grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, row-major
     pooled = pool_patch_grid(grid, (4, 4), 4)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import IMAGE_TOKEN, build_llava, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.adapter_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from hive_adapter.model.adapter_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 CONFIG = dict(vision_layers=[0, 1, 2, 3], llm_layers=[0, 1, 2, 3], tokens_per_level=4)
 

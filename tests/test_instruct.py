@@ -21,8 +21,8 @@ from hive_adapter.data.conversations import (
     drop_cut_images,
     read_llava_instruct,
 )
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.stages import SFT, parse_stages
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.training.stages import SFT, parse_stages
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -126,7 +126,7 @@ def test_the_sft_stage_is_llava_1_5_finetuning_and_runs_alone():
 
 
 def hive_train(*args):
-    return subprocess.run([sys.executable, "-m", "hive_adapter.train", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hive_adapter.training.train", *map(str, args)], capture_output=True,
                           text=True, env=ENV, timeout=900)  # fmt: skip
 
 

@@ -24,8 +24,8 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, Au
 import hive_adapter as hive
 from hive_adapter.data.conversations import instruction_vocabulary
 from hive_adapter.data.synthetic import COLOURS, SyntheticShapes
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.toy import write_toy_models
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.tools.toy_models import write_toy_models
 
 pytest.importorskip("deepspeed")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -90,7 +90,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 # hive-train, saying which conversations each rank's collator batched and whether the batch held images.
 BATCH_REPORTER = """
 import os, sys
-from hive_adapter import train
+from hive_adapter.training import train
 from hive_adapter.data import conversations
 collate = conversations.HiveConversationCollator.__call__
 def reporting(self, samples):
@@ -110,7 +110,7 @@ def two_ranks(driver: Path, *args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def one_process(setup, tmp_path_factory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("single") / "run"
-    run([sys.executable, "-m", "hive_adapter.train", *arguments(setup, out, 4)])
+    run([sys.executable, "-m", "hive_adapter.training.train", *arguments(setup, out, 4)])
     return AutoModel.from_pretrained(out / "stage4").state_dict()
 
 

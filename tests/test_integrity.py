@@ -20,15 +20,15 @@ from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_
 from transformers import AutoModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import hive_adapter as hive
-from hive_adapter.adapter_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from hive_adapter.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint, mark_complete
 from hive_adapter.data.collator import HiveCaptionCollator
 from hive_adapter.data.datasets import read_records
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
-from hive_adapter.export import export_vision_encoder
-from hive_adapter.outputs import OWNER_FILE, OutputRefused
-from hive_adapter.toy import ToySizes, word_tokenizer, write_toy_models
-from hive_adapter.train import main as train_main
+from hive_adapter.model.adapter_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from hive_adapter.tools.export import export_vision_encoder
+from hive_adapter.tools.toy_models import ToySizes, word_tokenizer, write_toy_models
+from hive_adapter.training.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint, mark_complete
+from hive_adapter.training.train import main as train_main
+from hive_adapter.utils.outputs import OWNER_FILE, OutputRefused
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -64,10 +64,10 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------- 1. never delete what we did not write
 def test_export_never_deletes_a_directory_it_did_not_write(stage1_run, tmp_path):
     before = snapshot(stage1_run)
-    result = hive_cli("hive_adapter.export", stage1_run / "stage1", stage1_run)  # OUT holds the run itself
+    result = hive_cli("hive_adapter.tools.export", stage1_run / "stage1", stage1_run)  # OUT holds the run itself
     assert result.returncode != 0 and "refused" in result.stderr and str(stage1_run) in result.stderr
     (tmp_path / "notes.txt").write_text("mine")
-    result = hive_cli("hive_adapter.export", stage1_run / "stage1", ".", cwd=tmp_path)  # OUT = the working dir
+    result = hive_cli("hive_adapter.tools.export", stage1_run / "stage1", ".", cwd=tmp_path)  # OUT = the working dir
     assert result.returncode != 0 and "not empty" in result.stderr
     assert snapshot(stage1_run) == before and (tmp_path / "notes.txt").read_text() == "mine"
 

@@ -23,8 +23,8 @@ from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, text_i
 import hive_adapter as hive
 from hive_adapter.data.datasets import llava_entry, read_records
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.toy import ToySizes, write_toy_models
-from hive_adapter.train import main as train_main
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
+from hive_adapter.training.train import main as train_main
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -45,7 +45,7 @@ def toy_args(toy, out: Path, *extra) -> list[str]:
 
 def hive_train_cli(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hive_adapter.train", *map(str, args)],
+        [sys.executable, "-m", "hive_adapter.training.train", *map(str, args)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -80,7 +80,7 @@ def test_a_stage_whose_loss_goes_non_finite_stops_naming_the_step_and_is_not_ins
     """A batch that makes the loss NaN (here: the loss of step 3 multiplied by NaN, as an fp16 overflow or a
     poisoned sample would) stops the stage before its optimiser step: no NaN reaches the weights, nothing is
     installed, and the error names the stage and the step."""
-    from hive_adapter.trainer import HiveTrainer, TrainingDiverged
+    from hive_adapter.training.trainer import HiveTrainer, TrainingDiverged
 
     original = HiveTrainer.compute_loss
 
@@ -101,7 +101,7 @@ def test_a_stage_whose_loss_goes_non_finite_stops_naming_the_step_and_is_not_ins
 def test_a_non_finite_learning_rate_inside_the_optimiser_never_installs_the_stage(toy, tmp_path, monkeypatch):
     """The last line of defence: weights that went non-finite by any route are caught before the stage is
     installed (here the optimiser's rate is NaN from the start, bypassing the argument check)."""
-    from hive_adapter.trainer import HiveTrainer, TrainingDiverged
+    from hive_adapter.training.trainer import HiveTrainer, TrainingDiverged
 
     original = HiveTrainer.create_optimizer
 
@@ -327,7 +327,7 @@ def test_a_model_directory_that_does_not_exist_is_named_and_leaves_nothing(tmp_p
 
 
 def test_fsdp_with_deepspeed_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
-    import hive_adapter.train as train
+    import hive_adapter.training.train as train
 
     def never(*args, **kwargs):
         raise AssertionError("the data was read before the contradiction was named")

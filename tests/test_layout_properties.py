@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hive_adapter.context import HiveVisionContext
-from hive_adapter.layout import marker_slots
-from hive_adapter.levels import HiveLevelEncoder, pool_patch_grid
+from hive_adapter.model.context import HiveVisionContext
+from hive_adapter.model.layout import marker_slots
+from hive_adapter.model.levels import HiveLevelEncoder, pool_patch_grid
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,7 +7,7 @@ import torch
 from tiny_models import build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.arguments import HiveArguments, hive_config_from
+from hive_adapter.training.hive_flags import HiveArguments, hive_config_from
 
 
 def lean(**overrides) -> hive.HiveForConditionalGeneration:

@@ -18,8 +18,8 @@ from tiny_models import (
 
 import hive_adapter as hive
 from hive_adapter.data.collator import pack_rows
-from hive_adapter.packing import packed_segments
-from hive_adapter.splice import IGNORE_INDEX
+from hive_adapter.model.packing import packed_segments
+from hive_adapter.model.splice import IGNORE_INDEX
 
 LENGTHS = [5, 9, 3, 7, 6]  # five samples of different lengths
 CONNECTORS = ["hive", "cascaded", "concat"]
@@ -188,7 +188,7 @@ def test_a_packed_batch_with_a_cache_or_in_generate_is_refused():
 
 
 def test_packed_layout_gathers_each_sample_into_its_own_row_and_back():
-    from hive_adapter.packing import PackedLayout
+    from hive_adapter.model.packing import PackedLayout
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 1, 2]])
     layout = PackedLayout.from_segments(packed_segments(position_ids, attention_mask=None, past_key_values=None))

@@ -21,8 +21,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import hive_adapter as hive
 from hive_adapter.data.conversations import HiveConversationCollator, SyntheticConversations
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.splice import IGNORE_INDEX
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.model.splice import IGNORE_INDEX
 
 CONNECTORS = ["hive", "cascaded", "concat"]
 # Synthetic conversations 0-9: 7 is text-only, 9 shows two pictures, the others one (some of two rounds).
@@ -170,7 +170,7 @@ def test_swapping_one_conversations_picture_changes_only_its_own_tokens(
 
 # ---------------------------------------------------------------------- hive-train --stage sft --packing
 def hive_train(*args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "hive_adapter.train", *map(str, args)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "hive_adapter.training.train", *map(str, args)], capture_output=True,
                             text=True, env=ENV, timeout=900)  # fmt: skip
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -16,7 +16,7 @@ from transformers import AutoModel
 
 import hive_adapter  # noqa: F401  (AutoModel knows "hive")
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.toy import ToySizes, write_toy_models
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
 
 pytest.importorskip("deepspeed")
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
@@ -34,11 +34,11 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 def train(*args) -> list[str]:
-    return [sys.executable, "-m", "hive_adapter.train", *map(str, args)]
+    return [sys.executable, "-m", "hive_adapter.training.train", *map(str, args)]
 
 
 def torchrun(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hive_adapter.train",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hive_adapter.training.train",
             *map(str, args)]  # fmt: skip
 
 

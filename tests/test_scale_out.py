@@ -21,7 +21,7 @@ from transformers import AutoModel
 
 import hive_adapter as hive  # noqa: F401  (AutoModel knows "hive")
 from hive_adapter.data.synthetic import caption_vocabulary
-from hive_adapter.toy import ToySizes, write_toy_models
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
 
 pytest.importorskip("deepspeed")
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
@@ -51,7 +51,7 @@ def run(command: list[str], *, timeout: int = 900) -> subprocess.CompletedProces
 
 
 def torchrun(*args: str, nodes: str = "--nproc_per_node") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", nodes, "2", "-m", "hive_adapter.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", nodes, "2", "-m", "hive_adapter.training.train", *args]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def stage0(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scale-out")
     vision, language = write_toy_models(root / "toy", caption_vocabulary(), sizes=SMALL)
     out = root / "composed"
-    run([sys.executable, "-m", "hive_adapter.train", "--vision_model", str(vision), "--language_model", str(language),
-         "--data_format", "synthetic", "--synthetic_size", "8", "--stage", "1", "--max_steps", "1",
+    run([sys.executable, "-m", "hive_adapter.training.train",
+         "--vision_model", str(vision), "--language_model", str(language), "--data_format", "synthetic", "--synthetic_size", "8", "--stage", "1", "--max_steps", "1",
          "--global_batch_size", "8", "--per_device_train_batch_size", "8", "--hive_tokens_per_level", "4",
          "--output_dir", str(out), "--report_to", "none", "--save_strategy", "no"])  # fmt: skip
     return out / "stage0"
@@ -71,7 +71,7 @@ def trained(stage0, tmp_path_factory) -> dict[str, Path]:
     """Stages 1 and 2 (2 optimiser steps each) from the same stage 0, seed and data, three ways."""
     root = tmp_path_factory.mktemp("three-ways")
     runs = {
-        "one process": [sys.executable, "-m", "hive_adapter.train",
+        "one process": [sys.executable, "-m", "hive_adapter.training.train",
                         *common(stage0, root / "single", "--per_device_train_batch_size", 8, "--save_strategy", "no")],
         "fsdp": torchrun(*common(stage0, root / "fsdp", "--per_device_train_batch_size", 4, "--fsdp", "full_shard",
                                  "--save_strategy", "no", "--verify_rank_consistency", "True")),
@@ -126,7 +126,7 @@ def test_the_fsdp_model_loads_whole_and_computes_what_the_one_process_model_comp
 
 KILL_AT_MARK = """
 import os, sys
-from hive_adapter import checkpoints, train
+from hive_adapter.training import checkpoints, train
 original = checkpoints.mark_complete
 def mark_complete(folder, step):
     original(folder, step)
@@ -185,7 +185,7 @@ def test_two_nodes_form_one_job_through_the_rendezvous(stage0, tmp_path):
                 "--master_port",
                 str(port),
                 "-m",
-                "hive_adapter.train",
+                "hive_adapter.training.train",
                 *args,
             ],
             stdout=subprocess.PIPE,

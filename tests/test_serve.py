@@ -21,7 +21,7 @@ import pytest
 from hive_checkpoints import save_hive_checkpoint, solid_images, toy_models
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from hive_adapter.serve import CONTINUOUS_BATCHING_REFUSAL
+from hive_adapter.tools.serve import CONTINUOUS_BATCHING_REFUSAL
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 QUESTION = "what shape is it ?"
@@ -41,7 +41,7 @@ class Server:
         self.directory, self.port = str(directory), free_port()
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hive_adapter.serve", self.directory, "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "hive_adapter.tools.serve", self.directory, "--host", "127.0.0.1", "--port",
              str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=ENV,
         )  # fmt: skip
@@ -206,7 +206,7 @@ def test_a_captioning_model_refuses_a_second_picture_by_name(models, tmp_path):
 
 def hive_serve(*args):
     return subprocess.run(
-        [sys.executable, "-m", "hive_adapter.serve", *map(str, args)],
+        [sys.executable, "-m", "hive_adapter.tools.serve", *map(str, args)],
         capture_output=True, text=True, env=ENV, timeout=120,
     )  # fmt: skip
 

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hive_adapter.data.synthetic import PROMPT, SyntheticShapes, caption_vocabulary
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.toy import ToySizes, write_toy_models
-from hive_adapter.toy_pretraining import ToyPretraining, pretrain_toy_models, siglip_loss
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.tools.toy_models import ToySizes, write_toy_models
+from hive_adapter.tools.toy_pretraining import ToyPretraining, pretrain_toy_models, siglip_loss
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 QUICK = ToyPretraining(language_steps=60, vision_steps=100, batch_size=32, vision_images=512)

@@ -12,13 +12,13 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor, TrainingArguments, pipeline
 
 import hive_adapter as hive
-from hive_adapter.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint
 from hive_adapter.data.collator import HiveCaptionCollator
 from hive_adapter.data.datasets import BadImageError, ImageCaptionDataset, read_records
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
-from hive_adapter.stages import STAGES, apply_stage, parse_stages
-from hive_adapter.toy import ToySizes, word_tokenizer, write_toy_models
-from hive_adapter.train import stage_arguments
+from hive_adapter.tools.toy_models import ToySizes, word_tokenizer, write_toy_models
+from hive_adapter.training.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint
+from hive_adapter.training.stages import STAGES, apply_stage, parse_stages
+from hive_adapter.training.train import stage_arguments
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -31,7 +31,7 @@ def toy(tmp_path_factory):
 
 def hive_train(*args, check=True):
     result = subprocess.run(
-        [sys.executable, "-m", "hive_adapter.train", *map(str, args)],
+        [sys.executable, "-m", "hive_adapter.training.train", *map(str, args)],
         capture_output=True,
         text=True,
         env=ENV,
@@ -211,7 +211,7 @@ def test_three_stages_train_save_and_reload(toy, tmp_path):
     assert "stage 1 already finished" in rerun.stdout and "stage 3 already finished" in rerun.stdout
 
     exported = tmp_path / "encoder"
-    subprocess.run([sys.executable, "-m", "hive_adapter.export", out / "stage3", exported], check=True, env=ENV)
+    subprocess.run([sys.executable, "-m", "hive_adapter.tools.export", out / "stage3", exported], check=True, env=ENV)
     encoder = AutoModel.from_pretrained(exported)
     assert type(encoder).__name__ == "SiglipVisionModel" and (exported / "preprocessor_config.json").is_file()
     pixels = torch.randn(1, 3, 32, 32)
@@ -376,7 +376,7 @@ def test_a_launched_rank_ends_with_its_exit_handlers_run_and_its_output_flushed(
     loses nothing on the way: buffered output, the log file's last record and atexit handlers all land."""
     script = """
 import atexit, logging, sys
-from hive_adapter.distributed import exit_rank
+from hive_adapter.utils.distributed import exit_rank
 logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
 atexit.register(lambda: print("exit handler ran"))
 logging.getLogger("rank").info("last record")

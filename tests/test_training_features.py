@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 import hive_adapter as hive
-import hive_adapter.cross_attention
+import hive_adapter.model.cross_attention
 
 CONFIG = dict(vision_layers=[1, 3], llm_layers=[1, 3], use_ffn=True, tokens_per_level=4)
 
@@ -173,7 +173,7 @@ def test_calling_the_wrapped_base_directly_is_an_error_not_a_silent_skip():
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or hive.cross_attention._FLASH_ATTN_AVAILABLE is False,
+    not torch.cuda.is_available() or hive.model.cross_attention._FLASH_ATTN_AVAILABLE is False,
     reason="flash-attn needs CUDA and the flash_attn package (runs on a GPU machine only)",
 )
 def test_flash_attention_matches_sdpa_with_padding():

@@ -29,8 +29,8 @@ from trl import SFTConfig, SFTTrainer
 
 import hive_adapter as hive
 from hive_adapter.data.synthetic import COLOURS, caption_vocabulary
-from hive_adapter.loading import load_vision_encoder
-from hive_adapter.toy import write_toy_models
+from hive_adapter.model.loading import load_vision_encoder
+from hive_adapter.tools.toy_models import write_toy_models
 
 QUESTION = "what colour is it ?"
 ANSWERS = ("red", "green", "blue", "yellow")  # of hive_adapter.data.synthetic.COLOURS: four far apart

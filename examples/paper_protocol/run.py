@@ -186,12 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[protocol] === {connector} ===")
         pretrain, encoder = out / f"hive-pretrain-{connector}", out / f"encoder-{connector}"
         llava1, llava2 = out / f"llava-{connector}-connector", out / f"llava-{connector}"
-        run([*launcher(args.hive_launcher), "hive_adapter.train", "--vision_model", args.vision_model,
+        run([*launcher(args.hive_launcher), "hive_adapter.training.train", "--vision_model", args.vision_model,
              "--language_model", args.language_model, "--data_path", args.pretrain_data, "--image_folder", args.pretrain_images,
              "--vision_connector", connector, "--stage", "all", "--output_dir", str(pretrain), "--save_strategy", "no",
              "--report_to", "none", "--disable_tqdm", "True", *shlex.split(args.hive_args)], logs / f"{connector}-1-hive-train.log", env=env)  # fmt: skip
         run(
-            [*python, "hive_adapter.export", str(pretrain / "stage3"), str(encoder)],
+            [*python, "hive_adapter.tools.export", str(pretrain / "stage3"), str(encoder)],
             logs / f"{connector}-2-export.log",
             env=env,
         )

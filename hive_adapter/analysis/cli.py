@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..console import quiet_progress_bars
 from ..data.collator import IGNORE_INDEX
-from ..loading import load_hive
-from ..outputs import OutputRefused, output_file, write_file
+from ..model.loading import load_hive
+from ..utils.console import quiet_progress_bars
+from ..utils.outputs import OutputRefused, output_file, write_file
 from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .gradients import gradient_flow

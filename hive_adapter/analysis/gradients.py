@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..levels import prefix_length
+from ..model.levels import prefix_length
 from .captioning import aligned_logits, per_sample_caption_loss
 
 

@@ -126,7 +126,7 @@ def checkpoint_image_reading(
 ) -> ImageReading:
     """`image_reading` of a saved HIVE checkpoint (any connector), batched the way `hive-train` batches;
     content tokens: the synthetic set's attribute words by default."""
-    from ..loading import load_hive
+    from ..model.loading import load_hive
 
     loaded = load_hive(checkpoint)
     collator = HiveCaptionCollator(loaded.tokenizer, loaded.image_processor, image_token=loaded.image_token)

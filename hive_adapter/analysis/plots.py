@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..outputs import write_file
+from ..utils.outputs import write_file
 
 
 def _pyplot():

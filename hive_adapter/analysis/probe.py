@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..console import on_a_terminal, quiet_progress_bars
-from ..loading import load_vision_encoder
-from ..outputs import OutputRefused, output_file, write_file
+from ..model.loading import load_vision_encoder
+from ..utils.console import on_a_terminal, quiet_progress_bars
+from ..utils.outputs import OutputRefused, output_file, write_file
 from .augment import Table4Augment
 from .probe_data import BUILT_IN, LabelledImages, built_in, image_folder
 
@@ -97,7 +97,7 @@ def load_frozen_encoder(path: str | Path, device: str | torch.device = "cpu"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json, not a model directory")
     if AutoConfig.from_pretrained(path).model_type == "hive":
-        from ..modeling_hive import HiveForConditionalGeneration
+        from ..model.modeling_hive import HiveForConditionalGeneration
 
         encoder = HiveForConditionalGeneration.from_pretrained(path).export_vision_model()
     else:

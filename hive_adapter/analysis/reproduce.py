@@ -5,7 +5,7 @@
 
 Per seed, a tiny vision encoder (SigLIP-style, 8 layers) and language model (Llama-style, 4 layers) are
 built and pre-trained the way real checkpoints come (the LM on caption text, the encoder image-text
-contrastive: `hive_adapter.toy_pretraining`), then pre-trained with HIVE's three stages (Table 3,
+contrastive: `hive_adapter.tools.toy_pretraining`), then pre-trained with HIVE's three stages (Table 3,
 `hive-train`) three ways from that same start, with the same data and budget:
 
 - `hive`: levels from layers 2, 4, 6, 8 feed decoder layers 1-4 through gated cross-attention;
@@ -43,14 +43,14 @@ from pathlib import Path
 
 import torch
 
-from ..console import quiet_progress_bars
-from ..console import say as console_say
 from ..data.collator import HiveCaptionCollator
 from ..data.synthetic import SyntheticShapes, caption_vocabulary
-from ..loading import load_hive
-from ..outputs import write_file
-from ..toy import PRETRAINING_RECORD, ToySizes, write_toy_models
-from ..toy_pretraining import ToyPretraining
+from ..model.loading import load_hive
+from ..tools.toy_models import PRETRAINING_RECORD, ToySizes, write_toy_models
+from ..tools.toy_pretraining import ToyPretraining
+from ..utils.console import quiet_progress_bars
+from ..utils.console import say as console_say
+from ..utils.outputs import write_file
 from .image_reading import checkpoint_image_reading
 from .probe import ProbeConfig, linear_probe, load_frozen_encoder
 from .probe_data import built_in
@@ -207,7 +207,7 @@ def hive_train(
         "--vision_connector", connector, *HIVE_FLAGS,
     ]  # fmt: skip
     command = [
-        sys.executable, "-m", "hive_adapter.train", *source,
+        sys.executable, "-m", "hive_adapter.training.train", *source,
         "--data_format", "synthetic", "--synthetic_size", str(train_size), "--synthetic_seed", str(seed),
         "--stage", stages, "--output_dir", str(run), "--global_batch_size", str(batch_size),
         "--per_device_train_batch_size", str(batch_size), "--save_strategy", "no", "--report_to", "none",

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.synthetic import PROMPT, SyntheticShapes
-from ..loading import load_hive
+from ..model.loading import load_hive
 from .attention import attention_entropy
 from .captioning import caption_batch
 from .gradients import gradient_flow

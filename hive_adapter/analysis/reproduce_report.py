@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.synthetic import PROMPT, SyntheticShapes
-from ..loading import load_hive
+from ..model.loading import load_hive
 from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .plots import plot_attention_maps, plot_gradient_maps, plot_image_reading, plot_layer_curves

@@ -6,7 +6,7 @@ image marker in the text, every token sees its sample's image. With `image_token
 put in front of the prompt (and the model must know its id).
 
 With `packing_length` the samples of a batch are packed (`pack_rows`): several per row, position ids
-restarting at each, no attention mask (`hive_adapter.packing`), the images in the order the samples stand.
+restarting at each, no attention mask (`hive_adapter.model.packing`), the images in the order the samples stand.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..distributed import is_main_process
-from ..splice import IGNORE_INDEX  # defined by the core (splice.py); the collators label "no loss here" with it
+from ..model.splice import IGNORE_INDEX  # defined by the core (splice.py); the collators label "no loss here" with it
+from ..utils.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 

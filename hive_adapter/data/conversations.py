@@ -16,7 +16,7 @@ a batch in which a marker is missing rather than give an image to the wrong text
 
 With `packing_length` (`hive-train --stage sft --packing`) conversations are packed several to a row by the
 caption collator's own routine (`collator.text_rows` -> `pack_rows`): the model then keeps each conversation's
-self-attention, cross-attention and images to itself (`hive_adapter.packing`, docs/ARCHITECTURE.md §8).
+self-attention, cross-attention and images to itself (`hive_adapter.model.packing`, docs/ARCHITECTURE.md §8).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..splice import IGNORE_INDEX
+from ..model.splice import IGNORE_INDEX
 from .collator import check_packing_length, text_rows
 from .datasets import IMAGE_MARKER, open_image
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..console import progress
-from ..outputs import staged_directory
+from ..utils.console import progress
+from ..utils.outputs import staged_directory
 from .datasets import llava_entry
 
 COLOURS = {

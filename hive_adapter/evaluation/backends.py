@@ -73,7 +73,7 @@ class GenerationSettings:
 
 
 class HiveBackend:
-    """A HIVE model loaded with `hive_adapter.loading.load_hive`."""
+    """A HIVE model loaded with `hive_adapter.model.loading.load_hive`."""
 
     def __init__(self, loaded, *, prompt_format: str = "auto"):
         if prompt_format not in ("auto", "plain", "chat"):

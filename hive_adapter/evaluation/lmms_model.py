@@ -24,8 +24,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from ..console import on_a_terminal
-from ..loading import load_hive
+from ..model.loading import load_hive
+from ..utils.console import on_a_terminal
 from .backends import GenerationSettings, HiveBackend, LlavaBackend
 
 

@@ -23,8 +23,8 @@ import random
 import sys
 from pathlib import Path
 
-from ..console import quiet_progress_bars
-from ..outputs import OutputRefused, staged_directory
+from ..utils.console import quiet_progress_bars
+from ..utils.outputs import OutputRefused, staged_directory
 
 COMMAND = "hive-eval-tasks"
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from hive_adapter.evaluation.backends import GenerationSettings, HiveBackend, score_continuation
 from hive_adapter.evaluation.tasks import write_demo_tasks
-from hive_adapter.loading import load_hive
+from hive_adapter.model.loading import load_hive
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -134,7 +134,7 @@ def test_exported_clip_encoder_loads_as_llava_vision_tower(tmp_path):
     from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
     from transformers import CLIPImageProcessor
 
-    from hive_adapter.export import export_vision_encoder
+    from hive_adapter.tools.export import export_vision_encoder
 
     torch.manual_seed(0)
     model = hive.HiveForConditionalGeneration.from_vision_text(

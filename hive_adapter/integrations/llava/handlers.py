@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...arguments import HiveArguments, hive_config_from
-from ...parameters import numel
+from ...model.parameters import numel
+from ...training.hive_flags import HiveArguments, hive_config_from
 from .modules import HiveLlavaModules, hive_modules_of
 from .settings import (
     FEATURE_SELECT,

@@ -21,16 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import VisionShape, text_shape_of
-from ...attach import HiveAttachment, attach_hive_hooks
-from ...builders import block_factory, build_level_encoder, cross_attention_kernel, init_hive_weights
-from ...config import HiveConfig
-from ...context import HiveVisionContext
-from ...cross_attention import keep_float32
-from ...layout import ImageSlots, images_by_marker
-from ...parameters import check_finite
-from ...runtime import HiveRuntime, past_length_of
-from ...vision import HiveVisionSide, build_vision_context
+from ...model.architectures import VisionShape, text_shape_of
+from ...model.attach import HiveAttachment, attach_hive_hooks
+from ...model.builders import block_factory, build_level_encoder, cross_attention_kernel, init_hive_weights
+from ...model.config import HiveConfig
+from ...model.context import HiveVisionContext
+from ...model.cross_attention import keep_float32
+from ...model.layout import ImageSlots, images_by_marker
+from ...model.parameters import check_finite
+from ...model.runtime import HiveRuntime, past_length_of
+from ...model.vision import HiveVisionSide, build_vision_context
 from .markers import TextWithoutMarkers, drop_image_markers
 from .settings import SETTINGS_PARAMETER, decode_settings, encode_settings
 

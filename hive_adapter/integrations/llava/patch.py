@@ -202,7 +202,7 @@ def _hive_trainer_class(base):
 
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
-            from ...trainer import enable_fsdp_on_cpu_ranks
+            from ...training.trainer import enable_fsdp_on_cpu_ranks
 
             enable_fsdp_on_cpu_ranks(self)
 

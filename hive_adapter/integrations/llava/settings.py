@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...architectures import vision_shape_of
-from ...config import HiveConfig
+from ...model.architectures import vision_shape_of
+from ...model.config import HiveConfig
 
 PROJECTOR_TYPE = "hive"  # config.mm_projector_type of a LLaVA model whose connector is HIVE
 # LLaVA's --mm_vision_select_feature -> HiveConfig.vision_feature_select

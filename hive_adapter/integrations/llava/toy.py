@@ -20,7 +20,7 @@ import torch
 
 from ...data.datasets import llava_entry
 from ...data.synthetic import COLOURS, POSITIONS, SHAPES, TEXTURES, SyntheticShapes
-from ...outputs import OutputRefused, staged_directory
+from ...utils.outputs import OutputRefused, staged_directory
 
 PRETRAIN_PROMPT = "Give a short description of the image."
 QUESTION = "What is in the image?"

@@ -50,8 +50,8 @@ def init_cpu_distributed() -> None:
 
 
 def main(attn_implementation: str | None = None) -> None:
-    from hive_adapter.console import quiet_progress_bars
     from hive_adapter.integrations.llava.patch import apply_patch
+    from hive_adapter.utils.console import quiet_progress_bars
 
     quiet_progress_bars()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -63,16 +63,16 @@ def main(attn_implementation: str | None = None) -> None:
 
     train(attn_implementation=attn_implementation)
 
-    from hive_adapter.distributed import shutdown_distributed
+    from hive_adapter.utils.distributed import shutdown_distributed
 
     shutdown_distributed()
 
 
 def cli(attn_implementation: str | None = None) -> None:
     """`hive-llava-train`, `python -m hive_adapter.integrations.llava.train`, `train_mem.py`: `main`, then a
-    clean end for launched ranks (`hive_adapter.distributed.exit_if_launched`)."""
+    clean end for launched ranks (`hive_adapter.utils.distributed.exit_if_launched`)."""
     main(attn_implementation)
-    from hive_adapter.distributed import exit_if_launched
+    from hive_adapter.utils.distributed import exit_if_launched
 
     exit_if_launched()
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
-from .console import progress
-from .data.synthetic import PROMPT, SyntheticShapes
-from .loading import load_vision_encoder
+from ..data.synthetic import PROMPT, SyntheticShapes
+from ..model.loading import load_vision_encoder
+from ..utils.console import progress
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`hive-serve DIR`: transformers' own `transformers serve` with HIVE registered; no server of our own.
 
     hive-serve run/stage3 --port 8000            # then any OpenAI client: base_url="http://localhost:8000/v1"
-    python -m hive_adapter.serve run/stage3 ...  # the same
+    python -m hive_adapter.tools.serve run/stage3 ...  # the same
 
 Every option of `transformers serve` is accepted (`hive-serve --help` lists them). The server is
 OpenAI-compatible: `/v1/chat/completions` (streaming and not) with image content parts as `data:` URLs,
@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .console import say as console_say
+from ..utils.console import say as console_say
 
 logger = logging.getLogger(__name__)
 

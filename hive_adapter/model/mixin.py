@@ -186,7 +186,7 @@ class HiveMixin:
         **vision_inputs: Any,
     ) -> HiveVisionContext:
         """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids).
-        `segments` (batch, text): the sample of each token in packed rows (`hive_adapter.packing`), or None.
+        `segments` (batch, text): the sample of each token in packed rows (`hive_adapter.model.packing`), or None.
         Changes no state: the runtime makes it current (`context_for_call`, `generating`, `pinned_to`)."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
@@ -224,7 +224,7 @@ class HiveMixin:
     # ------------------------------------------------------------------ forward and generate
     @property
     def hive_connector(self) -> Connector:
-        """How the images reach the language model (`hive_adapter.connectors`)."""
+        """How the images reach the language model (`hive_adapter.model.connectors`)."""
         return connector_for(self.hive_config.connector)
 
     def _hive_forward(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import HiveConfig
+from ..model.config import HiveConfig
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
     hive-train --vision_model DIR --language_model DIR --data_path data.json --image_folder imgs \\
                --stage all --output_dir out/ [--deepspeed zero3] [--hive_* options]
-    torchrun --nproc_per_node 2 -m hive_adapter.train ...        # same arguments, CPU ranks work too
-    deepspeed --num_gpus 8 -m hive_adapter.train ... --deepspeed zero2
+    torchrun --nproc_per_node 2 -m hive_adapter.training.train ...        # same arguments, CPU ranks work too
+    deepspeed --num_gpus 8 -m hive_adapter.training.train ... --deepspeed zero2
 
 Layout of `--output_dir`:
     stage0/                   the composed, untrained model (vision + LLM + fresh HIVE modules)
@@ -14,9 +14,9 @@ Layout of `--output_dir`:
 
 A stage directory appears only when the stage has finished (written aside, then renamed), so a rerun
 skips finished stages (delete one to retrain it) and a kill at any moment never leaves a stage that loads
-wrong; checkpoints are marked complete before older ones are deleted (`hive_adapter.checkpoints`). A stage
+wrong; checkpoints are marked complete before older ones are deleted (`hive_adapter.training.checkpoints`). A stage
 starts from the previous stage's output, and flags that contradict an existing model are refused
-(`hive_adapter.stage_plan`). Stage hyper-parameters come from `hive_adapter.stages.STAGES` (paper Table 3);
+(`hive_adapter.training.plan`). Stage hyper-parameters come from `hive_adapter.training.stages.STAGES` (paper Table 3);
 any flag given explicitly wins.
 """
 
@@ -42,21 +42,24 @@ from transformers import (
     set_seed,
 )
 
-from .arguments import HiveArguments, hive_config_from
-from .console import on_a_terminal, quiet_progress_bars
-from .console import say as console_say
-from .data.collator import HiveCaptionCollator, with_pad_token
-from .data.conversations import (
+from ..data.collator import HiveCaptionCollator, with_pad_token
+from ..data.conversations import (
     ConversationDataset,
     HiveConversationCollator,
     SyntheticConversations,
     drop_cut_images,
     read_llava_instruct,
 )
-from .data.datasets import ImageCaptionDataset, read_records
-from .data.supervision import supervision_report
-from .data.synthetic import SyntheticShapes, checked_attributes
-from .distributed import (
+from ..data.datasets import ImageCaptionDataset, read_records
+from ..data.supervision import supervision_report
+from ..data.synthetic import SyntheticShapes, checked_attributes
+from ..model.loading import load_vision_encoder
+from ..model.modeling_hive import HiveForConditionalGeneration
+from ..model.parameters import non_finite_tensors_in
+from ..model.processing_hive import HiveProcessor, llava_chat_template
+from ..utils.console import on_a_terminal, quiet_progress_bars
+from ..utils.console import say as console_say
+from ..utils.distributed import (
     any_rank,
     barrier,
     exit_if_launched,
@@ -66,13 +69,10 @@ from .distributed import (
     shutdown_distributed,
     world_size,
 )
-from .loading import load_vision_encoder
-from .modeling_hive import HiveForConditionalGeneration
-from .outputs import OutputRefused, install, partial_path, start_partial
-from .parameters import non_finite_tensors_in
-from .processing_hive import HiveProcessor, llava_chat_template
-from .resume import resume_point, run_settings
-from .stage_plan import (
+from ..utils.outputs import OutputRefused, install, partial_path, start_partial
+from .cli_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
+from .hive_flags import HiveArguments, hive_config_from
+from .plan import (
     STAGE_REPORT,
     is_complete_stage,
     plan_stages,
@@ -82,11 +82,11 @@ from .stage_plan import (
     validate_run_arguments,
     validate_vision_learning_rate,
 )
+from .resume import resume_point, run_settings
 from .stages import SFT, StageSpec, apply_stage, parse_stages
-from .train_arguments import COMMAND, DataArguments, ModelArguments, StageArguments, parse_arguments
 from .trainer import HiveTrainer, StepLines, TrainingDiverged
 
-logger = logging.getLogger("hive_adapter.train")
+logger = logging.getLogger("hive_adapter.training.train")
 
 # ---------------------------------------------------------------------- output
 say = partial(console_say, COMMAND)
@@ -226,7 +226,7 @@ def marker_mode(processor: HiveProcessor, config):
     it to a real LM's tokenizer, and resize the embeddings, before pre-training)."""
     if config.image_token_id is not None:
         return processor, config
-    from .processing_hive import DEFAULT_IMAGE_TOKEN
+    from ..model.processing_hive import DEFAULT_IMAGE_TOKEN
 
     marked = HiveProcessor(
         processor.image_processor, processor.tokenizer, chat_template=None, image_token=DEFAULT_IMAGE_TOKEN
@@ -489,7 +489,7 @@ def _reset_accelerate_state() -> None:
 
 
 def cli() -> None:
-    """`hive-train` and `python -m hive_adapter.train`: `main`, then a clean end for launched ranks. A refused
+    """`hive-train` and `python -m hive_adapter.training.train`: `main`, then a clean end for launched ranks. A refused
     argument, path or data set ends the command with its reason (exit status 2), not a traceback."""
     try:
         main()

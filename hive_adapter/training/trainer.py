@@ -1,6 +1,6 @@
 """`HiveTrainer`: the HF `Trainer` as hive-train runs it.
 
-- checkpoints are marked complete before any older one is deleted (`hive_adapter.checkpoints`), so a kill at
+- checkpoints are marked complete before any older one is deleted (`hive_adapter.training.checkpoints`), so a kill at
   any moment leaves a checkpoint a resume can trust;
 - with `hive_learning_rate`, HIVE's parameters get their own optimiser groups at that peak: the Trainer's
   scheduler scales every group's own initial rate, so HIVE's modules follow the stage's warmup and cosine at a
@@ -28,11 +28,11 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback
 
+from ..utils.console import say
+from ..utils.distributed import any_rank, barrier, is_main_process, world_size
 from . import checkpoints  # called through the module: fault-injection tests replace its functions
-from .console import say
-from .distributed import any_rank, barrier, is_main_process, world_size
+from .cli_arguments import COMMAND
 from .stages import part_of
-from .train_arguments import COMMAND
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .arguments import HiveArguments
-from .data.synthetic import ATTRIBUTES
+from ..data.synthetic import ATTRIBUTES
+from .hive_flags import HiveArguments
 
 COMMAND = "hive-train"
-DEEPSPEED_CONFIGS = Path(__file__).parent / "deepspeed"
+DEEPSPEED_CONFIGS = Path(__file__).parent.parent / "deepspeed"  # hive_adapter/deepspeed/
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The vision context of one batch of prompts: the projected levels laid out per sample, where each image's
 marker stands, and which keys each text column may see. Prompt data only; the state that changes from call
 to call (which context is current, the decoding offset, cached K/V, recorded attention) is the runtime's
-(`hive_adapter.runtime`).
+(`hive_adapter.model.runtime`).
 
 Masking follows Flamingo's media locations, with the leaks peers shipped (Idefics, Mllama) ruled out:
 a text token at column `p` sees image `m` of its sample only if that image's marker stands at or
@@ -38,7 +38,7 @@ class HiveVisionContext:
     prompt_length: int
     token_valid: torch.Tensor | None = None
     media_attention: str = "previous"
-    # Packed rows (`hive_adapter.packing`): this context is laid out per *sample*, as for padded rows, and
+    # Packed rows (`hive_adapter.model.packing`): this context is laid out per *sample*, as for padded rows, and
     # `packed` says where each sample stands in the rows; blocks gather a sample's tokens, attend, scatter back.
     packed: PackedLayout | None = None
     _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)  # for_batch's memo
@@ -56,7 +56,7 @@ class HiveVisionContext:
         """Lay projected images out per sample.
 
         levels: each (images, tokens, hidden), as the level encoder returns them; token_mask: (images,
-        tokens) real patches or None; slots: which image fills each sample's slot (`hive_adapter.layout`).
+        tokens) real patches or None; slots: which image fills each sample's slot (`hive_adapter.model.layout`).
         """
         image_index = slots.image_index
         batch_size, count = image_index.shape

@@ -33,7 +33,9 @@ def register_connector(connector: type[Connector]) -> type[Connector]:
     """Make `connector` (a `Connector` subclass with a `name`) available as `HiveConfig(connector=name)`.
     A name already registered is refused, as PEFT refuses a second tuner of one name. Usable as a decorator."""
     if not (isinstance(connector, type) and issubclass(connector, Connector)):
-        raise TypeError(f"register_connector({connector!r}): expected a subclass of hive_adapter.connectors.Connector")
+        raise TypeError(
+            f"register_connector({connector!r}): expected a subclass of hive_adapter.model.connectors.Connector"
+        )
     name = getattr(connector, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{connector.__name__} has no `name`: set name = '...' on the class")

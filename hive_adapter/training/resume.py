@@ -9,11 +9,11 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from ..utils.console import say as console_say
+from ..utils.distributed import world_size
 from .checkpoints import choose_resume_checkpoint, run_settings_of, settings_changed, why_incomplete
-from .console import say as console_say
-from .distributed import world_size
+from .cli_arguments import COMMAND, DataArguments
 from .stages import StageSpec
-from .train_arguments import COMMAND, DataArguments
 
 say = partial(console_say, COMMAND)
 

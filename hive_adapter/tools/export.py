@@ -7,7 +7,7 @@ is the encoder's own class (e.g. `SiglipVisionModel`) with its image processor, 
 `AutoModel.from_pretrained(dir)` and LLaVA's `--vision_tower dir` (CLIP encoders) read it directly.
 
 The output directory must be new or empty; `--overwrite` replaces an earlier export of this command, and
-nothing else (see `hive_adapter.outputs`).
+nothing else (see `hive_adapter.utils.outputs`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from transformers import AutoImageProcessor
 
-from .console import quiet_progress_bars
-from .modeling_hive import HiveForConditionalGeneration
-from .outputs import OutputRefused, check_target, staged_directory
+from ..model.modeling_hive import HiveForConditionalGeneration
+from ..utils.console import quiet_progress_bars
+from ..utils.outputs import OutputRefused, check_target, staged_directory
 
 COMMAND = "hive-export-vision"
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from .arguments import HiveArguments, hive_config_from
-from .config import HiveConfig
-from .outputs import OutputRefused, check_target, owner_of, partial_path
+from ..model.config import HiveConfig
+from ..utils.outputs import OutputRefused, check_target, owner_of, partial_path
+from .hive_flags import HiveArguments, hive_config_from
 from .stages import StageSpec
 
 STAGE_REPORT = "hive_stage.json"

@@ -135,7 +135,7 @@ def splice_packed(
     images: torch.Tensor | list[torch.Tensor],
     labels: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`splice_image_tokens` for packed rows (`hive_adapter.packing`): each image's tokens go inside its own
+    """`splice_image_tokens` for packed rows (`hive_adapter.model.packing`): each image's tokens go inside its own
     sample, at its marker or (no marker token) in front of the sample's text, and the position ids restart at
     every sample, image tokens included. Rows are padded to one length by continuing their last sample (causal
     attention: no real token sees the padding), with `IGNORE_INDEX` labels. Returns embeddings, position ids,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .parameters import count_parameters, is_hive_parameter
+from ..model.parameters import count_parameters, is_hive_parameter
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 For the demo, the tests and `hive-reproduce`: nothing is downloaded. The directories they write are
 exactly what `hive-train --vision_model DIR --language_model DIR` reads for real models (a SigLIP
 vision encoder with its image processor; a Llama causal LM with its tokenizer). `--pretrain` (or
-`hive_adapter.toy_pretraining`) pre-trains them the way real checkpoints come, which HIVE assumes.
+`hive_adapter.tools.toy_pretraining`) pre-trains them the way real checkpoints come, which HIVE assumes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipVisionConfig, SiglipVisionModel
 
-from .outputs import OutputRefused, staged_directory
+from ..utils.outputs import OutputRefused, staged_directory
 
 if TYPE_CHECKING:
     from .toy_pretraining import ToyPretraining
@@ -60,7 +60,7 @@ def write_toy_models(
     `pretraining`, pre-trained before they are put in place (loss curves in `directory/pretraining.json`, `PRETRAINING_RECORD`).
 
     `directory` must be new, empty, or an earlier output of this function (replaced whole): nothing else is
-    ever overwritten (`hive_adapter.outputs`)."""
+    ever overwritten (`hive_adapter.utils.outputs`)."""
     with staged_directory(directory, command="hive-toy", replace=True) as tmp:
         _write_toy_models(tmp, words, sizes=sizes, seed=seed)
         if pretraining is not None:
@@ -113,13 +113,13 @@ def _write_toy_models(directory: Path, words: list[str], *, sizes: ToySizes, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m hive_adapter.toy DIR`: tiny stand-ins for a vision encoder and an LM checkpoint."""
+    """`python -m hive_adapter.tools.toy_models DIR`: tiny stand-ins for a vision encoder and an LM checkpoint."""
     import argparse
 
-    from .data.synthetic import caption_vocabulary
+    from ..data.synthetic import caption_vocabulary
     from .toy_pretraining import ToyPretraining
 
-    parser = argparse.ArgumentParser(prog="python -m hive_adapter.toy", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hive_adapter.tools.toy_models", description=main.__doc__)
     parser.add_argument("directory", help="writes DIR/vision and DIR/language")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -272,7 +272,7 @@ class HiveConfig(PretrainedConfig):
 
     def resolve_layers(self, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         """Defaults filled in, negative indices resolved and ranges checked for one model pair (the connector
-        decides how levels map to decoder layers: `hive_adapter.connectors`)."""
+        decides how levels map to decoder layers: `hive_adapter.model.connectors`)."""
         from .connectors import connector_for
 
         return connector_for(self.connector).resolve_layers(
