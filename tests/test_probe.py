@@ -149,12 +149,31 @@ def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
     out = tmp_path / "out"
     reproduce(["--quick", "--output_dir", str(out), "--seeds", "0,1", "--train_size", "32", "--held_out_size", "8",
                "--gradient_samples", "2", "--probe_size", "16", "--probe_epochs", "2", "--language_pretraining_steps",
-               "2", "--vision_pretraining_steps", "2", "--connectors", "hive,hive_lean,concat"])  # fmt: skip
+               "2", "--vision_pretraining_steps", "2", "--connectors", "hive,hive_lean,concat",
+               "--curve_steps", "25"])  # fmt: skip
     report = json.loads((out / "reproduce.json").read_text())
     assert set(report["results"]) == {"hive", "hive_lean", "concat"} and report["budget"]["seeds"] == [0, 1]
     lean, hive = report["results"]["hive_lean"], report["results"]["hive"]
     assert lean["gflops_without_tower"] < hive["gflops_without_tower"]  # the lean projector, trained as a variant
-    assert set(report["timings"]) == {"pretraining", "training", "probes", "evaluation", "costs", "figures"}
+    assert set(report["timings"]) == {
+        "pretraining", "training", "probes", "evaluation", "costs", "learning curves", "figures"
+    }  # fmt: skip
+    # the encoder: every layer probed, under both stage-3 budgets, with each layer's weight change
+    study = report["encoder_quality"]
+    assert set(study["budgets"]) == {"Table 3", "encoder lr 0.0002, 1 epochs"}
+    for connectors in study["budgets"].values():
+        assert set(connectors) == {"hive", "hive_lean", "concat"}
+        for row in connectors.values():
+            assert set(row["tasks"]) == {"shapes", "digits", "shades"}
+            assert len(row["tasks"]["shades"]["layer_gains"]) == 8 and len(row["change"]["layers"]) == 8
+            assert len(row["tasks"]["digits"]["gain"]["values"]) == 2  # paired per seed
+    table3, moving = (study["budgets"][label]["hive"]["change"]["total"]["mean"] for label in study["budgets"])
+    assert moving > 20 * table3 > 0  # the second budget moves the encoder; Table 3's barely does
+    assert len(study["verdicts"]) == 2 * 3  # per budget and task
+    # learning curves: one per connector and seed on the quick task, own and swapped pictures
+    curves = report["learning_curves"]["table"]["default"]["colour"]
+    assert set(curves) == {"hive", "hive_lean", "concat"} and curves["hive"]["seeds"] == [0, 1]
+    assert (out / "learning_curves" / "learning_curves.png").stat().st_size > 1000
     assert len(report["start_probe"]["shapes"]["values"]) == 2  # the encoder each seed started from
     for row in report["results"].values():
         gradients = row["gradients"]
@@ -173,7 +192,8 @@ def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
     table = (out / "reproduce.md").read_text()
     assert "| hive |" in table and "| concat |" in table and "hive-reproduce --quick --output_dir" in table
     assert "content, swapped image" in table and "±" in table  # two seeds: mean ± spread
+    assert "## The encoder: starting vs exported, per layer" in table and "## Sample efficiency" in table
     figures = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
-               "attention_entropy.png", "attention_maps.png")  # fmt: skip
+               "attention_entropy.png", "attention_maps.png", "encoder_probe_layers.png")  # fmt: skip
     for figure in figures:
         assert (out / figure).stat().st_size > 1000

@@ -120,29 +120,44 @@ def encoder_depth(encoder) -> int:
 
 
 @torch.no_grad()
-def encode(encoder, processor, images, *, features: str, layer: int | None = None, chunk: int = 256) -> torch.Tensor:
-    """(images, width) features of PIL images: of the encoder's output, or of encoder layer `layer`'s output."""
-    if layer is not None and not 0 <= layer < (depth := encoder_depth(encoder)):
-        raise ValueError(f"layer={layer}: the encoder has {depth} layers (0 to {depth - 1})")
+def encode_layers(
+    encoder, processor, images, *, features: str, layers: list[int | None], chunk: int = 256
+) -> torch.Tensor:
+    """(images, len(layers), width) features of PIL images, one per entry of `layers`: None reads the encoder's
+    output, k the output of encoder layer k (0-based, before the encoder's final norm). One encoder pass."""
+    if any(layer is not None for layer in layers):
+        depth = encoder_depth(encoder)
+        for layer in layers:
+            if layer is not None and not 0 <= layer < depth:
+                raise ValueError(f"layer={layer}: the encoder has {depth} layers (0 to {depth - 1})")
     device = next(encoder.parameters()).device
     dtype = next(encoder.parameters()).dtype
+    hidden_states = any(layer is not None for layer in layers)
     out = []
     for start in range(0, len(images), chunk):
         pixels = processor(images=images[start : start + chunk], return_tensors="pt")["pixel_values"]
-        output = encoder(pixel_values=pixels.to(device=device, dtype=dtype), output_hidden_states=layer is not None)
-        if layer is not None:
-            tokens = output.hidden_states[layer + 1]  # (images, tokens, width); [0] is the embeddings
-            pooled = tokens[:, 0] if features == "cls" else tokens.mean(1)
-        elif features == "pooler":
-            pooled = getattr(output, "pooler_output", None)
-            if pooled is None:
-                raise ValueError(f"{type(encoder).__name__} has no pooler_output; use features='mean' or 'cls'")
-        elif features == "cls":
-            pooled = output.last_hidden_state[:, 0]
-        else:
-            pooled = output.last_hidden_state.mean(1)  # (images, width)
-        out.append(pooled.float().cpu())
+        output = encoder(pixel_values=pixels.to(device=device, dtype=dtype), output_hidden_states=hidden_states)
+        pooled = []
+        for layer in layers:
+            if layer is not None:
+                tokens = output.hidden_states[layer + 1]  # (images, tokens, width); [0] is the embeddings
+                pooled.append(tokens[:, 0] if features == "cls" else tokens.mean(1))
+            elif features == "pooler":
+                pooler = getattr(output, "pooler_output", None)
+                if pooler is None:
+                    raise ValueError(f"{type(encoder).__name__} has no pooler_output; use features='mean' or 'cls'")
+                pooled.append(pooler)
+            elif features == "cls":
+                pooled.append(output.last_hidden_state[:, 0])
+            else:
+                pooled.append(output.last_hidden_state.mean(1))  # (images, width)
+        out.append(torch.stack(pooled, 1).float().cpu())  # (images, layers, width)
     return torch.cat(out)
+
+
+def encode(encoder, processor, images, *, features: str, layer: int | None = None, chunk: int = 256) -> torch.Tensor:
+    """(images, width) features of PIL images: of the encoder's output, or of encoder layer `layer`'s output."""
+    return encode_layers(encoder, processor, images, features=features, layers=[layer], chunk=chunk)[:, 0]
 
 
 def _image_size(processor) -> tuple[int, int]:
@@ -172,10 +187,29 @@ def linear_probe(
     """Train a linear classifier on the frozen encoder's features of `train`; report accuracy on `test`
     (`config`: Table 4's recipe when None)."""
     config = config if config is not None else ProbeConfig()
+    return probe_layers(encoder, processor, train, test, [config.layer], config, progress=progress)[0]
+
+
+def probe_layers(
+    encoder,
+    processor,
+    train: LabelledImages,
+    test: LabelledImages,
+    layers: list[int | None],
+    config: ProbeConfig | None = None,
+    *,
+    progress: bool = True,
+) -> list[ProbeResult]:
+    """One linear probe per entry of `layers` (None: the encoder's output; k: encoder layer k's output), each
+    exactly as `linear_probe` trains it alone (own head, own BatchNorm statistics, own gradient clipping), but
+    from one encoder pass per epoch (`config.layer` is not used: `layers` says which)."""
+    config = config if config is not None else ProbeConfig()
     if train.classes != test.classes:
         raise ValueError(f"train classes {train.classes} and test classes {test.classes} differ")
     if len(train) == 0 or len(test) == 0:
         raise ValueError(f"empty split: {len(train)} training and {len(test)} test images")
+    if not layers:
+        raise ValueError("layers=[]: name at least one layer to probe (None for the encoder's output)")
     started = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -183,17 +217,17 @@ def linear_probe(
     test_images = [test.load(i) for i in range(len(test))]
     train_labels, test_labels = torch.tensor(train.labels), torch.tensor(test.labels)
     augment = Table4Augment(size=_image_size(processor)) if config.augment else None
-    read = {"features": config.features, "layer": config.layer}
-    clean_train = encode(encoder, processor, train_images, **read)
-    test_features = encode(encoder, processor, test_images, **read)
+    read = {"features": config.features, "layers": list(layers)}
+    clean_train = encode_layers(encoder, processor, train_images, **read)  # (train, layers, width)
+    test_features = encode_layers(encoder, processor, test_images, **read)  # (test, layers, width)
 
-    width = clean_train.shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(width, affine=False), nn.Linear(width, len(train.classes)))
-    nn.init.trunc_normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    decay = [head[1].weight]
+    count, width, classes = len(layers), clean_train.shape[-1], len(train.classes)
+    heads = StackedLinearProbes(count, width, classes, seed=config.seed)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": [head[1].bias], "weight_decay": 0.0}],
+        [
+            {"params": [heads.weight], "weight_decay": config.weight_decay},
+            {"params": [heads.bias], "weight_decay": 0.0},
+        ],
         lr=config.learning_rate,
         betas=config.betas,
     )
@@ -213,12 +247,12 @@ def linear_probe(
     losses, step = [], 0
     for _ in tqdm(range(config.epochs), desc="linear probe", disable=not (progress and on_a_terminal()), leave=False):
         if augment is not None:
-            features = encode(encoder, processor, [augment(image, rng) for image in train_images], **read)
+            features = encode_layers(encoder, processor, [augment(image, rng) for image in train_images], **read)
         else:
             features = clean_train
         order = torch.randperm(len(train))
-        head.train()
-        epoch_loss = 0.0
+        heads.train()
+        epoch_loss = torch.zeros(count)
         for start in range(0, len(train), batch):
             index = order[start : start + batch]
             if len(index) < 2:  # BatchNorm needs two samples; a lone remainder is skipped
@@ -227,28 +261,63 @@ def linear_probe(
                 group["lr"] = _cosine_with_warmup(
                     step, warmup=warmup, total=total, peak=config.learning_rate, floor=config.min_learning_rate
                 )
-            loss = nn.functional.cross_entropy(head(features[index]), train_labels[index])
+            logits = heads(features[index])  # (batch, layers, classes)
+            per_layer = nn.functional.cross_entropy(
+                logits.transpose(1, 2), train_labels[index, None].expand(-1, count), reduction="none"
+            ).mean(0)  # (layers,): each head's own mean loss
             optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+            per_layer.sum().backward()  # heads share no parameter: each gets the gradient of its own loss
+            heads.clip_each(config.grad_clip)
             optimizer.step()
-            epoch_loss += loss.item() * len(index)
+            epoch_loss += per_layer.detach() * len(index)
             step += 1
-        losses.append(epoch_loss / len(train))
-    head.eval()
+        losses.append((epoch_loss / len(train)).tolist())
+    heads.eval()
     with torch.no_grad():
-        test_accuracy = (head(test_features).argmax(-1) == test_labels).float().mean().item()
-        train_accuracy = (head(clean_train).argmax(-1) == train_labels).float().mean().item()
-    return ProbeResult(
-        test_accuracy=test_accuracy,
-        train_accuracy=train_accuracy,
-        classes=train.classes,
-        train_images=len(train),
-        test_images=len(test),
-        steps=step,
-        losses=losses,
-        seconds=time.time() - started,
-    )
+        test_accuracy = (heads(test_features).argmax(-1) == test_labels[:, None]).float().mean(0)  # (layers,)
+        train_accuracy = (heads(clean_train).argmax(-1) == train_labels[:, None]).float().mean(0)
+    seconds = time.time() - started
+    return [
+        ProbeResult(
+            test_accuracy=test_accuracy[k].item(),
+            train_accuracy=train_accuracy[k].item(),
+            classes=train.classes,
+            train_images=len(train),
+            test_images=len(test),
+            steps=step,
+            losses=[epoch[k] for epoch in losses],
+            seconds=seconds,
+        )
+        for k in range(count)
+    ]
+
+
+class StackedLinearProbes(nn.Module):
+    """`count` independent linear probes side by side: probe k is a non-affine BatchNorm (MAE's linear-probe
+    practice) and a linear layer on features[:, k]. Stacked so one optimiser step trains them all; nothing is
+    shared (BatchNorm statistics are per feature, AdamW is elementwise, `clip_each` clips per probe)."""
+
+    def __init__(self, count: int, width: int, classes: int, *, seed: int = 0):
+        super().__init__()
+        self.count, self.width = count, width
+        self.norm = nn.BatchNorm1d(count * width, affine=False)
+        self.weight = nn.Parameter(torch.empty(count, width, classes))
+        self.bias = nn.Parameter(torch.zeros(count, classes))
+        for k in range(count):  # every probe starts as it would alone: from its own generator of `seed`
+            nn.init.trunc_normal_(self.weight[k], std=0.01, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, count, width) -> (batch, count, classes)."""
+        normed = self.norm(features.reshape(len(features), -1)).view(len(features), self.count, self.width)
+        return torch.einsum("bkw,kwc->bkc", normed, self.weight) + self.bias
+
+    @torch.no_grad()
+    def clip_each(self, max_norm: float) -> None:
+        """`clip_grad_norm_(probe k's parameters, max_norm)` for every k."""
+        norms = (self.weight.grad.pow(2).sum((1, 2)) + self.bias.grad.pow(2).sum(1)).sqrt()  # (count,)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        self.weight.grad.mul_(scale[:, None, None])
+        self.bias.grad.mul_(scale[:, None])
 
 
 def main(argv: list[str] | None = None) -> None:

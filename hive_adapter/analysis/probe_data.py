@@ -5,7 +5,9 @@
 - `digits`: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, 10 classes), split
   80/20 stratified by a seed;
 - `shapes`: the synthetic captioning set's shape labels (square, circle, triangle, cross); train and
-  test are drawn with different seeds, so no picture is in both.
+  test are drawn with different seeds, so no picture is in both;
+- `shades`: a fine-grained set no connector trains on: 18 classes, 6 near-identical shades of teal (14 RGB
+  units apart) x 3 fill textures; the shape, size, position and background vary and are not the label.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
-BUILT_IN = ("digits", "shapes")
+BUILT_IN = ("digits", "shapes", "shades")
+# 6 shades of teal, each 14 units from the next on every channel: fine-grained, unlike the captions' 6 colours
+SHADES = tuple((20 + 14 * k, 120 + 14 * k, 140 + 14 * k) for k in range(6))
 
 
 @dataclass
@@ -107,12 +111,50 @@ def _shapes(seed: int, size: int) -> tuple[LabelledImages, LabelledImages]:
     return split(train), split(test)
 
 
+def _shades(seed: int, size: int) -> tuple[LabelledImages, LabelledImages]:
+    import random
+
+    from ..data.synthetic import SHAPES, TEXTURES, _apply_texture, _draw_shape
+
+    classes = [f"shade{shade}-{texture}" for shade in range(len(SHADES)) for texture in TEXTURES]
+    side = 64
+
+    def draw(split_seed: int, index: int) -> tuple[int, Image.Image]:
+        rng = random.Random(split_seed * 1_000_003 + index)
+        label = rng.randrange(len(classes))
+        shade, texture = SHADES[label // len(TEXTURES)], TEXTURES[label % len(TEXTURES)]
+        background = rng.randint(225, 250)
+        radius = side * rng.uniform(0.18, 0.3)
+        cx, cy = rng.uniform(radius, side - radius), rng.uniform(radius, side - radius)
+        image = Image.new("RGB", (side, side), (background,) * 3)
+        mask = Image.new("L", (side, side), 0)
+        _draw_shape(ImageDraw.Draw(mask), rng.choice(SHAPES), cx, cy, radius)
+        fill = Image.new("RGB", (side, side), shade)
+        _apply_texture(ImageDraw.Draw(fill), texture, side, (background,) * 3)
+        image.paste(fill, (0, 0), mask)
+        ImageDraw.Draw(image).point([(rng.randrange(side), rng.randrange(side)) for _ in range(side)], fill=(200,) * 3)
+        return label, image
+
+    def split(split_seed: int, count: int) -> LabelledImages:
+        return LabelledImages(
+            classes=classes,
+            labels=[draw(split_seed, i)[0] for i in range(count)],
+            load=lambda i: draw(split_seed, i)[1],
+            source=f"synthetic shades (seed {split_seed})",
+        )
+
+    return split(3000 + seed, size), split(4000 + seed, max(1, size // 4))
+
+
 def built_in(
     name: str, *, seed: int = 0, size: int = 2000, test_fraction: float = 0.2
 ) -> tuple[LabelledImages, LabelledImages]:
-    """(train, test) of a built-in set; `size`: training images of `shapes` (its test set is a quarter)."""
+    """(train, test) of a built-in set; `size`: training images of `shapes` and `shades` (their test sets are a
+    quarter)."""
     if name == "digits":
         return _digits(seed, test_fraction)
     if name == "shapes":
         return _shapes(seed, size)
+    if name == "shades":
+        return _shades(seed, size)
     raise ValueError(f"dataset={name!r}: built-in sets are {BUILT_IN}")

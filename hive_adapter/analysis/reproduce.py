@@ -15,13 +15,18 @@ contrastive: `hive_adapter.tools.toy_pretraining`), then pre-trained with HIVE's
 Then, for each connector (mean and spread over the seeds):
 - image reading: held-out caption-token accuracy on content words (colour, texture, shape, position)
   with each sample's own image and with the next sample's (the control), and on structural words;
-- linear probes (synthetic shapes, scikit-learn's digits) of the exported encoder against the encoder
-  it started from;
+- the encoder (the paper's title claim): linear probes at every encoder layer and at its output
+  (synthetic shapes, scikit-learn's digits, and `shades`, a fine-grained set no connector trains on) of
+  the exported encoder against the encoder it started from, and each layer's weight change, under two
+  stage-3 budgets: Table 3's, and one that moves the encoder (stage 3 rerun from the same stage-2
+  checkpoint with `--vision_learning_rate` and more epochs: `hive_adapter.analysis.encoder_quality`);
 - the caption loss's gradient at every encoder layer (stage-2 checkpoints: what stage 3 trains the
   encoder with), relative to its gradient at the LM's text input embeddings (comparable across
   connectors whatever their loss scale), and the share of it on the captioned object;
 - the entropy of each cross-attention block over the image's keys (hive, cascaded);
-- FLOPs and time of one training step.
+- FLOPs and time of one training step;
+- sample efficiency: learning curves (held-out accuracy with own and swapped pictures vs step) of tiny
+  models trained whole on image-only tasks, steps to 90% and 95% (`hive_adapter.analysis.learning_curves`).
 Writes `reproduce.json`, `reproduce.md` and PNGs; prints the tables.
 """
 
@@ -51,10 +56,11 @@ from ..tools.toy_pretraining import ToyPretraining
 from ..utils.console import quiet_progress_bars
 from ..utils.console import say as console_say
 from ..utils.outputs import write_file
+from . import encoder_quality, learning_curves
 from .image_reading import checkpoint_image_reading
-from .probe import ProbeConfig, linear_probe, load_frozen_encoder
+from .probe import ProbeConfig
 from .probe_data import built_in
-from .reproduce_measures import cross_attention_profile, encoder_change, gradient_profile, step_costs
+from .reproduce_measures import cross_attention_profile, gradient_profile, step_costs
 from .reproduce_report import (
     elementwise_mean,
     markdown_tables,
@@ -90,16 +96,24 @@ class Budget:
     probe_epochs: int
     language_pretraining_steps: int
     vision_pretraining_steps: int
+    # the stage-3 budget that moves the encoder: stage 3 rerun from stage 2 with this encoder rate and epochs
+    moving_vision_learning_rate: float
+    moving_stage3_epochs: float
+    curve_steps: int  # learning curves: steps of each run (0: no learning curves)
+    curve_tasks: tuple[str, ...]
 
 
 FULL = Budget(
     seeds=(0, 1, 2), train_size=4000, held_out_size=256, gradient_samples=32, probe_size=2000, probe_epochs=200,
-    language_pretraining_steps=300, vision_pretraining_steps=600,
+    language_pretraining_steps=300, vision_pretraining_steps=600, moving_vision_learning_rate=2e-4,
+    moving_stage3_epochs=2, curve_steps=1000, curve_tasks=learning_curves.TASKS,
 )  # fmt: skip
 QUICK = Budget(
     seeds=(0,), train_size=2000, held_out_size=128, gradient_samples=16, probe_size=500, probe_epochs=50,
-    language_pretraining_steps=200, vision_pretraining_steps=300,
+    language_pretraining_steps=200, vision_pretraining_steps=300, moving_vision_learning_rate=2e-4,
+    moving_stage3_epochs=1, curve_steps=100, curve_tasks=("colour",),
 )  # fmt: skip
+PROBE_TASKS = ("shapes", "digits", "shades")
 
 
 COMMAND = "hive-reproduce"
@@ -107,7 +121,8 @@ say = partial(console_say, COMMAND)
 # What one run writes into --output_dir: replaced only when an earlier hive-reproduce wrote them.
 REPORT_FILES = ("reproduce.json", "reproduce.md")
 FIGURE_FILES = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
-                "attention_entropy.png", "attention_maps.png")  # fmt: skip
+                "attention_entropy.png", "attention_maps.png", "encoder_probe_layers.png")  # fmt: skip
+CURVES_DIR = "learning_curves"  # under --output_dir: one JSON per finished curve (reused on a rerun), tables, plot
 # Beside the checkpoints in --work_dir: the settings they were trained with, so a rerun never reuses models
 # and stages of another budget under a report that claims this one.
 WORK_RECORD = "hive-reproduce-work.json"
@@ -143,6 +158,8 @@ def work_settings(args: argparse.Namespace, budget: Budget) -> dict:
         "batch_size": args.batch_size,
         "hive_learning_rate": args.hive_learning_rate,
         "hive_flags": " ".join(HIVE_FLAGS),
+        "moving_vision_learning_rate": budget.moving_vision_learning_rate,
+        "moving_stage3_epochs": budget.moving_stage3_epochs,
     }
 
 
@@ -231,6 +248,45 @@ def seconds_per_step(report: dict) -> float:
     return runtime / max(1, report["global_steps"])
 
 
+def moving_label(budget: Budget) -> str:
+    return f"encoder lr {budget.moving_vision_learning_rate:g}, {budget.moving_stage3_epochs:g} epochs"
+
+
+def encoder_section(study: dict, budget: Budget) -> str:
+    return (
+        "\n## The encoder: starting vs exported, per layer\n\n"
+        f"Linear probes ({budget.probe_epochs} epochs, batch 64, Table 4's optimiser, no augmentation) of the frozen "
+        "encoder at the output of every layer and at its final output; `shades`: 18 classes (6 shades of teal 14 RGB "
+        "units apart x 3 fill textures) that no connector trains on. Gains are paired per seed (exported minus the "
+        "encoder that seed started from). Stage-3 budgets: Table 3 (2e-6 for everything, 1 epoch) and "
+        f"{moving_label(budget)} from the same stage-2 checkpoint (the LM and HIVE's modules keep Table 3's rate).\n\n"
+        + encoder_quality.markdown(study["start"], study["budgets"])
+        + "\n\n"
+        + "".join(f"- {line}\n" for line in study["verdicts"])
+        + "\n![encoder_probe_layers.png](encoder_probe_layers.png)\n"
+    )
+
+
+def curves_section(curves: dict | None, budget: Budget) -> str:
+    if curves is None:
+        return ""
+    ratios = curves["ratio_to_concat_90"].get("default", {})
+    lines = [
+        f"{task}: " + ", ".join(f"{c} {r:.2g}x" if r is not None else f"{c} –" for c, r in row.items())
+        for task, row in ratios.items()
+    ]
+    return (
+        "\n## Sample efficiency: learning curves\n\n"
+        f"Tiny models (SigLIP 4 x 64, Llama 2 x 64, the real HiveForConditionalGeneration) trained whole (AdamW 1e-3, "
+        f"batch 32) for {budget.curve_steps} steps on image-only one-token tasks; held-out accuracy with the own "
+        f"picture every 25 steps (`{CURVES_DIR}/curves.md` has every run).\n\n"
+        + learning_curves.markdown({"default": curves["table"]["default"]}, budget.curve_steps)
+        + "\nMedian steps to 90% over concat's: "
+        + "; ".join(lines)
+        + "\n\n![learning_curves.png](learning_curves/learning_curves.png)\n"
+    )
+
+
 # ---------------------------------------------------------------------- main
 def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget, list[str]]:
     parser = argparse.ArgumentParser(
@@ -254,6 +310,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
         "probe_epochs": "linear-probe epochs",
         "language_pretraining_steps": "text-only steps of the toy LM before the stages (0: random LM)",
         "vision_pretraining_steps": "contrastive steps of the toy encoder before the stages (0: random encoder)",
+        "curve_steps": "steps of each learning curve (0: no learning curves)",
     }
     for name, text in sizes.items():
         parser.add_argument(
@@ -262,6 +319,18 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
             default=None,
             help=f"{text} (default {getattr(FULL, name)}, --quick {getattr(QUICK, name)})",
         )
+    parser.add_argument(
+        "--moving_vision_learning_rate", type=float, default=None,
+        help=f"the encoder's peak rate in the stage-3 budget that moves it (default {FULL.moving_vision_learning_rate})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moving_stage3_epochs", type=float, default=None,
+        help=f"epochs of that stage 3 (default {FULL.moving_stage3_epochs}, --quick {QUICK.moving_stage3_epochs})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--curve_tasks", default=None,
+        help=f"learning-curve tasks, of {','.join(learning_curves.TASKS)} (default all, --quick colour)",
+    )  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32, help="global batch of every stage (default 32)")
     parser.add_argument(
         "--hive_learning_rate", type=float, default=None, help="hive-train's option (default: Table 3's rates)"
@@ -282,10 +351,23 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
             overrides["seeds"] = tuple(int(seed) for seed in args.seeds.split(","))
         except ValueError:
             parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+    for name in ("moving_vision_learning_rate", "moving_stage3_epochs"):
+        value = getattr(args, name)
+        if value is not None:
+            if not (value > 0 and value < float("inf")):
+                parser.error(f"--{name} {value}: must be a positive number")
+            overrides[name] = value
+    if args.curve_tasks is not None:
+        tasks = tuple(name.strip() for name in args.curve_tasks.split(",") if name.strip())
+        if not tasks or set(tasks) - set(learning_curves.TASKS):
+            parser.error(f"--curve_tasks {args.curve_tasks!r}: choose from {','.join(learning_curves.TASKS)}")
+        overrides["curve_tasks"] = tasks
     budget = dataclasses.replace(profile, **overrides)
     for name in ("train_size", "held_out_size", "gradient_samples", "probe_size", "probe_epochs"):
         if getattr(budget, name) < 1:
             parser.error(f"--{name} {getattr(budget, name)}: must be at least 1")
+    if budget.curve_steps < 0:
+        parser.error(f"--curve_steps {budget.curve_steps}: must be 0 (no learning curves) or more")
     if args.batch_size < 1 or budget.held_out_size < 2:
         parser.error("--batch_size must be at least 1 and --held_out_size at least 2 (the swapped-image control)")
     return args, budget, connectors
@@ -317,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         clock = time.time()
         say(
-            f"1/6 tiny models per seed {list(seeds)}, pre-trained: LM {budget.language_pretraining_steps} text steps, "
+            f"1/7 tiny models per seed {list(seeds)}, pre-trained: LM {budget.language_pretraining_steps} text steps, "
             f"encoder {budget.vision_pretraining_steps} contrastive steps"
         )
         models = {
@@ -329,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         }  # fmt: skip
         clock = phase("pretraining", clock)
 
-        say(f"2/6 stages 1-3 of {', '.join(connectors)}: {budget.train_size} pairs, batch {args.batch_size}")
+        say(f"2/7 stages 1-3 of {', '.join(connectors)}: {budget.train_size} pairs, batch {args.batch_size}")
         runs = {seed: {c: work / f"seed{seed}" / c for c in connectors} for seed in seeds}
         for seed in seeds:
             for name in connectors:
@@ -338,30 +420,60 @@ def main(argv: list[str] | None = None) -> None:
                     connector, models[seed], runs[seed][name], seed=seed, train_size=budget.train_size,
                     batch_size=args.batch_size, flags=[*variant_flags, *flags], label=name,
                 )  # fmt: skip
+        moving = moving_label(budget)
+        say(f"   stage 3 again from each stage-2 checkpoint, the budget that moves the encoder: {moving}")
+        moved = {seed: {c: work / f"seed{seed}" / f"{c}-moving-stage3" for c in connectors} for seed in seeds}
+        moving_flags = [
+            "--vision_learning_rate", str(budget.moving_vision_learning_rate),
+            "--num_train_epochs", str(budget.moving_stage3_epochs),
+        ]  # fmt: skip
+        for seed in seeds:
+            for name in connectors:
+                hive_train(
+                    VARIANTS[name][0], models[seed], moved[seed][name], seed=seed, train_size=budget.train_size,
+                    batch_size=args.batch_size, flags=[*flags, *moving_flags], stages="3",
+                    start=runs[seed][name] / "stage2", label=f"{name}, moving stage 3",
+                )  # fmt: skip
         clock = phase("training", clock)
 
-        say("3/6 linear probes: each exported encoder and the encoder it started from (shapes, digits)")
+        say(
+            f"3/7 the encoder: linear probes at every layer ({', '.join(PROBE_TASKS)}) of each exported encoder and "
+            "the encoder it started from; weight change per layer"
+        )
         probe_sets = {
-            seed: {name: built_in(name, seed=seed, size=budget.probe_size) for name in ("shapes", "digits")}
-            for seed in seeds
+            seed: {name: built_in(name, seed=seed, size=budget.probe_size) for name in PROBE_TASKS} for seed in seeds
         }
-
-        def probe(path: Path, seed: int) -> dict[str, float]:
-            encoder, processor = load_frozen_encoder(path)
-            return {
-                name: linear_probe(encoder, processor, *sets, probe_config, progress=False).test_accuracy
-                for name, sets in probe_sets[seed].items()
-            }
-
-        start_probes = [probe(runs[seed][connectors[0]] / "stage0", seed) for seed in seeds]
-        start_probe = {name: mean_and_spread([p[name] for p in start_probes]) for name in ("shapes", "digits")}
+        start_probes = [
+            encoder_quality.probe_encoder(runs[seed][connectors[0]] / "stage0", probe_sets[seed], probe_config)
+            for seed in seeds
+        ]
+        start_probe = {n: mean_and_spread([p[n][encoder_quality.OUTPUT] for p in start_probes]) for n in PROBE_TASKS}
+        encoder_budgets: dict[str, dict] = {"Table 3": {}, moving: {}}
         results = {}
         for connector in connectors:
-            probes = [probe(runs[seed][connector] / "stage3", seed) for seed in seeds]
-            results[connector] = {"probe": {n: mean_and_spread([p[n] for p in probes]) for n in ("shapes", "digits")}}
+            for label, final in (("Table 3", runs), (moving, moved)):
+                exported = [
+                    encoder_quality.probe_encoder(final[s][connector] / "stage3", probe_sets[s], probe_config)
+                    for s in seeds
+                ]
+                changes = [
+                    encoder_quality.layer_change(runs[s][connector] / "stage0", final[s][connector] / "stage3")
+                    for s in seeds
+                ]
+                encoder_budgets[label][connector] = encoder_quality.summarise(start_probes, exported, changes)
+            table3 = encoder_budgets["Table 3"][connector]
+            results[connector] = {
+                "probe": {n: table3["tasks"][n][encoder_quality.OUTPUT] for n in PROBE_TASKS},
+                "encoder_change_stage3": table3["change"]["total"]["mean"],
+            }
+        encoder_study = {
+            "start": encoder_quality.summarise_start(start_probes),
+            "budgets": encoder_budgets,
+            "verdicts": encoder_quality.verdicts(encoder_budgets, list(PROBE_TASKS)),
+        }
         clock = phase("probes", clock)
 
-        say("4/6 image reading (own vs swapped image), gradients into the encoder, attention entropy")
+        say("4/7 image reading (own vs swapped image), gradients into the encoder, attention entropy")
         held_out = {
             seed: SyntheticShapes(budget.held_out_size, seed=HELD_OUT_SEED_OFFSET + seed, image_size=image_size)
             for seed in seeds
@@ -400,9 +512,6 @@ def main(argv: list[str] | None = None) -> None:
                     "uniform_entropy": attention[0]["uniform_entropy"],
                     "per_seed": attention,
                 }
-            row["encoder_change_stage3"] = statistics.fmean(
-                encoder_change(runs[s][connector] / "stage2", runs[s][connector] / "stage3") for s in seeds
-            )
             row["train_seconds_per_step"] = statistics.fmean(
                 seconds_per_step(stage_report(runs[s][connector], 3)) for s in seeds
             )
@@ -411,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         clock = phase("evaluation", clock)
 
-        say("5/6 FLOPs and time of one training step (all parameters training)")
+        say("5/7 FLOPs and time of one training step (all parameters training)")
         first = load_hive(runs[seeds[0]][connectors[0]] / "stage0")
         train_set = SyntheticShapes(args.batch_size, seed=seeds[0], image_size=image_size)
         sample_batch = HiveCaptionCollator(first.tokenizer, first.image_processor)(
@@ -424,8 +533,24 @@ def main(argv: list[str] | None = None) -> None:
             )
         clock = phase("costs", clock)
 
-        say("6/6 figures")
+        curves = None
+        if budget.curve_steps:
+            names = [c for c in connectors if c in learning_curves.CONNECTORS]
+            say(
+                f"6/7 learning curves: {', '.join(names)} on {', '.join(budget.curve_tasks)}, {budget.curve_steps} "
+                f"steps each, seeds {list(seeds)} (finished runs in {out / CURVES_DIR / 'runs'} are kept)"
+            )
+            curve_runs = [
+                learning_curves.CurveRun(task=task, connector=name, seed=seed, steps=budget.curve_steps)
+                for task in budget.curve_tasks for seed in seeds for name in names
+            ]  # fmt: skip
+            finished = learning_curves.run_all(curve_runs, out / CURVES_DIR, say=say)
+            curves = learning_curves.write_summary(finished, out / CURVES_DIR, budget.curve_steps)
+            clock = phase("learning curves", clock)
+
+        say("7/7 figures")
         figures = write_figures(out, results, profiles, held_out[seeds[0]], {c: runs[seeds[0]][c] for c in connectors})
+        figures.append(encoder_quality.plot_layer_gains(encoder_study, out / "encoder_probe_layers.png").name)
         phase("figures", clock)
     finally:
         if temporary is not None:
@@ -452,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
                 "probe_recipe": vars(probe_config),
                 "start_probe": start_probe,
                 "results": results,
+                "encoder_quality": encoder_study,
+                "learning_curves": curves,
                 "figures": figures,
             },
             indent=2,
@@ -460,8 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     write_file(out / "reproduce.json", lambda path: path.write_text(report))
     markdown = report_markdown(command, environment, seconds, timings, budget, tables, results, figures)
+    markdown += encoder_section(encoder_study, budget) + curves_section(curves, budget)
     write_file(out / "reproduce.md", lambda path: path.write_text(markdown))
     print("\n" + tables + "\n")
+    print("\n".join(encoder_study["verdicts"]) + "\n")
     say(f"written: {out / 'reproduce.json'}, {out / 'reproduce.md'}, " + ", ".join(figures))
     say(f"finished in {seconds / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + ")")
 

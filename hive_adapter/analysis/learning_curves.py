@@ -1,0 +1,462 @@
+"""Sample efficiency: how many steps each connector needs to read a picture (issue 25's learning curves).
+
+    python -m hive_adapter.analysis.learning_curves --output_dir benchmarks/results/reproduce/learning_curves
+    python -m hive_adapter.analysis.learning_curves --variants default,gate0.1 --tasks colour --summary_only
+
+Image-only tasks where one answer token is decided by the picture alone (a text prior is at chance):
+
+- `colour`: a square of one of 8 colours at a random spot; the answer is its colour;
+- `position`: the same pictures; the answer is the square's quadrant (the colour is a distractor);
+- `shape`: a square, circle, triangle or cross of a random colour at a random spot;
+- `texture`: a patch filled solid, striped, dotted or checked, random colour and spot;
+- `digits`: one of scikit-learn's handwritten digits (real scans) at a random spot; train and held-out
+  pictures are different scans.
+
+Each connector (hive, hive_lean, cascaded, concat) is the real `HiveForConditionalGeneration` over a tiny
+SigLIP tower (4 layers x 64) and a tiny Llama (2 layers x 64), trained whole (AdamW, lr 1e-3, batch 32)
+from the same seeded start; every `eval_every` steps its held-out accuracy is measured with each sample's
+own picture and with the next sample's (the control). A curve's steps-to-X% is the first evaluation at or
+above X% with the own picture.
+
+Variants change one thing against the default to find why a connector is slower (`VARIANTS`): the
+gates' starting value, the scale of HIVE's new weights, the learning rate of HIVE's modules.
+Each finished (variant, task, connector, seed) run is written to `<output_dir>/runs/` and skipped when
+rerun; `curves.md`, `curves.json` and `learning_curves.png` summarise every finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..utils.console import say as console_say
+from ..utils.outputs import write_file
+
+COMMAND = "hive-learning-curves"
+IMAGE, PATCH = 32, 8
+CONNECTORS = ("hive", "hive_lean", "cascaded", "concat")
+TASKS = ("colour", "position", "shape", "texture", "digits")
+THRESHOLDS = (0.9, 0.95)
+PAD, BOS = 0, 1
+QUESTION = {task: 2 + index for index, task in enumerate(TASKS)}  # one question token per task
+ANSWERS = {"colour": 8, "position": 4, "shape": 4, "texture": 4, "digits": 10}
+FIRST_ANSWER = 2 + len(TASKS)
+VOCAB = FIRST_ANSWER + max(ANSWERS.values())  # answers share token ids across tasks: one task per run
+PALETTE = torch.tensor(
+    [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1], [1, 1, 1], [-1, -1, -1]],
+    dtype=torch.float32,
+)  # 8 colours in the processor's [-1, 1] range; the background is 0 (grey)
+OBJECT = 10  # side of the square box an object is drawn in (pixels)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change against the default recipe: HiveConfig fields, and HIVE modules' learning-rate factor."""
+
+    config: dict = field(default_factory=dict)
+    hive_lr_factor: float = 1.0
+    description: str = "the library's defaults"
+
+
+VARIANTS = {
+    "default": Variant(),
+    "gate0.1": Variant(config={"gate_init": 0.1}, description="gates start at 0.1 instead of 0 (no identity at init)"),
+    "init0.1": Variant(config={"initializer_range": 0.1}, description="HIVE's new weights N(0, 0.1) instead of 0.02"),
+    "hive_lr3": Variant(hive_lr_factor=3.0, description="HIVE's modules at 3x the learning rate (3e-3)"),
+}
+
+
+@dataclass(frozen=True)
+class CurveRun:
+    """What one curve is trained with."""
+
+    task: str
+    connector: str
+    seed: int
+    variant: str = "default"
+    steps: int = 600
+    eval_every: int = 25
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    train_size: int = 2048
+    held_out_size: int = 256
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.task}-{self.connector}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------------- the tasks
+def _shape_masks() -> torch.Tensor:
+    """(4, OBJECT, OBJECT) masks of a square, circle, triangle and cross."""
+    grid = torch.arange(OBJECT, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(grid, grid, indexing="ij")
+    centre, radius = OBJECT / 2, OBJECT / 2
+    square = torch.ones(OBJECT, OBJECT)
+    circle = ((x - centre) ** 2 + (y - centre) ** 2 <= radius**2).float()
+    triangle = ((x - centre).abs() <= y / 2).float()  # apex at the top, base at the bottom
+    arm = OBJECT // 5
+    cross = torch.zeros(OBJECT, OBJECT)
+    cross[:, OBJECT // 2 - arm : OBJECT // 2 + arm] = 1
+    cross[OBJECT // 2 - arm : OBJECT // 2 + arm, :] = 1
+    return torch.stack([square, circle, triangle, cross])
+
+
+def _texture_masks() -> torch.Tensor:
+    """(4, OBJECT, OBJECT) fill patterns: solid, striped, dotted, checked (1: coloured, 0: background)."""
+    index = torch.arange(OBJECT)
+    solid = torch.ones(OBJECT, OBJECT)
+    striped = ((index // 2) % 2 == 0).float()[None, :].expand(OBJECT, OBJECT).clone()
+    dotted = torch.zeros(OBJECT, OBJECT)
+    dotted[1::3, 1::3] = 1
+    checked = (((index[:, None] // 2) + (index[None, :] // 2)) % 2 == 0).float()
+    return torch.stack([solid, striped, dotted, checked])
+
+
+def _digit_images(held_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scans, 16, 16) ink in [0, 1] and (scans,) labels: scikit-learn's digits, 4 of 5 scans for training, the
+    fifth held out (so no held-out picture was seen in training)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32) / 16  # (1797, 8, 8)
+    labels = torch.tensor(digits.target)
+    keep = (torch.arange(len(labels)) % 5 == 4) if held_out else (torch.arange(len(labels)) % 5 != 4)
+    images = images[keep].repeat_interleave(2, 1).repeat_interleave(2, 2)  # (scans, 16, 16)
+    return images, labels[keep]
+
+
+def image_task(task: str, count: int, *, seed: int, held_out: bool = False) -> dict[str, torch.Tensor]:
+    """`count` pictures and [BOS, question, answer] texts whose loss is on the answer only."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: choose from {', '.join(TASKS)}")
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.randint(0, len(PALETTE), (count,), generator=generator)
+    side = 16 if task == "digits" else OBJECT
+    quadrants = torch.randint(0, 4, (count,), generator=generator)
+    offsets = torch.randint(0, IMAGE // 2 - side + 1, (count, 2), generator=generator)  # inside one quadrant
+    tops = (quadrants // 2) * (IMAGE // 2) + offsets[:, 0]
+    lefts = (quadrants % 2) * (IMAGE // 2) + offsets[:, 1]
+    if task == "digits":
+        scans, scan_labels = _digit_images(held_out)
+        pick = torch.randint(0, len(scan_labels), (count,), generator=generator)
+        masks, answers = scans[pick], scan_labels[pick]
+        colours = torch.full((count,), len(PALETTE) - 1)  # black ink
+    elif task in ("shape", "texture"):
+        kinds = torch.randint(0, 4, (count,), generator=generator)
+        masks = (_shape_masks() if task == "shape" else _texture_masks())[kinds]
+        answers = kinds
+    else:
+        masks = torch.ones(count, side, side)
+        answers = colours if task == "colour" else quadrants
+    pixels = torch.zeros(count, 3, IMAGE, IMAGE)
+    for index in range(count):
+        top, left = int(tops[index]), int(lefts[index])
+        patch = pixels[index, :, top : top + side, left : left + side]  # (3, side, side), a view
+        mask = masks[index]  # (side, side) in [0, 1]
+        patch.copy_(mask * PALETTE[colours[index]][:, None, None] + (1 - mask) * patch)
+    input_ids = torch.stack(
+        [torch.full((count,), BOS), torch.full((count,), QUESTION[task]), FIRST_ANSWER + answers], 1
+    )  # (count, 3)
+    labels = input_ids.clone()
+    labels[:, :2] = -100
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
+
+
+# ---------------------------------------------------------------------- the model and its training
+def tiny_model(connector: str, seed: int, variant: Variant = VARIANTS["default"]):
+    """The real HiveForConditionalGeneration over a tiny SigLIP tower and a tiny Llama, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from ..model.config import HiveConfig
+    from ..model.modeling_hive import HiveForConditionalGeneration
+
+    if connector not in CONNECTORS:
+        raise ValueError(f"connector={connector!r}: choose from {', '.join(CONNECTORS)}")
+    torch.manual_seed(seed)
+    vision = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=IMAGE,
+            patch_size=PATCH,
+        )
+    )  # fmt: skip
+    language = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=PAD, pad_token_id=PAD,
+        )
+    )  # fmt: skip
+    lean = connector == "hive_lean"
+    config = HiveConfig(
+        connector="hive" if lean else connector,
+        vision_layers=[1, 3],
+        llm_layers=[0, 1],
+        **({"projector_type": "lean"} if lean else {}),
+        **variant.config,
+    )  # fmt: skip  (16 patch tokens a level)
+    return HiveForConditionalGeneration.from_vision_text(vision, language, config)
+
+
+def _rows(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: tensor[index] for name, tensor in data.items()}
+
+
+@torch.no_grad()
+def answer_accuracy(model, data: dict[str, torch.Tensor], chunk: int = 256) -> float:
+    """Share of samples whose top-1 prediction at the question token is the answer."""
+    from .captioning import aligned_logits
+
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, len(data["input_ids"]), chunk):
+        part = {name: tensor[start : start + chunk] for name, tensor in data.items()}
+        predicted = aligned_logits(model, part)[:, 1].argmax(-1)  # position 1 predicts the answer
+        right += int((predicted == part["input_ids"][:, 2]).sum())
+    model.train(was_training)
+    return right / len(data["input_ids"])
+
+
+def steps_to(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """The first evaluated step whose accuracy is at least `threshold`, or None if the curve never gets there."""
+    return next((step for step, accuracy in curve if accuracy >= threshold), None)
+
+
+def train_curve(run: CurveRun) -> dict:
+    """Train one connector on one task from its seeded start; the held-out curves with own and swapped pictures."""
+    variant = VARIANTS[run.variant]
+    model = tiny_model(run.connector, run.seed, variant)
+    train = image_task(run.task, run.train_size, seed=run.seed)
+    held_out = image_task(run.task, run.held_out_size, seed=10_000 + run.seed, held_out=True)
+    swapped = {**held_out, "pixel_values": held_out["pixel_values"].roll(-1, 0)}  # sample i sees picture i + 1
+    hive_parameters = [p for name, p in model.named_parameters() if ".hive_" in name or name.startswith("hive_")]
+    others = [p for name, p in model.named_parameters() if not (".hive_" in name or name.startswith("hive_"))]
+    optimizer = torch.optim.AdamW(
+        [{"params": others}, {"params": hive_parameters, "lr": run.learning_rate * variant.hive_lr_factor}],
+        lr=run.learning_rate,
+        weight_decay=0.0,
+    )
+    order = torch.Generator().manual_seed(run.seed + 1)
+    own, control, losses = [(0, answer_accuracy(model, held_out))], [(0, answer_accuracy(model, swapped))], []
+    started = time.time()
+    model.train()
+    for step in range(1, run.steps + 1):
+        batch = _rows(train, torch.randint(0, run.train_size, (run.batch_size,), generator=order))
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % run.eval_every == 0 or step == run.steps:
+            own.append((step, answer_accuracy(model, held_out)))
+            control.append((step, answer_accuracy(model, swapped)))
+    return {
+        "run": asdict(run),
+        "hive_parameters": sum(p.numel() for p in hive_parameters),
+        "chance": 1 / ANSWERS[run.task],
+        "own": own,
+        "swapped": control,
+        "loss_every_25": [statistics.fmean(losses[i : i + 25]) for i in range(0, len(losses), 25)],
+        "steps_to": {f"{threshold:.0%}": steps_to(own, threshold) for threshold in THRESHOLDS},
+        "seconds": time.time() - started,
+    }
+
+
+# ---------------------------------------------------------------------- summary
+def summarise(results: list[dict]) -> dict:
+    """{variant: {task: {connector: {steps_to_90/95 per seed, final own / swapped mean}}}}."""
+    table: dict = {}
+    for result in results:
+        run = result["run"]
+        row = (
+            table.setdefault(run["variant"], {})
+            .setdefault(run["task"], {})
+            .setdefault(
+                run["connector"],
+                {"seeds": [], "steps_to": {key: [] for key in ("90%", "95%")}, "own": [], "swapped": []},
+            )
+        )
+        row["seeds"].append(run["seed"])
+        for key in ("90%", "95%"):
+            row["steps_to"][key].append(result["steps_to"][key])
+        row["own"].append(result["own"][-1][1])
+        row["swapped"].append(result["swapped"][-1][1])
+    return table
+
+
+def _steps_text(values: list[int | None], limit: int) -> str:
+    """`150 (125, 150, 175)`: the median over seeds (a seed that never got there counts as more than `limit`)."""
+    reached = [value if value is not None else limit + 1 for value in values]
+    median = statistics.median(reached)
+    head = f">{limit}" if median > limit else f"{median:.0f}"
+    return f"{head} ({', '.join('–' if v is None else str(v) for v in values)})"
+
+
+def markdown(table: dict, limit: int) -> str:
+    lines = []
+    for variant, tasks in table.items():
+        lines += [
+            f"### {variant}: {VARIANTS[variant].description}" if variant in VARIANTS else f"### {variant}",
+            "",
+            "Steps to 90% / 95% held-out accuracy with the own picture: median over seeds (each seed's step; – never "
+            f"within {limit} steps). Final accuracy own / swapped picture (mean over seeds).",
+            "",
+            "| task | connector | steps to 90% | steps to 95% | final own / swapped |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for task, connectors in tasks.items():
+            for connector, row in connectors.items():
+                lines.append(
+                    f"| {task} | {connector} | {_steps_text(row['steps_to']['90%'], limit)} | "
+                    f"{_steps_text(row['steps_to']['95%'], limit)} | {statistics.fmean(row['own']):.1%} / "
+                    f"{statistics.fmean(row['swapped']):.1%} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _median_steps(row: dict, key: str) -> float | None:
+    """Median over seeds of the steps to `key`, or None when a seed never got there."""
+    values = row["steps_to"][key]
+    return None if any(value is None for value in values) else statistics.median(values)
+
+
+def ratio_to_concat(table: dict, limit: int, key: str = "90%") -> dict:
+    """{variant: {task: {connector: median steps / concat's median steps}}} (None where either never got there)."""
+    out: dict = {}
+    for variant, tasks in table.items():
+        for task, connectors in tasks.items():
+            if "concat" not in connectors:
+                continue
+
+            base = _median_steps(connectors["concat"], key)
+            for connector, row in connectors.items():
+                mine = _median_steps(row, key)
+                out.setdefault(variant, {}).setdefault(task, {})[connector] = (
+                    mine / base if mine is not None and base else None
+                )
+    return out
+
+
+def plot_curves(results: list[dict], path: Path) -> Path:
+    """One panel per task: held-out accuracy (own picture solid, swapped dashed) vs step, one line per connector
+    (mean over seeds), default variant only."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    chosen = [r for r in results if r["run"]["variant"] == "default"]
+    tasks = [task for task in TASKS if any(r["run"]["task"] == task for r in chosen)]
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for index, connector in enumerate(CONNECTORS):
+            runs = [r for r in chosen if r["run"]["task"] == task and r["run"]["connector"] == connector]
+            if not runs:
+                continue
+            steps = [step for step, _ in runs[0]["own"]]
+            for kind, style in (("own", "-"), ("swapped", "--")):
+                mean = [statistics.fmean(r[kind][i][1] for r in runs) for i in range(len(steps))]
+                ax.plot(steps, mean, style, color=f"C{index}", label=connector if kind == "own" else None)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy (own —, swapped --)")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+# ---------------------------------------------------------------------- command line
+def run_all(runs: list[CurveRun], directory: Path, *, say=None) -> list[dict]:
+    """Train every run not finished in `directory/runs/` (one JSON per run); return every run's result."""
+    say = say or (lambda text: console_say(COMMAND, text))
+    (directory / "runs").mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, run in enumerate(runs, 1):
+        path = directory / "runs" / f"{run.name}.json"
+        if path.is_file():
+            recorded = json.loads(path.read_text())
+            if recorded["run"] == asdict(run):
+                results.append(recorded)
+                continue
+            say(f"{path.name} was trained with other settings: training it again")
+        result = train_curve(run)
+        write_file(path, lambda tmp, result=result: tmp.write_text(json.dumps(result, indent=1)))
+        say(
+            f"[{index}/{len(runs)}] {run.name}: 90% at {result['steps_to']['90%']}, 95% at {result['steps_to']['95%']}"
+            f", final own {result['own'][-1][1]:.1%} / swapped {result['swapped'][-1][1]:.1%} "
+            f"({result['seconds']:.0f} s)"
+        )
+        results.append(result)
+    return results
+
+
+def write_summary(results: list[dict], directory: Path, steps: int) -> dict:
+    table = summarise(results)
+    summary = {"table": table, "ratio_to_concat_90": ratio_to_concat(table, steps, "90%"),
+               "ratio_to_concat_95": ratio_to_concat(table, steps, "95%")}  # fmt: skip
+    write_file(directory / "curves.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
+    write_file(directory / "curves.md", lambda tmp: tmp.write_text(markdown(table, steps)))
+    if any(r["run"]["variant"] == "default" for r in results):
+        plot_curves(results, directory / "learning_curves.png")
+    return summary
+
+
+def _names(value: str, allowed, flag: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise SystemExit(f"[{COMMAND}] error: {flag} {value!r}: choose from {', '.join(allowed)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    parser = argparse.ArgumentParser(
+        prog=COMMAND, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )  # fmt: skip
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--connectors", default=",".join(CONNECTORS))
+    parser.add_argument("--variants", default="default", help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=CurveRun.steps)
+    parser.add_argument("--eval_every", type=int, default=CurveRun.eval_every)
+    parser.add_argument("--summary_only", action="store_true", help="summarise the finished runs, train nothing")
+    args = parser.parse_args(argv)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file; give a directory")
+    if args.steps < 1 or args.eval_every < 1:
+        parser.error(f"--steps {args.steps} and --eval_every {args.eval_every} must be at least 1")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: expected comma-separated integers such as 0,1,2")
+    tasks = _names(args.tasks, TASKS, "--tasks")
+    connectors = _names(args.connectors, CONNECTORS, "--connectors")
+    variants = _names(args.variants, VARIANTS, "--variants")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    runs = [
+        CurveRun(task=t, connector=c, seed=s, variant=v, steps=args.steps, eval_every=args.eval_every)
+        for v in variants for t in tasks for s in seeds for c in connectors
+    ]  # fmt: skip
+    if args.summary_only:
+        results = [json.loads(p.read_text()) for p in sorted((args.output_dir / "runs").glob("*.json"))]
+        if not results:
+            parser.error(f"--summary_only: no finished runs in {args.output_dir / 'runs'}")
+    else:
+        console_say(COMMAND, f"{len(runs)} runs ({args.steps} steps each) into {args.output_dir}")
+        results = run_all(runs, args.output_dir)
+    write_summary(results, args.output_dir, args.steps)
+    print(markdown(summarise(results), args.steps))
+
+
+if __name__ == "__main__":
+    main()
