@@ -172,3 +172,66 @@ def test_generate_keeps_one_context_for_every_step_and_releases_it_even_when_a_s
                        logits_processor=LogitsProcessorList([Watch(fail_at=2)]), **vision_inputs("siglip", 2))  # fmt: skip
     seen.clear()
     assert model.hive_runtime.context is None and live_contexts() == 0
+
+
+# ---------------------------------------------------------------- the runtime on its own (no model)
+def tiny_context(seed: int = 0) -> HiveVisionContext:
+    from hive_adapter.model.layout import one_image_per_sample
+
+    level = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    slots = one_image_per_sample(2, 2, torch.device("cpu"))
+    return HiveVisionContext.from_images([level * 1.0], None, slots, prompt_length=5, media_attention="previous")
+
+
+def legacy_cache(length: int) -> tuple:
+    return ((torch.zeros(2, 1, length, 4), torch.zeros(2, 1, length, 4)),)
+
+
+@pytest.mark.parametrize("form", ["Cache", "legacy tuple"])
+def test_a_returned_cache_carries_its_prompt_until_it_is_dropped(form):
+    from transformers import DynamicCache
+
+    runtime = hive.HiveRuntime()
+    cache = DynamicCache() if form == "Cache" else legacy_cache(5)
+    if form == "Cache":
+        cache.update(torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4), 0)
+    with torch.no_grad(), runtime.forward_scope(tiny_context()) as context:
+        assert runtime.context is context
+        runtime.end_stack(training_step=False, returned_cache=cache)
+    assert runtime.context is None
+    prompt = runtime.prompt_for_call(past_key_values=cache, has_images=False)
+    assert prompt.context is context
+    assert runtime.prompt_for_call(past_key_values=cache, has_images=True) is None  # images: a new prompt
+    del prompt, context, cache
+    assert live_contexts() == 0 and not runtime._continued
+
+
+def test_a_training_step_hands_nothing_on_and_gradients_on_hand_on_a_detached_context():
+    runtime = hive.HiveRuntime()
+    training, evaluation = legacy_cache(5), legacy_cache(5)
+    with runtime.forward_scope(tiny_context()):
+        runtime.end_stack(training_step=True, returned_cache=training)
+    with runtime.forward_scope(tiny_context()) as context:
+        runtime.end_stack(training_step=False, returned_cache=evaluation)
+    with pytest.raises(RuntimeError, match="arrived before any prompt"):
+        runtime.prompt_for_call(past_key_values=training, has_images=False)
+    carried = runtime.prompt_for_call(past_key_values=evaluation, has_images=False).context
+    assert carried is not context and carried.levels[0].grad_fn is None
+    assert torch.equal(carried.levels[0], context.levels[0].detach())
+
+
+def test_scopes_release_on_exceptions_and_a_pinned_prompt_outlives_inner_forwards():
+    runtime = hive.HiveRuntime()
+    with pytest.raises(KeyError), runtime.forward_scope(tiny_context()):
+        raise KeyError
+    assert runtime.context is None
+    with runtime.pinned_to(tiny_context()) as pinned:
+        assert runtime.prompt_for_call(past_key_values=legacy_cache(5), has_images=True).context is pinned
+        with runtime.forward_scope(tiny_context(1)):  # a decoding step inside generate keeps the pinned prompt
+            assert runtime.context is pinned
+        assert runtime.context is pinned and runtime.pinned
+    assert runtime.context is None and not runtime.pinned
+    runtime.open_forward(tiny_context())  # LLaVA's prepare_inputs: closed at the end of the decoder stack
+    assert runtime.context is not None
+    runtime.end_stack(training_step=False, returned_cache=None)
+    assert runtime.context is None
