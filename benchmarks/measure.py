@@ -161,7 +161,7 @@ def generation_costs(
     output = model(**inputs, use_cache=True)
     kv_bytes = _cache_bytes(output.past_key_values)
     runtime = getattr(model, "hive_runtime", None)
-    vision_kv_bytes = runtime.cached_vision_bytes() if runtime is not None else 0
+    vision_kv_bytes = runtime.cached_vision_bytes(output.past_key_values) if runtime is not None else 0
     return {
         "prefill_s": prefill,
         "decode_s_per_token": (full - prefill) / new_tokens,

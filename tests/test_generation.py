@@ -204,7 +204,8 @@ def test_a_training_step_does_not_keep_its_vision_context_but_a_cached_prompt_do
     model.eval()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **pixels)
-        assert runtime.context is not None
+        assert runtime.context is None  # nothing is current between calls: the cache carries the prompt
+        assert runtime.prompt_for_call(past_key_values=out.past_key_values, has_images=False) is not None
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         model(input_ids=step, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)

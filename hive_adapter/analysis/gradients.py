@@ -138,7 +138,6 @@ def gradient_flow(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Gra
         for handle in handles:
             handle.remove()
         model.train(was_training)
-        model.hive_runtime.clear()
     if len(captured) != 1:
         raise RuntimeError(f"the vision tower ran {len(captured)} times in one forward; expected once")
     states = captured[0][1:]  # hidden_states[0] is the embedding output; [k] is layer k's output

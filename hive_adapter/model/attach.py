@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .runtime import HiveRuntime, past_length_of
+from .runtime import HiveRuntime, past_length_of, returned_cache_of
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +145,16 @@ class HiveStackStart:
 
 
 class HiveStackEnd:
-    """Hook after the decoder stack: tells the runtime the forward ended (`HiveRuntime.end_forward` decides
-    what of the prompt's state may outlive it)."""
+    """Hook after the decoder stack, run also when the stack raises (`always_call`): tells the runtime the stack
+    ended and which cache it returned (`HiveRuntime.end_stack`: a returned cache carries the prompt on; a scope
+    the LLaVA integration opened closes here)."""
 
     def __init__(self, runtime: HiveRuntime):
         self.runtime = runtime
 
     def __call__(self, stack: nn.Module, args: tuple, kwargs: dict, output):
-        # tuples (transformers < 4.48, return_dict=False) do not say whether they hold a cache: keep it
-        returned_cache = isinstance(output, tuple) or getattr(output, "past_key_values", None) is not None
-        self.runtime.end_forward(
-            training_step=stack.training and torch.is_grad_enabled(), returned_cache=returned_cache
+        self.runtime.end_stack(
+            training_step=stack.training and torch.is_grad_enabled(), returned_cache=returned_cache_of(output)
         )
 
 
@@ -278,7 +277,7 @@ def attach_hive_hooks(
     if llm_layers:
         stack = find_layer_owner(model, layers)
         stack.register_forward_pre_hook(HiveStackStart(runtime), with_kwargs=True)
-        stack.register_forward_hook(HiveStackEnd(runtime), with_kwargs=True)
+        stack.register_forward_hook(HiveStackEnd(runtime), with_kwargs=True, always_call=True)
         attachment.stack = stack
     logger.info("HIVE: cross-attention hooked into decoder layers %s at %s", list(llm_layers), layers_path)
     return attachment

@@ -170,24 +170,25 @@ class CrossAttentionConnector(Connector):
         )
         if segments is not None:
             check_packed_language_model(language_model, kwargs)
-        model.hive_runtime.context_for_call(
-            past_length=past_length_of(past_key_values),
-            has_images=pixel_values is not None,
-            build=lambda: model.hive_prompt_context(
+        runtime = model.hive_runtime
+        prompt = runtime.prompt_for_call(past_key_values=past_key_values, has_images=pixel_values is not None)
+        if prompt is None:  # a new prompt
+            prompt = model.hive_prompt_context(
                 input_ids, inputs_embeds, pixel_values, segments=segments, **vision_inputs
-            ),
-        )
+            )
         text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-        return language_model(
-            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
-        )
+        with runtime.forward_scope(prompt):  # current while the language model runs, released however it ends
+            return language_model(
+                **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
+            )
 
     def generate(self, model, generate, *, input_ids, pixel_values, attention_mask, inputs_embeds, vision_inputs,
                  **kwargs):  # fmt: skip
         text = {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
         text = {name: value for name, value in text.items() if value is not None}
         context = model.hive_prompt_context(input_ids, inputs_embeds, pixel_values, **vision_inputs)
-        return model.hive_runtime.generating(context, lambda: generate(**text, attention_mask=attention_mask, **kwargs))
+        with model.hive_runtime.pinned_to(context):  # one prompt for every decoding step, released at the end
+            return generate(**text, attention_mask=attention_mask, **kwargs)
 
 
 class CascadedConnector(CrossAttentionConnector):

@@ -5,10 +5,11 @@
 `PreTrainedModel`) both inherit it. It builds HIVE's modules (`builders.py`), hooks the blocks into the decoder
 layers (`attach.py`), and runs a forward as four steps (docs/ARCHITECTURE.md, "The forward path"):
 
-    1. new prompt or decoding step?  runtime.context_for_call   (runtime.py)
+    1. new prompt or decoding step?  runtime.prompt_for_call    (runtime.py)
     2. the prompt's vision context   hive_prompt_context: markers (layout.py) + tower and levels (vision.py)
-    3. the language model            language_model(...), whose hooked layers read the context (attach.py)
-    4. end of the forward            runtime.end_forward, from the hook after the decoder stack
+    3. the language model            inside `with runtime.forward_scope(prompt)`: its hooked layers read the
+                                     context (attach.py); released when the scope exits, however it exits
+    4. end of the decoder stack      runtime.end_stack: a returned cache carries the prompt to decoding steps
 
 The data flow of a forward and of `generate` is the connector's (`connectors.py`): cross-attention read by the
 hooked layers (`hive`, `cascaded`), or the deepest level spliced into the input embeddings (`concat`).
@@ -187,7 +188,7 @@ class HiveMixin:
     ) -> HiveVisionContext:
         """The vision context of a new prompt, given as token ids, embeddings, or both (markers from the ids).
         `segments` (batch, text): the sample of each token in packed rows (`hive_adapter.model.packing`), or None.
-        Changes no state: the runtime makes it current (`context_for_call`, `generating`, `pinned_to`)."""
+        Changes no state: the runtime makes it current inside a scope (`forward_scope`, `pinned_to`)."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")

@@ -7,6 +7,8 @@ gradient checkpointing) and nothing else when the LLM is frozen, LLaVA's upstrea
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from hive_adapter.integrations.llava import (
     hive_modules_of,
 )
 from hive_adapter.integrations.llava.toy import write_llava_toy
+from hive_adapter.model.context import HiveVisionContext
 
 M = -200  # llava.constants.IMAGE_TOKEN_INDEX
 
@@ -180,6 +183,51 @@ def test_generation_cached_equals_uncached_and_equals_forward_loop(toy):
             sequence = torch.cat([sequence, token], dim=1)
     reference = torch.cat(new, dim=1)
     assert torch.equal(cached[:, -6:], reference)
+
+
+def test_a_cached_forward_loop_continues_its_own_prompt_and_nothing_outlives_the_cache(toy):
+    """LLaVA's forward, decoding by hand with 4.37's legacy tuple cache (new tuples every step): each step
+    continues the prompt its cache carries, even with another prompt run in between; once the caches are
+    dropped no context is left (LLaVA's forward opens the scope in prepare_inputs, the stack's end closes it)."""
+    model = build(toy, vision_connector="hive")
+    set_gates(model, 1.0)
+    runtime = hive_modules_of(model).runtime
+    ids = torch.tensor([[1, 5, M, 6, 7]])
+    with torch.no_grad():
+        expected = model.generate(ids, images=images(1), do_sample=False, max_new_tokens=4)
+        out = model(input_ids=ids, images=images(1), use_cache=True)
+        assert isinstance(out.past_key_values, tuple)
+        other = model(input_ids=ids, images=-images(1), use_cache=True)  # another prompt, other image
+        new = []
+        for _ in range(4):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            assert runtime.context is None
+    assert torch.equal(torch.cat(new, dim=1), expected[:, -4:])
+    assert runtime.cached_vision_bytes(other.past_key_values) > 0
+    del out, other
+    gc.collect()
+    assert not any(isinstance(obj, HiveVisionContext) for obj in gc.get_objects())
+
+
+def test_an_exception_inside_llava_forward_releases_the_prompt(toy):
+    model = build(toy, vision_connector="hive")
+    runtime = hive_modules_of(model).runtime
+
+    class Boom(Exception):
+        pass
+
+    def fail(*args):
+        raise Boom
+
+    handle = model.get_model().layers[1].register_forward_hook(fail)
+    try:
+        with pytest.raises(Boom):
+            model(input_ids=torch.tensor([[1, 5, M, 6, 7]]), images=images(1), use_cache=True)
+    finally:
+        handle.remove()
+    assert runtime.context is None
 
 
 def test_drop_image_markers_right_and_left():

@@ -29,7 +29,7 @@ from ...model.context import HiveVisionContext
 from ...model.cross_attention import keep_float32
 from ...model.layout import ImageSlots, images_by_marker
 from ...model.parameters import check_finite
-from ...model.runtime import HiveRuntime, past_length_of
+from ...model.runtime import HiveRuntime
 from ...model.vision import HiveVisionSide, build_vision_context
 from .markers import TextWithoutMarkers, drop_image_markers
 from .settings import SETTINGS_PARAMETER, decode_settings, encode_settings
@@ -226,12 +226,16 @@ class HiveLlavaModules(nn.Module):
         after a marker sees its image through cross-attention) and the images are encoded into the
         vision context the hooked decoder layers read. Decoding steps keep the prompt's context.
         """
-        if self.runtime.continues_prompt(past_length=past_length_of(past_key_values), has_images=images is not None):
+        # LLaVA's forward cannot be wrapped here: the scope opened now is closed by the hook after the decoder
+        # stack (`HiveRuntime.open_forward`), also when the stack raises.
+        prompt = self.runtime.prompt_for_call(past_key_values=past_key_values, has_images=images is not None)
+        if prompt is not None:
+            self.runtime.open_forward(prompt)
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         text, context = self.prompt(
             llava_model, input_ids, position_ids, attention_mask, labels, images, padding_side=padding_side
         )
-        self.runtime.begin_prompt(context)
+        self.runtime.open_forward(context)
         return text.input_ids, text.position_ids, text.attention_mask, past_key_values, None, text.labels
 
 
