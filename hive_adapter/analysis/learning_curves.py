@@ -19,7 +19,8 @@ own picture and with the next sample's (the control). A curve's steps-to-X% is t
 above X% with the own picture.
 
 Variants change one thing against the default to find why a connector is slower (`VARIANTS`): the
-gates' starting value, the scale of HIVE's new weights, the learning rate of HIVE's modules.
+gates' starting value, the scale of HIVE's new weights, the learning rate of HIVE's modules, a gated
+feed-forward after each cross-attention.
 Each finished (variant, task, connector, seed) run is written to `<output_dir>/runs/` and skipped when
 rerun; `curves.md`, `curves.json` and `learning_curves.png` summarise every finished run.
 """
@@ -69,6 +70,7 @@ VARIANTS = {
     "gate0.1": Variant(config={"gate_init": 0.1}, description="gates start at 0.1 instead of 0 (no identity at init)"),
     "init0.1": Variant(config={"initializer_range": 0.1}, description="HIVE's new weights N(0, 0.1) instead of 0.02"),
     "hive_lr3": Variant(hive_lr_factor=3.0, description="HIVE's modules at 3x the learning rate (3e-3)"),
+    "ffn": Variant(config={"use_ffn": True}, description="a gated feed-forward after each cross-attention (Flamingo)"),
 }
 
 
