@@ -193,6 +193,11 @@ def test_hive_reproduce_writes_its_table_and_figures(tmp_path):
     assert "| hive |" in table and "| concat |" in table and "hive-reproduce --quick --output_dir" in table
     assert "content, swapped image" in table and "±" in table  # two seeds: mean ± spread
     assert "## The encoder: starting vs exported, per layer" in table and "## Sample efficiency" in table
+    (out / "reproduce.md").unlink()  # --report_only renders the same report from reproduce.json, training nothing
+    reproduce(["--report_only", "--output_dir", str(out)])
+    assert (out / "reproduce.md").read_text() == table
+    with pytest.raises(SystemExit, match=r"--report_only needs .*reproduce.json"):
+        reproduce(["--report_only", "--output_dir", str(tmp_path / "nothing")])
     figures = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
                "attention_entropy.png", "attention_maps.png", "encoder_probe_layers.png")  # fmt: skip
     for figure in figures:

@@ -192,6 +192,7 @@ def verdicts(budgets: dict[str, dict[str, dict]], tasks: list[str]) -> list[str]
                     if wins
                     else "does not exceed them by more than the seeds' spread"
                 )
+                + ("; hive's own gain is within its seeds' spread of zero" if abs(hive["mean"]) <= hive["sd"] else "")
             )
     return out
 

@@ -248,6 +248,38 @@ def seconds_per_step(report: dict) -> float:
     return runtime / max(1, report["global_steps"])
 
 
+def render_markdown(report: dict) -> str:
+    """reproduce.md from what reproduce.json holds (`--report_only` re-renders a finished run this way)."""
+    budget = Budget(**{key: tuple(v) if isinstance(v, list) else v for key, v in report["budget"].items()})
+    tables = markdown_tables(report["results"], report["start_probe"])
+    markdown = report_markdown(
+        report["command"], report["environment"], report["seconds"], report["timings"], budget, tables,
+        report["results"], report["figures"],
+    )  # fmt: skip
+    return (
+        markdown
+        + encoder_section(report["encoder_quality"], budget)
+        + curves_section(report["learning_curves"], budget)
+    )
+
+
+def report_only(out: Path) -> None:
+    """Rewrite `out/reproduce.md` from `out/reproduce.json` (an earlier hive-reproduce run's); nothing is trained."""
+    try:
+        report = json.loads((out / "reproduce.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"[{COMMAND}] error: --report_only needs {out / 'reproduce.json'} from an earlier {COMMAND} run ({error})"
+        ) from None
+    if not str(report.get("command", "")).startswith(COMMAND) or "encoder_quality" not in report:
+        raise SystemExit(
+            f"[{COMMAND}] error: {out / 'reproduce.json'} was not written by this version of {COMMAND} (no "
+            "encoder_quality); run it again"
+        )
+    write_file(out / "reproduce.md", lambda path: path.write_text(render_markdown(report)))
+    say(f"re-rendered {out / 'reproduce.md'} from {out / 'reproduce.json'}")
+
+
 def moving_label(budget: Budget) -> str:
     return f"encoder lr {budget.moving_vision_learning_rate:g}, {budget.moving_stage3_epochs:g} epochs"
 
@@ -262,7 +294,7 @@ def encoder_section(study: dict, budget: Budget) -> str:
         f"{moving_label(budget)} from the same stage-2 checkpoint (the LM and HIVE's modules keep Table 3's rate).\n\n"
         + encoder_quality.markdown(study["start"], study["budgets"])
         + "\n\n"
-        + "".join(f"- {line}\n" for line in study["verdicts"])
+        + "".join(f"- {line}\n" for line in encoder_quality.verdicts(study["budgets"], list(study["start"])))
         + "\n![encoder_probe_layers.png](encoder_probe_layers.png)\n"
     )
 
@@ -299,6 +331,11 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
         type=Path,
         default=None,
         help="checkpoints (kept, and reused on a rerun); default: a temporary one",
+    )
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="re-render reproduce.md from --output_dir's reproduce.json; train nothing",
     )
     parser.add_argument("--quick", action="store_true", help="the small budget: 1 seed, smaller sets (under 5 min)")
     parser.add_argument("--seeds", default=None, help=f"comma-separated (default {','.join(map(str, FULL.seeds))})")
@@ -376,6 +413,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget,
 def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars(reloads_models=True)
     args, budget, connectors = parse_arguments(argv)
+    if args.report_only:
+        report_only(args.output_dir)
+        return
     probe_config = ProbeConfig(epochs=budget.probe_epochs, **PROBE)
     flags = [] if args.hive_learning_rate is None else ["--hive_learning_rate", str(args.hive_learning_rate)]
     started = time.time()
@@ -586,8 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     )
     write_file(out / "reproduce.json", lambda path: path.write_text(report))
-    markdown = report_markdown(command, environment, seconds, timings, budget, tables, results, figures)
-    markdown += encoder_section(encoder_study, budget) + curves_section(curves, budget)
+    markdown = render_markdown(json.loads(report))
     write_file(out / "reproduce.md", lambda path: path.write_text(markdown))
     print("\n" + tables + "\n")
     print("\n".join(encoder_study["verdicts"]) + "\n")
