@@ -456,8 +456,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         console_say(COMMAND, f"{len(runs)} runs ({args.steps} steps each) into {args.output_dir}")
         results = run_all(runs, args.output_dir)
-    write_summary(results, args.output_dir, args.steps)
-    print(markdown(summarise(results), args.steps))
+    limit = max(result["run"]["steps"] for result in results)  # what the runs were trained for, not the flag's default
+    write_summary(results, args.output_dir, limit)
+    print(markdown(summarise(results), limit))
 
 
 if __name__ == "__main__":
