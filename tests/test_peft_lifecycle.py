@@ -121,3 +121,51 @@ def test_hive_unload_after_a_merge_gives_the_base_back(target):
         torch.testing.assert_close(base(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
     hive_hooks = (*LAYER_HOOKS, *STACK_HOOKS)  # (transformers adds hooks of its own to capture hidden states)
     assert not [name for name, module in base.named_modules() if hive_hooks_of(module, hive_hooks)]
+
+
+def _tower_slot(model) -> tuple[torch.nn.Module, str]:
+    """(parent, attribute) where the model's vision tower stands."""
+    from hive_adapter.model.architectures import find_vision_tower
+
+    root = model.base_model if isinstance(model, hive.HiveModel) else model
+    tower = find_vision_tower(root, None) if isinstance(model, hive.HiveModel) else model.vision_model
+    name = next(name for name, module in model.named_modules() if module is tower)
+    parent_name, _, attribute = name.rpartition(".")
+    return model.get_submodule(parent_name), attribute
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_hive_runs_the_vision_tower_that_stands_in_the_model_now(kind):
+    """A tower replaced after wrapping (by PEFT's modules_to_save, or a user swapping encoders) is the one HIVE
+    runs: replacing it by a changed copy gives what changing it in place gives."""
+    import copy
+
+    inputs = batch(kind)
+    in_place, replaced = fresh(kind), fresh(kind)
+    before = logits(in_place, inputs)
+    parent, attribute = _tower_slot(in_place)
+    with torch.no_grad():
+        for param in getattr(parent, attribute).parameters():
+            param.mul_(1.5)
+    parent, attribute = _tower_slot(replaced)
+    changed = copy.deepcopy(getattr(parent, attribute))
+    with torch.no_grad():
+        for param in changed.parameters():
+            param.mul_(1.5)
+    setattr(parent, attribute, changed)
+    expected = logits(in_place, inputs)
+    assert not torch.allclose(expected, before)
+    torch.testing.assert_close(logits(replaced, inputs), expected)
+
+
+def test_peft_modules_to_save_on_the_vision_tower_trains_the_tower_hive_reads():
+    peft_model = get_peft_model(
+        fresh("full"), LoraConfig(r=4, target_modules=TARGETS["hive"], modules_to_save=["vision_model"])
+    )
+    inputs = batch("full")
+    before = logits(peft_model, inputs)
+    trained_copy = peft_model.base_model.model.vision_model.modules_to_save["default"]
+    with torch.no_grad():
+        for param in trained_copy.parameters():
+            param.mul_(1.5)  # what training the saved copy does
+    assert not torch.allclose(logits(peft_model, inputs), before), "HIVE still runs the tower PEFT set aside"

@@ -51,6 +51,14 @@ def hold_reference(owner: nn.Module, name: str, module: nn.Module) -> None:
     object.__setattr__(owner, name, module)
 
 
+def module_path(root: nn.Module, module: nn.Module) -> str:
+    """The dotted name of `module` inside `root` (a ValueError when `root` does not hold it)."""
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    raise ValueError(f"{type(module).__name__} is not a module of this {type(root).__name__}; register it first")
+
+
 class HiveMixin:
     """HIVE's modules and forward logic; the class that mixes it in decides where the base parts live."""
 
@@ -86,7 +94,9 @@ class HiveMixin:
         self.hive_config = config
         self.hive_layers = resolved
         self.hive_runtime = HiveRuntime()
-        hold_reference(self, "_hive_vision_tower", vision_tower)  # registered where the base keeps it
+        # The tower stays where the base keeps it; HIVE remembers *where*, not the object, so a tower replaced
+        # later (PEFT's modules_to_save, a swapped encoder) is the one it runs.
+        self._hive_vision_tower_path = module_path(self, vision_tower)
         self._hive_vision_shape = vision
         self._hive_text_shape = text
         self._hive_image_token_id = image_token_id
@@ -132,7 +142,7 @@ class HiveMixin:
         """The vision tower, its shape, the levels HIVE reads and their projectors (built on each access, so it
         follows a module that was replaced, e.g. by PEFT)."""
         return HiveVisionSide(
-            tower=self._hive_vision_tower,
+            tower=self.get_submodule(self._hive_vision_tower_path),
             shape=self._hive_vision_shape,
             vision_layers=self.hive_layers.vision_layers,
             levels=self.hive_levels,
