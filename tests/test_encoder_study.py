@@ -203,6 +203,8 @@ def test_a_curve_run_is_measured_with_its_control_and_kept(tmp_path):
     stamp = written.stat().st_mtime_ns
     assert learning_curves.run_all([run], tmp_path) == [json.loads(written.read_text())]
     assert written.stat().st_mtime_ns == stamp  # a finished run is reused, not trained again
+    written.write_text("{truncated")  # a damaged record is trained again, not a crash
+    assert learning_curves.run_all([run], tmp_path)[0]["own"] == result["own"]
     summary = learning_curves.write_summary([result], tmp_path, 50)
     assert summary["ratio_to_concat_90"]["default"]["colour"]["concat"] == 1.0
     assert "| colour | concat |" in (tmp_path / "curves.md").read_text()

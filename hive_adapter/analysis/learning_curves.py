@@ -382,11 +382,17 @@ def run_all(runs: list[CurveRun], directory: Path, *, say=None) -> list[dict]:
     for index, run in enumerate(runs, 1):
         path = directory / "runs" / f"{run.name}.json"
         if path.is_file():
-            recorded = json.loads(path.read_text())
-            if recorded["run"] == asdict(run):
+            try:
+                recorded = json.loads(path.read_text())
+                same = recorded["run"] == asdict(run)
+            except (ValueError, KeyError, TypeError):
+                recorded, same = None, False
+                say(f"{path} is not a finished run's record (unreadable): training it again")
+            if same:
                 results.append(recorded)
                 continue
-            say(f"{path.name} was trained with other settings: training it again")
+            if recorded is not None:
+                say(f"{path.name} was trained with other settings: training it again")
         result = train_curve(run)
         write_file(path, lambda tmp, result=result: tmp.write_text(json.dumps(result, indent=1)))
         say(
@@ -450,7 +456,12 @@ def main(argv: list[str] | None = None) -> None:
         for v in variants for t in tasks for s in seeds for c in connectors
     ]  # fmt: skip
     if args.summary_only:
-        results = [json.loads(p.read_text()) for p in sorted((args.output_dir / "runs").glob("*.json"))]
+        results = []
+        for path in sorted((args.output_dir / "runs").glob("*.json")):
+            try:
+                results.append(json.loads(path.read_text()))
+            except ValueError:
+                console_say(COMMAND, f"skipping {path}: not a finished run's record (unreadable)")
         if not results:
             parser.error(f"--summary_only: no finished runs in {args.output_dir / 'runs'}")
     else:
