@@ -10,12 +10,15 @@ import torch
 
 from ..data.synthetic import PROMPT, SyntheticShapes
 from ..model.loading import load_hive
+from . import encoder_quality, learning_curves
 from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .plots import plot_attention_maps, plot_gradient_maps, plot_image_reading, plot_layer_curves
 
 if TYPE_CHECKING:
     from .reproduce import Budget
+
+CURVES_DIR = "learning_curves"  # under --output_dir: one JSON per finished curve (reused on a rerun), tables, plot
 
 
 def mean_and_spread(values: list[float]) -> dict[str, float]:
@@ -178,3 +181,59 @@ def write_figures(
             )
         )  # fmt: skip
     return [path.name for path in written]
+
+
+def render_markdown(report: dict) -> str:
+    """reproduce.md from what reproduce.json holds (`--report_only` re-renders a finished run this way)."""
+    from .reproduce import Budget
+
+    budget = Budget(**{key: tuple(v) if isinstance(v, list) else v for key, v in report["budget"].items()})
+    tables = markdown_tables(report["results"], report["start_probe"])
+    markdown = report_markdown(
+        report["command"], report["environment"], report["seconds"], report["timings"], budget, tables,
+        report["results"], report["figures"],
+    )  # fmt: skip
+    return (
+        markdown
+        + encoder_section(report["encoder_quality"], budget)
+        + curves_section(report["learning_curves"], budget)
+    )
+
+
+def moving_label(budget: Budget) -> str:
+    return f"encoder lr {budget.moving_vision_learning_rate:g}, {budget.moving_stage3_epochs:g} epochs"
+
+
+def encoder_section(study: dict, budget: Budget) -> str:
+    return (
+        "\n## The encoder: starting vs exported, per layer\n\n"
+        f"Linear probes ({budget.probe_epochs} epochs, batch 64, Table 4's optimiser, no augmentation) of the frozen "
+        "encoder at the output of every layer and at its final output; `shades`: 18 classes (6 shades of teal 14 RGB "
+        "units apart x 3 fill textures) that no connector trains on. Gains are paired per seed (exported minus the "
+        "encoder that seed started from). Stage-3 budgets: Table 3 (2e-6 for everything, 1 epoch) and "
+        f"{moving_label(budget)} from the same stage-2 checkpoint (the LM and HIVE's modules keep Table 3's rate).\n\n"
+        + encoder_quality.markdown(study["start"], study["budgets"])
+        + "\n\n"
+        + "".join(f"- {line}\n" for line in encoder_quality.verdicts(study["budgets"], list(study["start"])))
+        + "\n![encoder_probe_layers.png](encoder_probe_layers.png)\n"
+    )
+
+
+def curves_section(curves: dict | None, budget: Budget) -> str:
+    if curves is None:
+        return ""
+    ratios = curves["ratio_to_concat_90"].get("default", {})
+    lines = [
+        f"{task}: " + ", ".join(f"{c} {r:.2g}x" if r is not None else f"{c} –" for c, r in row.items())
+        for task, row in ratios.items()
+    ]
+    return (
+        "\n## Sample efficiency: learning curves\n\n"
+        f"Tiny models (SigLIP 4 x 64, Llama 2 x 64, the real HiveForConditionalGeneration) trained whole (AdamW 1e-3, "
+        f"batch 32) for {budget.curve_steps} steps on image-only one-token tasks; held-out accuracy with the own "
+        f"picture every 25 steps (`{CURVES_DIR}/curves.md` has every run).\n\n"
+        + learning_curves.markdown({"default": curves["table"]["default"]}, budget.curve_steps)
+        + "\nMedian steps to 90% over concat's: "
+        + "; ".join(lines)
+        + "\n\n![learning_curves.png](learning_curves/learning_curves.png)\n"
+    )
