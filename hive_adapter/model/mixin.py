@@ -30,7 +30,7 @@ from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
 from .connectors import Connector, connector_for
 from .context import HiveVisionContext
-from .layout import ImageSlots, find_markers, marker_slots, one_image_per_sample
+from .layout import find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .packing import PackedLayout, refuse_packed_generation
 from .parameters import is_hive_parameter
@@ -214,16 +214,17 @@ class HiveMixin:
             if markers is not None:
                 markers = packed.gather(markers) & packed.valid
 
-        def slots_for(num_images: int) -> ImageSlots:
+        slots = None
+        if pixel_values is not None:  # which sample sees which image, from which column
             if markers is None:
-                return one_image_per_sample(batch, num_images, reference.device)
-            return marker_slots(markers, num_images, image_token_id=self.hive_image_token_id)
-
+                slots = one_image_per_sample(batch, pixel_values.shape[0], reference.device)
+            else:
+                slots = marker_slots(markers, pixel_values.shape[0], image_token_id=self.hive_image_token_id)
         context = build_vision_context(
             self.hive_vision,
             pixel_values,
             vision_inputs,
-            slots_for=slots_for,
+            slots=slots,
             batch_size=batch,
             prompt_length=length,
             device=reference.device,

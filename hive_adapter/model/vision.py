@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,7 +128,7 @@ def build_vision_context(
     pixel_values: torch.Tensor | None,
     vision_inputs: dict[str, Any],
     *,
-    slots_for: Callable[[int], ImageSlots],
+    slots: ImageSlots | None,
     batch_size: int,
     prompt_length: int,
     device: torch.device,
@@ -137,9 +136,10 @@ def build_vision_context(
     training: bool,
 ) -> HiveVisionContext:
     """The vision context of one batch of prompts, for every front end: run the tower once, project the levels
-    and lay the images out per sample (`slots_for(number of images)` says which sample sees which image, from
-    the front end's markers). Without images one blank image runs through every module and nobody sees it;
-    images holding NaN or inf are seen by nobody (`usable_images`)."""
+    and lay the images out per sample (`slots`, from the front end's markers: which sample sees which of the
+    `pixel_values.shape[0]` images, from which column). Without images (`pixel_values` None, `slots` ignored) one
+    blank image runs through every module and nobody sees it; images holding NaN or inf are seen by nobody
+    (`usable_images`)."""
     if pixel_values is None:
         dummy = vision.dummy_inputs(device)
         levels, token_mask = vision.encode(**dummy)
@@ -147,7 +147,9 @@ def build_vision_context(
     else:
         pixel_values, usable = usable_images(pixel_values, training=training)
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        slots = slots_for(levels[0].shape[0]).without(usable)
+        if slots is None:
+            raise ValueError("images were given without their slots (which sample sees which image)")
+        slots = slots.without(usable)
     return HiveVisionContext.from_images(
         levels, token_mask, slots, prompt_length=prompt_length, media_attention=media_attention
     )

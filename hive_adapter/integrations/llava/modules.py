@@ -27,7 +27,7 @@ from ...model.builders import block_factory, build_level_encoder, cross_attentio
 from ...model.config import HiveConfig
 from ...model.context import HiveVisionContext
 from ...model.cross_attention import keep_float32
-from ...model.layout import ImageSlots, images_by_marker
+from ...model.layout import images_by_marker
 from ...model.parameters import check_finite
 from ...model.runtime import HiveRuntime
 from ...model.vision import HiveVisionSide, build_vision_context
@@ -185,21 +185,22 @@ class HiveLlavaModules(nn.Module):
                 f"the batch marks {text.marker_counts.tolist()} images per sample (<image> tokens) but no images were given"
             )
 
-        def slots_for(num_images: int) -> ImageSlots:
-            return images_by_marker(
+        pixel_values = stack_images(images)
+        slots = None
+        if pixel_values is not None:  # which sample sees which image, from which column
+            slots = images_by_marker(
                 text.marker_counts,
                 text.marker_positions,
-                num_images,
+                pixel_values.shape[0],
                 unmarked_takes_one=True,
                 mismatch="{images} images for a batch whose samples mark {per_sample} images with <image>; LLaVA "
                 "pairs images with samples in order, one per marker (one placeholder image for a sample without)",
             )
-
         context = build_vision_context(
             self.vision_side(llava_model.get_vision_tower()),
-            stack_images(images),
+            pixel_values,
             {},
-            slots_for=slots_for,
+            slots=slots,
             batch_size=input_ids.shape[0],
             prompt_length=text.input_ids.shape[1],
             device=input_ids.device,
