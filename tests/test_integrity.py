@@ -422,3 +422,23 @@ def test_a_bad_image_file_is_still_named(tmp_path):
     assert dataset[0]["source"].endswith("good.png")
     with pytest.raises(BadImageError, match="bad.png"):
         dataset[1]
+
+
+def test_layer_flags_are_compared_as_the_models_connector_places_them_even_under_another_connector():
+    """Before, a different --vision_connector skipped the layer check; now the asked layers are resolved by the
+    model's connector, so a contradicting --hive_llm_layers is named beside the connector."""
+    from transformers import LlamaConfig, SiglipVisionConfig
+
+    from hive_adapter.training.hive_flags import HiveArguments
+    from hive_adapter.training.plan import contradictions
+
+    config = hive.HiveConfig(
+        vision_layers=[1, 3], llm_layers=[0, 1], vision_config=SiglipVisionConfig(num_hidden_layers=4),
+        text_config=LlamaConfig(num_hidden_layers=4),
+    )  # fmt: skip
+    asked = HiveArguments(vision_connector="cascaded", hive_vision_layers="1,3", hive_llm_layers="2,3")
+    found = contradictions(config, asked, {"vision_connector", "hive_vision_layers", "hive_llm_layers"})
+    assert "--vision_connector 'cascaded' (the model: connector='hive')" in found
+    assert "--hive_llm_layers [2, 3] (the model: [0, 1])" in found
+    same = HiveArguments(vision_connector="hive", hive_vision_layers="1,3", hive_llm_layers="0,1")
+    assert contradictions(config, same, {"vision_connector", "hive_vision_layers", "hive_llm_layers"}) == []

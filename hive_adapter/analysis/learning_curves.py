@@ -41,7 +41,14 @@ from ..utils.outputs import write_file
 
 COMMAND = "hive-learning-curves"
 IMAGE, PATCH = 32, 8
-CONNECTORS = ("hive", "hive_lean", "cascaded", "concat")
+# What each compared model is: a connector, or a variant of one (hive_lean: HIVE with the lean projector).
+CONNECTOR_SETTINGS = {
+    "hive": {"connector": "hive"},
+    "hive_lean": {"connector": "hive", "projector_type": "lean"},
+    "cascaded": {"connector": "cascaded"},
+    "concat": {"connector": "concat"},
+}
+CONNECTORS = tuple(CONNECTOR_SETTINGS)
 TASKS = ("colour", "position", "shape", "texture", "digits")
 THRESHOLDS = (0.9, 0.95)
 PAD, BOS = 0, 1
@@ -194,12 +201,10 @@ def tiny_model(connector: str, seed: int, variant: Variant = VARIANTS["default"]
             vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=BOS, eos_token_id=PAD, pad_token_id=PAD,
         )
     )  # fmt: skip
-    lean = connector == "hive_lean"
     config = HiveConfig(
-        connector="hive" if lean else connector,
         vision_layers=[1, 3],
         llm_layers=[0, 1],
-        **({"projector_type": "lean"} if lean else {}),
+        **CONNECTOR_SETTINGS[connector],
         **variant.config,
     )  # fmt: skip  (16 patch tokens a level)
     return HiveForConditionalGeneration.from_vision_text(vision, language, config)

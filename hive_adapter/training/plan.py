@@ -16,6 +16,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from ..model.config import HiveConfig
+from ..model.connectors import connector_for
 from ..utils.outputs import OutputRefused, check_target, owner_of, partial_path
 from .hive_flags import HiveArguments, hive_config_from
 from .stages import StageSpec
@@ -74,12 +75,17 @@ def contradictions(config: HiveConfig, hive_args: HiveArguments, explicit: set[s
     for flag, field in FLAG_FIELDS.items():
         if flag in explicit and getattr(asked, field) != getattr(config, field):
             found.append(f"--{flag} {getattr(asked, field)!r} (the model: {field}={getattr(config, field)!r})")
-    if explicit & set(LAYER_FLAGS) and asked.connector == config.connector and config.vision_config is not None:
+    if explicit & set(LAYER_FLAGS) and config.vision_config is not None:
         counts = {
             "num_vision_layers": config.vision_config.num_hidden_layers,
             "num_llm_layers": config.text_config.num_hidden_layers,
         }
-        have, want = config.resolve_layers(**counts), asked.resolve_layers(**counts)
+        # The asked layers as the model's connector places them (another connector is named above on its own).
+        have = config.resolve_layers(**counts)
+        try:
+            want = connector_for(config.connector).resolve_layers(asked, **counts)
+        except ValueError as error:  # flags the model's connector cannot place at all
+            return [*found, f"the layer flags ({error})"]
         for flag, field in LAYER_FLAGS.items():
             if flag in explicit and getattr(want, field) != getattr(have, field):
                 found.append(f"--{flag} {list(getattr(want, field))} (the model: {list(getattr(have, field))})")
