@@ -73,14 +73,11 @@ def hive_train(*arguments: str) -> None:
     say(f"  done in {time.time() - started:.0f} s")
 
 
-def ask(model_dir: Path, *, pictures: int) -> list[dict]:
-    """Every question about each held-out picture, with the picture and with the next one's (the control)."""
-    from transformers import pipeline
-
-    import hive_adapter  # noqa: F401  (registers HIVE with AutoModel and AutoProcessor)
+def ask(chat, *, pictures: int) -> list[dict]:
+    """Every question about each held-out picture, with the picture and with the next one's (the control), through
+    the `image-text-to-text` pipeline `chat`."""
     from hive_adapter.data.synthetic import SyntheticShapes
 
-    chat = pipeline("image-text-to-text", model=str(model_dir))
     shapes = SyntheticShapes(pictures + 1, seed=HELD_OUT_SEED, image_size=64)
     rows = []
     for index in range(pictures):
@@ -138,10 +135,13 @@ def main() -> None:
             "--learning_rate", str(args.sft_learning_rate), "--output_dir", str(out / "chat"), *batch,
         )  # fmt: skip
     say(f"asking {final} about {args.pictures} held-out pictures")
-    rows = ask(final, pictures=args.pictures)
     from transformers import pipeline
 
-    text_only = reply(pipeline("image-text-to-text", model=str(final)), [{"role": "user", "content": TEXT_QUESTION}])
+    import hive_adapter  # noqa: F401  (registers HIVE with AutoModel and AutoProcessor)
+
+    chat = pipeline("image-text-to-text", model=str(final))  # built once, asked every question
+    rows = ask(chat, pictures=args.pictures)
+    text_only = reply(chat, [{"role": "user", "content": TEXT_QUESTION}])
     (out / "answers.json").write_text(json.dumps(rows, indent=1))
     lines = ["| picture | question | answer | answer with another picture |", "| --- | --- | --- | --- |"]
     for row in rows:
