@@ -54,24 +54,30 @@ def flash_varlen_function() -> Callable | None:
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _own_parameters_to_float32(module: nn.Module) -> None:
+def _own_parameters_to_float32(module: nn.Module, only: set[str] | None = None) -> None:
     """The module's own parameters (not its children's), and their gradients, back to float32 where a cast made
-    them fp16/bf16."""
-    for param in module._parameters.values():
-        if param is not None and param.dtype in REDUCED_PRECISION:
+    them fp16/bf16 (`only`: just these names)."""
+    for name, param in module._parameters.items():
+        if param is not None and param.dtype in REDUCED_PRECISION and (only is None or name in only):
             param.data = param.data.float()
             if param.grad is not None:
                 param.grad = param.grad.float()
 
 
 class KeepsFloat32(nn.Module):
-    """A module whose own parameters stay float32 through every cast (`.to(bf16)`, `.half()`, `.bfloat16()`,
-    what DeepSpeed and transformers call too): tiny, numerically sensitive tensors (a gate at 0 that moves by
-    1e-5 a step does not move in bf16). docs/ARCHITECTURE.md §5."""
+    """A module whose own parameters stay float32 through the module casts (`.to(bf16)`, `.half()`,
+    `.bfloat16()`, transformers' loading): tiny, numerically sensitive tensors. docs/ARCHITECTURE.md §5.
+
+    Only a cast made by the module call itself is undone: a parameter that is already fp16/bf16 when `.to(device)`
+    runs stays so. DeepSpeed's bf16/fp16 engine casts each `p.data` and then moves the module; turning the gates and
+    norms back to float32 there would make each ZeRO flat group (one buffer per parameter group, concatenated)
+    float32, and with it every trainable parameter of the model. Under DeepSpeed they are bf16/fp16 in the module
+    like the rest, and their float32 master copy is the ZeRO optimizer's; the forward computes both in float32."""
 
     def _apply(self, fn, recurse: bool = True):
+        float32 = {name for name, p in self._parameters.items() if p is not None and p.dtype == torch.float32}
         super()._apply(fn, recurse)
-        _own_parameters_to_float32(self)
+        _own_parameters_to_float32(self, only=float32)
         return self
 
 
@@ -171,9 +177,9 @@ class HiveCrossAttention(nn.Module):
 
     def _sdpa(self, query, key, value, visible):
         """SDPA with no mask (grouped K/V heads kept) when every query sees every key, else with the mask and K/V
-        expanded to the query heads (one host synchronisation, to choose)."""
+        expanded to the query heads (one host synchronisation, to choose; on `meta` there is nothing to read)."""
         grouped = self.num_heads != self.num_kv_heads
-        if bool(visible.all()):
+        if visible.device.type != "meta" and bool(visible.all()):
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped)
         if grouped:
             groups = self.num_heads // self.num_kv_heads
