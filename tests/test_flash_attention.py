@@ -256,3 +256,21 @@ def test_unusable_images_are_dropped_where_the_slots_live():
     index = torch.zeros(2, 1, dtype=torch.long, device="meta")
     slots = ImageSlots(index, torch.ones(2, 1, dtype=torch.bool, device="meta"), index)
     assert slots.without(torch.tensor([True, False])).image_valid.device.type == "meta"
+
+
+def test_the_sdpa_blocks_read_visibility_once_per_forward_not_once_per_block(monkeypatch):
+    """Host syncs: choosing SDPA's mask-free call reads `visible.all()` once per forward, shared by every block."""
+    reads = []
+    real = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda tensor: reads.append(1) or real(tensor))
+    counts = {}
+    for layers in ([1, 3], [0, 1, 2, 3]):
+        config = hive.HiveConfig(vision_layers=[0, 1, 2, 3][: len(layers)], llm_layers=layers, tokens_per_level=4)
+        torch.manual_seed(0)
+        model = hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama"), config)
+        batch = {"input_ids": text_ids(2, 8), **vision_inputs("clip", 2)}
+        model(**batch)  # warm-up (lazy initialisations read tensors too)
+        reads.clear()
+        model(**batch)
+        counts[len(layers)] = len(reads)
+    assert counts[4] == counts[2], counts

@@ -88,6 +88,7 @@ class HiveBlockCall:
             key_value=runtime.cached_key_values(self.block_index, hidden.shape[0]),
             return_weights=runtime.recording,
             return_key_value=runtime.caching_key_values,
+            all_visible=runtime.context_for(hidden).all_visible(visible, runtime.past_length),
         )
         if key_value is not None:
             runtime.keep_key_values(self.block_index, hidden.shape[0], key_value)

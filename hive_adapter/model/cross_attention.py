@@ -145,8 +145,10 @@ class HiveCrossAttention(nn.Module):
         visible: torch.Tensor,
         *,
         return_weights: bool = False,
+        all_visible: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden (batch, text, hidden); visible (batch, text, keys) bool, True where a query may look.
+        """hidden (batch, text, hidden); visible (batch, text, keys) bool, True where a query may look;
+        `all_visible`: whether `visible` is all True, where the caller knows (else read here, one host sync).
 
         Rows with no visible key must already be fully True (the caller zeroes their output), so no
         softmax ever runs over an empty row and no NaN reaches the backward pass.
@@ -160,7 +162,7 @@ class HiveCrossAttention(nn.Module):
         elif self.implementation == "flash_attention_2" and (plan := _flash_plan(query, key, value, visible)):
             output = self._flash(query, key, value, *plan)
         else:
-            output = self._sdpa(query, key, value, visible)
+            output = self._sdpa(query, key, value, visible, all_visible)
         output = output.transpose(1, 2).reshape(
             batch, text, self.num_heads * self.head_dim
         )  # (batch, text, heads*head_dim)
@@ -175,11 +177,13 @@ class HiveCrossAttention(nn.Module):
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         return torch.matmul(weights, value), weights
 
-    def _sdpa(self, query, key, value, visible):
+    def _sdpa(self, query, key, value, visible, all_visible: bool | None):
         """SDPA with no mask (grouped K/V heads kept) when every query sees every key, else with the mask and K/V
-        expanded to the query heads (one host synchronisation, to choose; on `meta` there is nothing to read)."""
+        expanded to the query heads (`all_visible` None: read here, one host sync; on `meta` nothing to read)."""
         grouped = self.num_heads != self.num_kv_heads
-        if visible.device.type != "meta" and bool(visible.all()):
+        if all_visible is None:
+            all_visible = visible.device.type != "meta" and bool(visible.all())
+        if all_visible:
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped)
         if grouped:
             groups = self.num_heads // self.num_kv_heads
@@ -268,11 +272,13 @@ class HiveCrossAttentionBlock(KeepsFloat32):
         key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_weights: bool = False,
         return_key_value: bool = False,
+        all_visible: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """hidden (batch, text, hidden) -> (same shape, attention weights or None, this block's K/V or None).
 
         media: (batch, keys, media width), projected to K/V here unless `key_value` brings them (computed once
-        per prompt when generating, hence `return_key_value`); has_media: (batch, text) bool.
+        per prompt when generating, hence `return_key_value`); has_media: (batch, text) bool; all_visible: whether
+        `visible` is all True, where the caller knows it (`HiveVisionContext.all_visible`, one sync per forward).
         """
         if key_value is None:
             key_value = self.key_values(media)
@@ -285,7 +291,12 @@ class HiveCrossAttentionBlock(KeepsFloat32):
         sample_keys = sample_keys | ~sample_keys.any(dim=-1, keepdim=True)
         safe_visible = torch.where(has_media[..., None], visible, sample_keys)
         attended, weights = self.attn(
-            self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights
+            self.hive_attn_norm(hidden),
+            key,
+            value,
+            safe_visible,
+            return_weights=return_weights,
+            all_visible=all_visible,
         )
         keep = has_media[..., None]  # (batch, text, 1)
         nothing = hidden.new_zeros(())
