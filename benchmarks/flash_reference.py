@@ -96,10 +96,18 @@ def flash_attn_varlen_func(
     return_attn_probs=False,
     block_table=None,
 ):
+    calls["varlen"] += 1
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, block_table)  # fmt: skip
+
+
+def _varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+    softcap, alibi_slopes, block_table,
+):  # fmt: skip
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if dropout_p or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None or block_table is not None:
         raise NotImplementedError("the reference kernel covers dropout 0, no window, no softcap, no alibi, no paging")
-    calls["varlen"] += 1
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = q.new_zeros(q.shape)
@@ -112,26 +120,19 @@ def flash_attn_varlen_func(
     return out
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
-    """(batch, seq, heads, d): every row one sequence, through the varlen reference."""
+def flash_attn_func(
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    deterministic=False, return_attn_probs=False,
+):  # fmt: skip
+    """(batch, seq, heads, d): every row one sequence, through the varlen reference (counted as `dense` only)."""
     batch, length_q = q.shape[:2]
     length_k = k.shape[1]
     cu_q = torch.arange(0, (batch + 1) * length_q, length_q, dtype=torch.int32)
     cu_k = torch.arange(0, (batch + 1) * length_k, length_k, dtype=torch.int32)
     calls["dense"] += 1
-    out = flash_attn_varlen_func(
-        q.reshape(-1, *q.shape[2:]),
-        k.reshape(-1, *k.shape[2:]),
-        v.reshape(-1, *v.shape[2:]),
-        cu_q,
-        cu_k,
-        length_q,
-        length_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        **kwargs,
-    )
+    flat = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+    out = _varlen(*flat, cu_q, cu_k, length_q, length_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, None)  # fmt: skip
     return out.view(batch, length_q, *q.shape[2:])
 
 

@@ -274,3 +274,24 @@ def test_the_sdpa_blocks_read_visibility_once_per_forward_not_once_per_block(mon
         model(**batch)
         counts[len(layers)] = len(reads)
     assert counts[4] == counts[2], counts
+
+
+def test_packed_rows_under_a_flash_language_model_equal_the_padded_batch_for_concat():
+    """concat splices each sample's image tokens into its packed row: the boundaries handed to flash-attn are the
+    spliced rows' (the loss equals the padded batch's, whose flash path unpads by the attention mask)."""
+    from test_packing import packed_and_padded, samples
+
+    encoded = samples()
+    pixels = vision_inputs("clip", len(encoded))["pixel_values"].to(torch.bfloat16)
+    reference, packed, _ = packed_and_padded(encoded, pixels, capacity=14)
+    config = hive.HiveConfig(connector="concat", vision_layers=[1, 3], tokens_per_level=4)
+    torch.manual_seed(0)
+    model = hive.HiveForConditionalGeneration.from_vision_text(build_vision("clip"), build_text("llama"), config)
+    model = model.to(torch.bfloat16).eval()
+    use_flash_language_model(model.language_model)
+    with installed() as calls, torch.no_grad():
+        want = model(**reference).loss
+        calls.clear()
+        got = model(**packed).loss
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-3, rtol=1e-3)  # before the fix: off by 0.018
+    assert calls["varlen"] > 0 and calls["dense"] == 0
