@@ -15,7 +15,6 @@ from benchmarks.flash_reference import flash_attn_varlen_func, installed, use_fl
 from hive_adapter.data.collator import pack_rows
 from hive_adapter.model import cross_attention
 from hive_adapter.model.cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
-from hive_adapter.model.layout import ImageSlots
 from hive_adapter.model.splice import IGNORE_INDEX
 
 BF16 = dict(atol=2e-2, rtol=2e-2)
@@ -248,14 +247,6 @@ def test_set_attn_implementation_reaches_hives_blocks():
     assert model.language_model.config._attn_implementation == "eager" and kernels() == {"eager"}
     model.set_attn_implementation("sdpa")
     assert kernels() == {"sdpa"}
-
-
-def test_unusable_images_are_dropped_where_the_slots_live():
-    """Issue 42, finding 4: `usable` is computed where the pixels arrived (CPU), the slots live on the model's
-    device; `meta` stands in for CUDA."""
-    index = torch.zeros(2, 1, dtype=torch.long, device="meta")
-    slots = ImageSlots(index, torch.ones(2, 1, dtype=torch.bool, device="meta"), index)
-    assert slots.without(torch.tensor([True, False])).image_valid.device.type == "meta"
 
 
 def test_the_sdpa_blocks_read_visibility_once_per_forward_not_once_per_block(monkeypatch):
