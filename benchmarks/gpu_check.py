@@ -1,6 +1,6 @@
 """`make gpu-check`: what the first GPU must prove and measure, in one short run straight from a checkout.
 
-    PYTHONPATH=. python -m benchmarks.gpu_check              # one CUDA GPU, under 8 minutes on an H100
+    PYTHONPATH=. python -m benchmarks.gpu_check              # one CUDA GPU; sized for < 8 min on an H100 (not run yet)
     PYTHONPATH=. python -m benchmarks.gpu_check --dry_run    # everything but CUDA: CPU, tiny shapes, reference flash
 
 In order (`benchmarks.kernel_checks` for the first four):
@@ -27,6 +27,8 @@ import platform
 import sys
 import time
 import traceback
+from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -90,7 +92,7 @@ def figures(pair_name: str, *, device: torch.device, batch: int, rounds: int, dr
     for kernel in KERNELS:
         started = time.time()
         try:
-            with kernel_checks.flash_kernels(dry_run) if kernel != "sdpa" else _no_spy() as calls:
+            with kernel_checks.flash_kernels(dry_run) if kernel != "sdpa" else nullcontext(Counter()) as calls:
                 per_mode = {}
                 for mode in MODES:  # one model at a time on the device, so each peak is its own
                     memory = training_memory(pair, mode, stage=stage)
@@ -112,16 +114,6 @@ def figures(pair_name: str, *, device: torch.device, batch: int, rounds: int, dr
             rows[kernel] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
         print(f"[gpu-check] figures, {kernel}: {'done' if 'modes' in rows[kernel] else rows[kernel]}", flush=True)
     return {"pair": pair.name, "stage": stage, "batch": batch, "rounds": rounds, "dtype": "bfloat16", "kernels": rows}
-
-
-class _no_spy:
-    def __enter__(self):
-        from collections import Counter
-
-        return Counter()
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(*, dry_run: bool, pair: str, batch: int, rounds: int) -> dict:
