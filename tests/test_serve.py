@@ -9,6 +9,7 @@ differently, so a request that saw another's picture would be caught). The hosti
 """
 
 import base64
+import http.client
 import json
 import os
 import subprocess
@@ -246,6 +247,7 @@ def test_2_urls_only_from_allowed_hosts_without_redirects_away_within_time_and_b
         server, lambda: server.ask(openai_message(media_host.url("/slow.png")))
     )
     assert isinstance(refused, openai.BadRequestError) and "within 2 s" in str(refused), refused
+    print(f"slow URL: refused after {time.monotonic() - started:.2f} s, slowest /health {slowest_health:.3f} s")
     assert time.monotonic() - started < 6 and slowest_health < 1.0, (time.monotonic() - started, slowest_health)
 
 
@@ -285,6 +287,7 @@ def test_6_a_huge_canvas_is_refused_from_its_header_while_health_keeps_answering
     )
     assert isinstance(refused, openai.BadRequestError) and "13000x13000 = 169000000 pixels" in str(refused), refused
     grown_mib = (default_server.peak_memory_kib() - before) / 1024
+    print(f"13000x13000 canvas: slowest /health {slowest_health:.3f} s, server peak memory +{grown_mib:.1f} MiB")
     assert slowest_health < 1.0 and grown_mib < 100, (slowest_health, grown_mib)
     picture = data_url(solid_images(1)[0])
     with pytest.raises(openai.BadRequestError, match="holds 5 pictures; this server takes at most 4"):
@@ -293,8 +296,16 @@ def test_6_a_huge_canvas_is_refused_from_its_header_while_health_keeps_answering
         server.ask(openai_message(*[picture] * 4))
     with pytest.raises(openai.BadRequestError, match="1001x1000 = 1001000 pixels, over the server's --max-image"):
         server.ask(openai_message(data_url(Image.new("RGB", (1001, 1000)))))
-    status, body = server.post("/v1/chat/completions", b"{" + b" " * 2_500_000 + b"}")
-    assert status == 413 and "--max-request-bytes" in body["error"]["message"]
+    # a body declared over --max-request-bytes is refused from its header, before the server reads it
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    for name, value in [("Authorization", f"Bearer {KEY}"), ("Content-Type", "application/json"),
+                        ("Content-Length", "2500000")]:  # fmt: skip
+        connection.putheader(name, value)
+    connection.endheaders(b"{")
+    answer = connection.getresponse()
+    assert answer.status == 413 and "--max-request-bytes" in json.loads(answer.read())["error"]["message"]
+    connection.close()
 
 
 def test_7_a_junk_payload_is_never_echoed(default_server):
@@ -317,6 +328,7 @@ def test_8_prompt_plus_max_tokens_within_the_positions_and_an_abandoned_request_
                                         max_tokens=POSITIONS - 64, temperature=0, logit_bias={str(eos): -100})  # fmt: skip
     started = time.monotonic()
     server.ask([{"role": "user", "content": QUESTION}], max_tokens=4)
+    print(f"the request after a hung-up {POSITIONS - 64}-token one answered in {time.monotonic() - started:.2f} s")
     assert time.monotonic() - started < 5, f"the next request waited {time.monotonic() - started:.1f} s"
 
 
@@ -337,6 +349,16 @@ def test_10_stop_ends_the_answer_before_the_stop_string(server):
     assert server.ask(question, max_tokens=8, temperature=1.5, seed=4, stop=[stop]) == expected
     chunks = server.ask(question, max_tokens=8, temperature=1.5, seed=4, stop=stop, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == expected
+
+
+def test_10_a_stop_string_split_across_streamed_pieces_is_still_cut():
+    from hive_adapter.tools.serve_handlers import StopTrimmer
+
+    trimmer = StopTrimmer(("top left", "zz"))
+    given = [trimmer.feed(piece) for piece in ("circle t", "op", " le", "ft more", " words")]
+    assert given == ["circle ", "", "", "", ""] and trimmer.flush() == ""
+    unstopped = StopTrimmer(("top left",))
+    assert unstopped.feed("a to") + unstopped.feed("p") + unstopped.flush() == "a top"
 
 
 def test_11_n_above_1_is_a_400(server):

@@ -118,7 +118,8 @@ def hive_chat_handler(base: type, media: MediaPolicy, limits: RequestLimits) -> 
         def _build_completion(self, request_id, content, *args, **kwargs):
             request = _generation_request.get()
             if request is not None and request.stops:
-                content = StopTrimmer(request.stops).feed(content)  # OpenAI's: the answer ends before the stop
+                trimmer = StopTrimmer(request.stops)  # OpenAI's answer ends before the stop string
+                content = trimmer.feed(content) + trimmer.flush()
             return super()._build_completion(request_id, content, *args, **kwargs)
 
         def _render(self, processor, conversation):
