@@ -1,0 +1,107 @@
+"""A saved HIVE checkpoint served by vLLM's engine (`LLM`, the `vllm.general_plugins` entry point `hive`): greedy
+answers equal transformers' `generate` on the same checkpoint, float32 on CPU, one engine for every test here.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import NEW_TOKENS
+from hive_checkpoints import solid_images
+
+QUESTION = "what shape is it ?"
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    """The answer up to and including its first EOS (both sides stop there)."""
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else list(tokens)
+
+
+@pytest.fixture(scope="module")
+def engine(marker_model, marker_reference):
+    """One engine for the module; `marker_reference` is built first (conftest.Reference says why)."""
+    from vllm import LLM
+
+    llm = LLM(model=str(marker_model), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=16, seed=0)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def greedy(new_tokens: int = NEW_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=new_tokens, temperature=0.0)
+
+
+def request(reference, text: str, images: list | None = None) -> dict:
+    prompt = {"prompt_token_ids": reference.token_ids(text, images)}
+    if images:
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+    return prompt
+
+
+def served(engine, prompts: list[dict]) -> list[list[int]]:
+    return [list(output.outputs[0].token_ids) for output in engine.generate(prompts, greedy(), use_tqdm=False)]
+
+
+def check_equal(engine, reference, cases: list[tuple[str, list | None]]) -> list[list[int]]:
+    eos = reference.processor.tokenizer.eos_token_id
+    answers = served(engine, [request(reference, text, images) for text, images in cases])
+    for (text, images), answer in zip(cases, answers, strict=True):
+        expected = until_eos(reference.answer(text, images), eos)
+        assert until_eos(answer, eos) == expected, f"{text!r} with {len(images or [])} image(s)"
+    return answers
+
+
+def test_one_image_equals_generate(engine, marker_reference):
+    check_equal(engine, marker_reference, [(QUESTION, solid_images(1, seed=5))])
+
+
+def test_text_only_equals_generate(engine, marker_reference):
+    check_equal(engine, marker_reference, [(QUESTION, None), ("red circle", None)])
+
+
+def test_text_before_the_marker_sees_no_image(engine, marker_reference):
+    """Marker mode: the image is seen from its marker on; the chat template puts the question first here."""
+    reference = marker_reference
+    image = solid_images(1, seed=9)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "a long question first"}, {"type": "image"}]}]
+    text = reference.processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = reference.processor(text=text, images=image, return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.index(reference.model.config.image_token_id) > 5
+    expected = reference.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids) :]
+    eos = reference.processor.tokenizer.eos_token_id
+    (answer,) = served(engine, [{"prompt_token_ids": ids, "multi_modal_data": {"image": image[0]}}])
+    assert until_eos(answer, eos) == until_eos(expected.tolist(), eos)
+
+
+def test_a_long_prompt_equals_generate(engine, marker_reference):
+    long_question = " ".join(["what shape and colour is the big red circle ?"] * 9)
+    assert len(marker_reference.token_ids(long_question)) > 80
+    check_equal(engine, marker_reference, [(long_question, solid_images(1, seed=3))])
+
+
+def test_sixteen_concurrent_requests_each_equal_their_own_generate(engine, marker_reference):
+    images = solid_images(16, seed=11)
+    answers = check_equal(engine, marker_reference, [(QUESTION, [image]) for image in images])
+    assert len({tuple(answer) for answer in answers}) > 1, "every picture got the same answer: images unseen?"
+
+
+def test_after_an_aborted_request_answers_still_equal_generate(engine, marker_reference):
+    core = engine.llm_engine
+    core.add_request("to-abort", request(marker_reference, QUESTION, solid_images(1, seed=21)), greedy(64))
+    core.step()  # its prompt (and its image's cross-attention K/V) went through the engine
+    core.abort_request(["to-abort"])
+    while core.has_unfinished_requests():
+        core.step()
+    check_equal(engine, marker_reference, [(QUESTION, solid_images(1, seed=22)), (QUESTION, None)])
+
+
+def test_two_images_in_one_prompt_are_refused_by_name(engine, marker_reference):
+    """Not served yet (README, "Serve at scale: vLLM"): vLLM's encoder-decoder scheduler takes one encoder input
+    per request, at the start of the encoder prompt."""
+    from vllm.exceptions import VLLMValidationError
+
+    images = solid_images(2, seed=1)
+    with pytest.raises(VLLMValidationError, match="At most 1 image"):
+        served(engine, [request(marker_reference, QUESTION, images)])
