@@ -57,6 +57,18 @@ class Reference:
     def token_ids(self, text: str, images: list | None = None) -> list[int]:
         return self.prompt(text, images)["input_ids"][0].tolist()
 
+    def chat(self, messages: list[dict], new_tokens: int = NEW_TOKENS) -> str:
+        """The decoded answer to chat `messages` (parts `{"type": "image", "image": PIL image}`), tokenized as a
+        server renders a chat: the template's text, its special tokens as written."""
+        import torch
+
+        inputs = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        return self.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
     def answer(self, text: str, images: list | None = None, new_tokens: int = NEW_TOKENS) -> list[int]:
         import torch
 
