@@ -105,3 +105,11 @@ def test_two_images_in_one_prompt_are_refused_by_name(engine, marker_reference):
     images = solid_images(2, seed=1)
     with pytest.raises(VLLMValidationError, match="At most 1 image"):
         served(engine, [request(marker_reference, QUESTION, images)])
+
+
+def test_an_image_without_its_marker_is_refused_by_name(engine, marker_reference):
+    """transformers' processor refuses it too; served, the image would be seen by the generated tokens only."""
+    ids = marker_reference.token_ids(QUESTION)  # no marker in the text
+    with pytest.raises(ValueError, match=r"holds 0 image markers '<image>' but 1 images were given"):
+        served(engine, [{"prompt_token_ids": ids, "multi_modal_data": {"image": solid_images(1)[0]}}])
+    check_equal(engine, marker_reference, [(QUESTION, solid_images(1, seed=2))])

@@ -129,7 +129,11 @@ def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(server, marke
     assert broken.value.status_code == 400
     with pytest.raises(openai.BadRequestError, match=r"At most 1 image"):
         server.ask(openai_message(data_url(image), data_url(image)))
+    # a marker typed into the text: two markers for one picture
+    with pytest.raises(openai.BadRequestError, match=r"holds 2 image markers '<image>' but 1 images were given"):
+        server.ask(openai_message(data_url(image), text="<image> what is it ?"))
     assert server.ask(openai_message(data_url(image))) == marker_reference.chat(hf_message(image))
+    assert "Traceback" not in server.output()
 
 
 def test_a_checkpoint_the_plugin_cannot_serve_is_refused_by_name(toy, tmp_path):

@@ -92,6 +92,24 @@ class HiveMultiModalProcessor(EncDecMultiModalProcessor[HiveProcessingInfo]):
         # HiveProcessor checks one marker per image (marker mode) or one image per text (captioning).
         return self.dummy_inputs.get_dummy_text(mm_counts)
 
+    def create_decoder_prompt(self, prompt, mm_items):
+        """The prompt itself; in marker mode refused unless it holds one marker per image (what `HiveProcessor`
+        checks in transformers: a marker-less image would be seen by the generated tokens only)."""
+        marker = self.info.marker()
+        if marker is None:
+            return prompt
+        tokenizer = self.info.get_tokenizer()
+        ids = prompt if isinstance(prompt, list) else tokenizer.encode(prompt, add_special_tokens=False)
+        markers, images = ids.count(int(marker)), mm_items.get_count("image", strict=False)
+        if markers != images:
+            token = tokenizer.convert_ids_to_tokens(int(marker))
+            raise ValueError(
+                f"the prompt holds {markers} image markers {token!r} but {images} images were given. Put one "
+                f"{token!r} where each image goes (chat requests: serve with --chat-template-content-format openai, "
+                "so that the model's chat template writes them)"
+            )
+        return prompt
+
     def create_encoder_prompt(self, prompt, mm_items) -> list[int]:
         return [self.info.placeholder()] * mm_items.get_count("image", strict=False)
 
