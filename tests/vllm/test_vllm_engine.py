@@ -113,3 +113,22 @@ def test_an_image_without_its_marker_is_refused_by_name(engine, marker_reference
     with pytest.raises(ValueError, match=r"holds 0 image markers '<image>' but 1 images were given"):
         served(engine, [{"prompt_token_ids": ids, "multi_modal_data": {"image": solid_images(1)[0]}}])
     check_equal(engine, marker_reference, [(QUESTION, solid_images(1, seed=2))])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"connector": "concat"}, "connector='concat' .* serve it with vLLM's own LLaVA support"),
+        ({"level_mapping": "all"}, "level_mapping='all'"),
+        ({"vision_feature_select": "full", "tokens_per_level": None}, "vision_feature_select='full'"),
+    ],
+)
+def test_what_the_plugin_cannot_serve_is_refused_when_vllm_reads_the_config(marker_model, overrides, message):
+    """Before any engine process starts (the server test sees it end to end for concat)."""
+    import hive_adapter as hive
+    from hive_adapter.integrations.vllm.config import HiveServingConfig
+
+    settings = {**hive.HiveConfig.from_pretrained(marker_model).to_dict(), **overrides}
+    with pytest.raises(ValueError, match=message):
+        HiveServingConfig.from_dict(settings)
+    assert HiveServingConfig.from_pretrained(marker_model).is_encoder_decoder

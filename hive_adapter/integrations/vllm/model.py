@@ -35,6 +35,7 @@ from hive_adapter.model.builders import build_level_encoder, kv_shape, media_wid
 from hive_adapter.model.cross_attention import HiveLayerNorm
 from hive_adapter.model.vision import HiveVisionSide
 
+from .config import refuse_unservable
 from .processing import HiveDummyInputsBuilder, HiveMultiModalProcessor, HiveProcessingInfo
 
 logger = logging.getLogger(__name__)
@@ -118,20 +119,6 @@ class HiveServingBlock(nn.Module):
             gate = torch.tanh(self.hive_ffn_gate.float()).to(hidden.dtype)
             hidden = hidden + torch.where(keep, gate * fed.to(hidden.dtype), nothing)
         return hidden
-
-
-def refuse_unservable(config) -> None:
-    """What this plugin does not serve yet, refused by name before any weight is read."""
-    if config.connector == "concat":
-        raise ValueError(
-            "connector='concat' splices the image tokens into the prompt (LLaVA's way): serve it with vLLM's own "
-            "LLaVA support; this plugin serves HIVE's cross-attention connectors ('hive', 'cascaded')"
-        )
-    if config.level_mapping != "paired" and config.connector == "hive":
-        raise ValueError(
-            f"level_mapping={config.level_mapping!r}: every block reading every level needs K/V of another length "
-            "than one level's; the vLLM plugin serves level_mapping='paired'"
-        )
 
 
 @MULTIMODAL_REGISTRY.register_processor(
