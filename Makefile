@@ -101,8 +101,8 @@ test-llava: setup-llava
 test-eval: setup-eval
 	$(EVAL_PY) -m pytest -q tests/lmms_eval
 
-# Opt-in (README, "Serve at scale: vLLM"): vLLM's engine and `vllm serve` on tiny HIVE checkpoints (~3 min, two
-# engine starts on 2 cores).
+# Opt-in (README, "Serve at scale: vLLM"): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
+# busy cores: 3 engines and 3 server starts), too long for `make test`.
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q tests/vllm
 
