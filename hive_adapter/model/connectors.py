@@ -21,7 +21,6 @@ from .config import DEFAULT_LEVEL_FRACTION, ResolvedLayers, normalise_layers, sp
 from .packing import check_packed_language_model, packed_segments
 from .runtime import past_length_of
 from .splice import splice_image_tokens, splice_packed
-from .vision import usable_images
 
 if TYPE_CHECKING:
     from .config import HiveConfig
@@ -313,7 +312,7 @@ class ConcatConnector(Connector):
         if pixel_values is None:
             levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
             return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), None
-        pixel_values, _ = usable_images(pixel_values, training=model.training)  # a left-out image: spliced blank
+        pixel_values, _ = vision.usable(pixel_values, vision_inputs, training=model.training)  # left out: blank
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
         images = levels[-1].to(embeddings.dtype)
         if token_mask is not None:  # NaFlex: each image's real tokens only

@@ -1,0 +1,210 @@
+"""HIVE on the VLM families people train today (issue 37): every contract, per family, on tiny random models built
+from each family's own config class and fed the family's own pixel format (tests/family_models.py).
+
+Per family: the parts are found (transformers' get_encoder / get_decoder), gates at 0 give the base's text-only
+logits, gradients reach HIVE's modules only, the picture moves the logits once the gates open, a swapped picture
+changes only its own sample, generate with the cache equals generate without, unload() is bit-exact, an adapter
+saved and loaded computes the same, and the family processor's expanded placeholders are refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from family_models import FAMILIES, IMAGE_TOKEN, marker_text
+from tiny_models import set_gates
+
+import hive_adapter as hive
+from hive_adapter.model.readers import reader_for
+
+NAMES = sorted(FAMILIES)
+LENGTH, MARKER_AT = 10, 2
+
+
+@pytest.fixture(scope="session")
+def family_bases():
+    """One tiny base per family for the whole session (built lazily: a family costs only when its tests run)."""
+    built: dict[str, torch.nn.Module] = {}
+
+    def base(name: str) -> torch.nn.Module:
+        if name not in built:
+            built[name] = FAMILIES[name].build()
+        return built[name]
+
+    return base
+
+
+@pytest.fixture(scope="session")
+def family_wrapped(family_bases):
+    """One HIVE model per family, around its session base; tests that open the gates close them again."""
+    wrapped: dict[str, hive.HiveModel] = {}
+
+    def model(name: str) -> hive.HiveModel:
+        if name not in wrapped:
+            wrapped[name] = hive.get_hive_model(family_bases(name), hive.HiveConfig(vision_layers=[1, 3]))
+        return wrapped[name]
+
+    return model
+
+
+def batch_of(name: str, *, seed: int = 5) -> dict:
+    """Two samples, one image each (of different sizes), the marker at MARKER_AT."""
+    case = FAMILIES[name]
+    return {"input_ids": marker_text(2, LENGTH, marker_at=MARKER_AT), **case.pixel_inputs(seed, list(case.sizes))}
+
+
+def text_only(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"]}
+
+
+class open_gates:
+    """Gates at `value` inside the block, back to 0 after (the session's models stay at init)."""
+
+    def __init__(self, model, value: float = 1.0):
+        self.model, self.value = model, value
+
+    def __enter__(self):
+        set_gates(self.model, self.value)
+
+    def __exit__(self, *exc):
+        set_gates(self.model, 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_parts_are_found_where_transformers_says(name, family_bases, family_wrapped):
+    base, model = family_bases(name), family_wrapped(name)
+    assert model.hive_vision.tower is base.get_encoder(modality="image")
+    assert model._hive_attachment.layers is base.get_decoder().layers
+    assert model.hive_vision.reader.name == "qwen-packed-patches"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_gates_at_zero_give_the_base_text_only_logits(name, family_wrapped):
+    batch = batch_of(name)
+    got = family_wrapped(name)(**batch).logits
+    want = FAMILIES[name].build()(**text_only(batch)).logits  # the same seed: the same weights, never wrapped
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_hive_modules_only(name, family_wrapped):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    batch["labels"] = batch["input_ids"].clone()
+    with open_gates(model, 0.5):
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    model.zero_grad(set_to_none=True)
+    hive_names = {n for n, _ in model.hive_named_parameters()}
+    assert grads, "no gradient at all"
+    assert grads <= hive_names, sorted(grads - hive_names)[:5]
+    assert any("projectors" in n for n in grads) and any("hive_blocks" in n for n in grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_the_picture_moves_the_logits_once_gates_open_and_a_swapped_picture_changes_only_its_sample(
+    name, family_wrapped
+):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    case = FAMILIES[name]
+    with open_gates(model):
+        with_picture = model(**batch).logits
+        without = model(**text_only(batch)).logits
+        # The second image replaced by another of the same size: only sample 1 may change.
+        other = case.pixel_inputs(11, list(case.sizes))
+        first_rows = case.sizes[0][0] * case.sizes[0][1]
+        swapped = dict(
+            batch, pixel_values=torch.cat([batch["pixel_values"][:first_rows], other["pixel_values"][first_rows:]])
+        )
+        after_swap = model(**swapped).logits
+    assert not torch.allclose(with_picture[:, MARKER_AT:], without[:, MARKER_AT:])
+    torch.testing.assert_close(with_picture[:, :MARKER_AT], without[:, :MARKER_AT], rtol=0, atol=0)  # before the marker
+    torch.testing.assert_close(after_swap[0], with_picture[0], rtol=0, atol=0)
+    assert not torch.allclose(after_swap[1, MARKER_AT:], with_picture[1, MARKER_AT:])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_generate_with_the_cache_equals_generate_without(name, family_wrapped):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    with open_gates(model):
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=True)
+        uncached = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (2, LENGTH + 4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_unload_gives_back_the_base_bit_exact(name):
+    base = FAMILIES[name].build(seed=3)
+    batch = text_only(batch_of(name))
+    before = base(**batch).logits
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    model = hive.get_hive_model(base, hive.HiveConfig(vision_layers=[1, 3]))
+    set_gates(model, 1.0)
+    model(**batch_of(name))
+    again = model.unload()
+    assert again is base
+    assert {n: p.requires_grad for n, p in again.named_parameters()} == flags
+    assert again.state_dict().keys() == state.keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(again(**batch).logits, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@torch.no_grad()
+def test_an_adapter_saved_and_loaded_computes_the_same(name, family_wrapped, tmp_path):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    with open_gates(model, 0.7):
+        want = model(**batch).logits
+        model.save_pretrained(tmp_path)
+    loaded = hive.HiveModel.from_pretrained(FAMILIES[name].build(), tmp_path)
+    torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=0)
+    loaded.unload()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_family_processors_expanded_placeholders_are_refused_by_name(name, family_wrapped):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    expanded = batch["input_ids"].clone()
+    expanded[:, MARKER_AT : MARKER_AT + 4] = IMAGE_TOKEN  # a run of placeholders per image, as the family writes
+    with pytest.raises(ValueError, match=r"run.*HiveProcessor\.from_processor"):
+        model(**dict(batch, input_ids=expanded))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pixels_without_their_grid_are_refused_naming_it(name, family_wrapped):
+    model = family_wrapped(name)
+    batch = batch_of(name)
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+
+
+@torch.no_grad()
+def test_qwen2_5_vl_window_order_and_merge_blocks_are_undone(family_bases):
+    """The reader's per-image states are on a row-major patch grid: re-blocked (2x2 merge blocks) and run through
+    the family's own merger they give the encoder's own merged output (in which Qwen2.5-VL undoes its windows),
+    and the embedding layer at grid (r, c) is the patch embedding of the image's patch (r, c)."""
+    tower = family_bases("qwen2_5_vl").get_encoder(modality="image")
+    reader = reader_for(tower)
+    inputs = FAMILIES["qwen2_5_vl"].pixel_inputs(7, [(8, 8), (4, 8)])
+    pixel_values, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    read = reader.read(pixel_values, {"image_grid_thw": grid}, layers=(tower.config.depth - 1,))
+    merged_by_family = tower(pixel_values, grid_thw=grid).pooler_output
+    pieces = []
+    for image, (rows, columns) in enumerate([(8, 8), (4, 8)]):
+        states = read.states[0][image, : rows * columns]  # (rows*columns, width), row-major
+        blocks = states.reshape(rows // 2, 2, columns // 2, 2, -1).permute(0, 2, 1, 3, 4).reshape(rows * columns, -1)
+        pieces.append(tower.merger(blocks))
+    torch.testing.assert_close(torch.cat(pieces), merged_by_family)
+    assert read.grids == [(8, 8), (4, 8)]
+    assert read.patch_mask.sum(dim=1).tolist() == [64, 32]
