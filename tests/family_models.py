@@ -24,9 +24,10 @@ MROPE = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000
 @dataclass(frozen=True)
 class FamilyCase:
     name: str
-    build: Callable[[], torch.nn.Module]
-    pixel_inputs: Callable[[int, list[tuple[int, int]]], dict[str, Any]]  # (seed, per-image size) -> kwargs
-    sizes: tuple[tuple[int, int], ...]  # the image sizes (in patches) a two-image batch uses
+    build: Callable[..., torch.nn.Module]  # (seed=0) -> a tiny random base
+    pixel_inputs: Callable[[int], dict[str, Any]]  # seed -> kwargs of two samples' images (one image each)
+    swap_second: Callable[[dict, dict], dict]  # (inputs, other inputs) -> inputs with the second image from other
+    reader: str  # the name of the reader HIVE picks
 
 
 # ---------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL / Qwen3-VL
@@ -65,8 +66,9 @@ def build_qwen3_vl(seed: int = 0) -> torch.nn.Module:
     return Qwen3VLForConditionalGeneration(config).eval()
 
 
-def qwen_pixels(seed: int, sizes: list[tuple[int, int]]) -> dict[str, Any]:
-    """Packed patches as Qwen's image processor lays them out: per image, (rows, columns) patches, block-major."""
+def qwen_pixels(seed: int, sizes: tuple[tuple[int, int], ...] = ((8, 8), (4, 8))) -> dict[str, Any]:
+    """Packed patches as Qwen's image processor lays them out: per image, (rows, columns) patches, block-major.
+    Two images of different sizes by default: the padded, masked path."""
     generator = torch.Generator().manual_seed(seed)
     width = 3 * QWEN_TEMPORAL * QWEN_PATCH**2
     patches = sum(rows * columns for rows, columns in sizes)
@@ -76,11 +78,64 @@ def qwen_pixels(seed: int, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-QWEN_SIZES = ((8, 8), (4, 8))  # two images of different sizes: the padded, masked path
+def qwen_swap_second(inputs: dict, other: dict) -> dict:
+    first = int(inputs["image_grid_thw"][0].prod())  # the first image's patches come first
+    return dict(inputs, pixel_values=torch.cat([inputs["pixel_values"][:first], other["pixel_values"][first:]]))
+
+
+# ---------------------------------------------------------------------- Idefics3 / SmolVLM
+CROP = 32
+CROP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, image_size=CROP,
+                   patch_size=8)  # fmt: skip
+
+
+def build_smolvlm(seed: int = 0) -> torch.nn.Module:
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = SmolVLMConfig(
+        text_config=dict(TEXT), vision_config=CROP_VISION, image_token_id=IMAGE_TOKEN, scale_factor=2
+    )
+    return SmolVLMForConditionalGeneration(config).eval()
+
+
+def build_idefics3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Idefics3Config(
+        text_config=dict(TEXT), vision_config=CROP_VISION, image_token_id=IMAGE_TOKEN, scale_factor=2
+    )
+    return Idefics3ForConditionalGeneration(config).eval()
+
+
+def crop_pixels(seed: int) -> dict[str, Any]:
+    """As Idefics3's image processor returns them: sample 0 one unsplit image (one crop, its bottom 8 pixel rows
+    padding), sample 1 one image split into 2x1 crops + its global view; sample 0 padded with all-zero crops."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 3, 3, CROP, CROP, generator=generator)
+    pixel_values[0, 1:] = 0  # padding crops
+    mask = torch.ones(2, 3, CROP, CROP, dtype=torch.long)
+    mask[0, 1:] = 0
+    mask[0, 0, -8:] = 0  # padded pixels of a smaller image
+    pixel_values[0, 0, :, -8:] = 0
+    return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "rows": [[0], [2]], "cols": [[0], [1]]}
+
+
+def crop_swap_second(inputs: dict, other: dict) -> dict:
+    pixel_values = inputs["pixel_values"].clone()
+    pixel_values[1] = other["pixel_values"][1]
+    return dict(inputs, pixel_values=pixel_values)
+
+
+QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
+CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
 FAMILIES: dict[str, FamilyCase] = {
-    "qwen2_5_vl": FamilyCase("qwen2_5_vl", build_qwen2_5_vl, qwen_pixels, QWEN_SIZES),
-    "qwen2_vl": FamilyCase("qwen2_vl", build_qwen2_vl, qwen_pixels, QWEN_SIZES),
-    "qwen3_vl": FamilyCase("qwen3_vl", build_qwen3_vl, qwen_pixels, QWEN_SIZES),
+    "qwen2_5_vl": FamilyCase("qwen2_5_vl", build_qwen2_5_vl, **QWEN),
+    "qwen2_vl": FamilyCase("qwen2_vl", build_qwen2_vl, **QWEN),
+    "qwen3_vl": FamilyCase("qwen3_vl", build_qwen3_vl, **QWEN),
+    "smolvlm": FamilyCase("smolvlm", build_smolvlm, **CROPS),
+    "idefics3": FamilyCase("idefics3", build_idefics3, **CROPS),
 }
 
 

@@ -42,12 +42,13 @@ class ReadImages:
     states: one tensor per chosen encoder layer, each (images, tokens, width); grids: the patch grid (rows,
     columns) shared by every image (one entry, tokens in front of it allowed: CLS, registers) or, with
     `patch_mask`, one grid per image whose patches come first in row-major order; patch_mask: (images, tokens)
-    True where a token is real, or None when every token is.
+    True where a token is real, or None when every token is; poolable: whether `tokens_per_level` may pool them.
     """
 
     states: list[torch.Tensor]
     grids: list[tuple[int, int]]
     patch_mask: torch.Tensor | None = None
+    poolable: bool = True  # False: the tokens lie on no single grid (several crops of an image); not pooled
 
 
 class VisionReader:
@@ -55,6 +56,7 @@ class VisionReader:
 
     name: ClassVar[str] = "base"
     input_names: ClassVar[tuple[str, ...]] = ()  # the tower's inputs beside pixel_values, routed away from the LM
+    blank_value: ClassVar[float] = 0.0  # what an image left out (NaN or inf pixels) is filled with
 
     def __init__(self, tower: nn.Module):
         self.tower = tower
@@ -74,8 +76,12 @@ class VisionReader:
         return pixel_values.shape[0]
 
     def image_of_row(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor | None:
-        """(rows,) the image each row of `pixel_values` belongs to, or None when each row is one image."""
+        """(rows,) the image each row of `rows_of(pixel_values)` belongs to, or None when each row is one image."""
         return None
+
+    def rows_of(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` as rows (a row per image, per crop or per patch), for the per-image NaN check."""
+        return pixel_values
 
     def check(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> None:
         """Refuse inputs the encoder would crop or mis-read, naming the shape (never a silent wrong answer)."""
@@ -170,7 +176,7 @@ def register_reader(reader: type[VisionReader]) -> type[VisionReader]:
 
 def load_built_in_readers() -> None:
     """Register the readers hive-adapter ships (their modules register themselves when first imported)."""
-    from . import readers_qwen  # noqa: F401
+    from . import readers_crops, readers_qwen  # noqa: F401
 
 
 def reader_for(tower: nn.Module) -> VisionReader:

@@ -58,7 +58,7 @@ class HiveVisionSide:
         reference = self.reader.input_reference()
         pixel_values = pixel_values.to(device=reference.device, dtype=reference.dtype)
         read = self.reader.read(pixel_values, vision_inputs, self.vision_layers)
-        return self.levels(read.states, grids=read.grids, patch_mask=read.patch_mask)
+        return self.levels(read.states, grids=read.grids, patch_mask=read.patch_mask, poolable=read.poolable)
 
     def check_pixel_values(self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any]) -> None:
         """Refuse pixels the encoder would crop or mis-read, naming the shape (never a silent wrong answer)."""
@@ -76,19 +76,22 @@ class HiveVisionSide:
         self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any], *, training: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`usable_images` for this tower's pixel layout (rows of packed patches belong to their image)."""
-        return usable_images(
-            pixel_values, training=training, image_of_row=self.reader.image_of_row(pixel_values, vision_inputs)
+        rows = self.reader.rows_of(pixel_values)
+        image_of_row = self.reader.image_of_row(pixel_values, vision_inputs)
+        cleaned, usable = usable_images(
+            rows, training=training, image_of_row=image_of_row, blank_value=self.reader.blank_value
         )
+        return cleaned.reshape(pixel_values.shape), usable
 
 
 def usable_images(
-    pixel_values: torch.Tensor, *, training: bool, image_of_row: torch.Tensor | None = None
+    pixel_values: torch.Tensor, *, training: bool, image_of_row: torch.Tensor | None = None, blank_value: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pixel_values, usable): images holding NaN or inf stop a training step with an error (their gradients
     would be NaN everywhere); otherwise they are zeroed and `usable` (images,) marks them, so that the text
     after their markers sees no image and nothing else in the batch changes. `usable` is None when all are.
     `image_of_row` (rows,): the image each row of `pixel_values` belongs to (packed patches); None: a row is an
-    image."""
+    image. A left-out image is filled with `blank_value`."""
     if pixel_values.device.type == "meta" or not pixel_values.is_floating_point():
         return pixel_values, None
     finite_rows = torch.isfinite(pixel_values.flatten(1)).all(dim=1)  # (rows,)
@@ -108,7 +111,7 @@ def usable_images(
     logger.warning("%s; they are left out: the text after their markers sees no image", message)
     keep_rows = usable if image_of_row is None else usable[image_of_row]  # (rows,)
     keep = keep_rows.view(-1, *([1] * (pixel_values.ndim - 1)))  # (rows, 1, ...) against (rows, ...)
-    return torch.where(keep, pixel_values, pixel_values.new_zeros(())), usable
+    return torch.where(keep, pixel_values, pixel_values.new_full((), blank_value)), usable
 
 
 def build_vision_context(
