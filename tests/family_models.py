@@ -128,9 +128,54 @@ def crop_swap_second(inputs: dict, other: dict) -> dict:
     return dict(inputs, pixel_values=pixel_values)
 
 
+# ---------------------------------------------------------------------- LLaVA-NeXT / LLaVA-OneVision (anyres)
+ANYRES_VISION = dict(CROP_VISION, projection_dim=32)
+PINPOINTS = [[CROP, CROP], [CROP, 2 * CROP], [2 * CROP, CROP]]
+
+
+def build_llava_next(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        text_config=dict(TEXT, model_type="llama"),
+        vision_config=dict(ANYRES_VISION, model_type="clip_vision_model"),
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=PINPOINTS,
+        image_seq_length=16,
+    )
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def build_llava_onevision(seed: int = 0) -> torch.nn.Module:
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        text_config=dict(TEXT, model_type="qwen2"),
+        vision_config=dict(CROP_VISION, model_type="siglip_vision_model"),
+        image_token_index=IMAGE_TOKEN,
+        video_token_index=96,
+        image_grid_pinpoints=PINPOINTS,
+    )
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def anyres_pixels(seed: int) -> dict[str, Any]:
+    """As LLaVA-NeXT's image processor returns them: image 0 of 30x60 pixels -> the 32x64 pinpoint, 1x2 crops +
+    the whole image (3 crops); image 1 of 32x32 -> 1 crop + the whole image, padded with a zero crop."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 3, 3, CROP, CROP, generator=generator)
+    pixel_values[1, 2] = 0
+    return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[30, 60], [32, 32]])}
+
+
 QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
 CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
+ANYRES = dict(pixel_inputs=anyres_pixels, swap_second=crop_swap_second, reader="llava-anyres")
 FAMILIES: dict[str, FamilyCase] = {
+    "llava_next": FamilyCase("llava_next", build_llava_next, **ANYRES),
+    "llava_onevision": FamilyCase("llava_onevision", build_llava_onevision, **ANYRES),
     "qwen2_5_vl": FamilyCase("qwen2_5_vl", build_qwen2_5_vl, **QWEN),
     "qwen2_vl": FamilyCase("qwen2_vl", build_qwen2_vl, **QWEN),
     "qwen3_vl": FamilyCase("qwen3_vl", build_qwen3_vl, **QWEN),

@@ -314,3 +314,17 @@ def test_qwen_image_processor_output_reaches_hive_through_hive_processor(family_
         seen = model(**inputs).logits
         unseen = model(input_ids=inputs["input_ids"]).logits
     assert not torch.allclose(seen[:, 2:], unseen[:, 2:])
+
+
+@torch.no_grad()
+def test_anyres_crops_of_an_image_become_its_keys(family_bases):
+    """Image 0 of 30x60 pixels: the 32x64 pinpoint, 2 crops + the whole image = 48 patches; image 1 of 32x32: 1 crop
+    + the whole image = 32 patches (its third crop is padding). CLS tokens are not keys."""
+    for name in ("llava_next", "llava_onevision"):
+        base = family_bases(name)
+        reader = reader_for(base.get_encoder(modality="image"), base.config)
+        inputs = FAMILIES[name].pixel_inputs(5)
+        pixel_values = inputs.pop("pixel_values")
+        read = reader.read(pixel_values, inputs, layers=(3,))
+        assert read.patch_mask.sum(dim=1).tolist() == [48, 32], name
+        assert not read.poolable

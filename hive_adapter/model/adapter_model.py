@@ -58,6 +58,7 @@ class HiveModel(HiveMixin, nn.Module):
             language_root=base_model,
             text_config=text_config_of(base_config),
             image_token_id=image_token_id,
+            family_config=base_config,
         )
         if image_token_id is not None and config.image_token_id is None:
             logger.info("HIVE: using the base model's image token id %d as the image marker", image_token_id)

@@ -79,10 +79,13 @@ class HiveMixin:
         language_root: nn.Module,
         text_config,
         image_token_id: int | None,
+        family_config=None,
     ) -> None:
+        """`family_config`: the wrapped VLM's own config, which some readers need (LLaVA-NeXT's grid pinpoints)."""
         layers_path, layers = find_decoder_layers(language_root, config.layers_path)
         text = text_shape_of(text_config, len(layers))
-        vision = reader_for(vision_tower).shape_of(vision_config)
+        vision = reader_for(vision_tower, family_config).shape_of(vision_config)
+        self._hive_family_config = family_config
         resolved = config.resolve_layers(num_vision_layers=vision.num_layers, num_llm_layers=text.num_layers)
 
         vocab_size = getattr(text_config, "vocab_size", None)
@@ -147,6 +150,7 @@ class HiveMixin:
             shape=self._hive_vision_shape,
             vision_layers=self.hive_layers.vision_layers,
             levels=self.hive_levels,
+            family_config=getattr(self, "_hive_family_config", None),
         )
 
     def hive_top_modules(self) -> list[nn.Module]:

@@ -13,7 +13,7 @@ A new family is one `VisionReader` subclass registered with `register_reader` (d
         name = "mine"
         input_names = ("my_grid",)                     # the tower's inputs beside pixel_values
         @classmethod
-        def accepts(cls, tower): ...                   # is this tower of my family?
+        def accepts(cls, tower, family_config): ...    # is this tower (in this VLM) of my family?
         @classmethod
         def shape_of(cls, config): ...                 # depth, width, patch size
         def read(self, pixel_values, inputs, layers): ...  # -> ReadImages
@@ -58,13 +58,15 @@ class VisionReader:
     input_names: ClassVar[tuple[str, ...]] = ()  # the tower's inputs beside pixel_values, routed away from the LM
     blank_value: ClassVar[float] = 0.0  # what an image left out (NaN or inf pixels) is filled with
 
-    def __init__(self, tower: nn.Module):
+    def __init__(self, tower: nn.Module, family_config: Any = None):
         self.tower = tower
         self.config = tower.config
+        self.family_config = family_config  # the whole VLM's config (LLaVA-NeXT's grid pinpoints), or None
         self.shape = self.shape_of(tower.config)
 
     @classmethod
-    def accepts(cls, tower: nn.Module) -> bool:
+    def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
+        """Is `tower` (inside a VLM of config `family_config`, None for a composed model) of this reader's family?"""
         raise NotImplementedError
 
     @classmethod
@@ -105,7 +107,7 @@ class ViTReader(VisionReader):
     input_names = ("pixel_attention_mask", "spatial_shapes")
 
     @classmethod
-    def accepts(cls, tower: nn.Module) -> bool:
+    def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
         return True
 
     def _naflex(self) -> bool:
@@ -176,16 +178,17 @@ def register_reader(reader: type[VisionReader]) -> type[VisionReader]:
 
 def load_built_in_readers() -> None:
     """Register the readers hive-adapter ships (their modules register themselves when first imported)."""
-    from . import readers_crops, readers_qwen  # noqa: F401
+    from . import readers_anyres, readers_crops, readers_qwen  # noqa: F401
 
 
-def reader_for(tower: nn.Module) -> VisionReader:
-    """The reader of `tower`'s family: the first registered reader that accepts it, else the plain ViT one."""
+def reader_for(tower: nn.Module, family_config: Any = None) -> VisionReader:
+    """The reader of `tower`'s family (inside a VLM of config `family_config`): the first registered reader that
+    accepts it, else the plain ViT one."""
     load_built_in_readers()
     for reader in _READERS:
-        if reader.accepts(tower):
-            return reader(tower)
-    return ViTReader(tower)
+        if reader.accepts(tower, family_config):
+            return reader(tower, family_config)
+    return ViTReader(tower, family_config)
 
 
 def all_input_names() -> tuple[str, ...]:

@@ -44,7 +44,7 @@ class CropsReader(VisionReader):
     blank_value = 1.0  # an all-zero crop is the family's padding: a left-out crop must not look like one
 
     @classmethod
-    def accepts(cls, tower: nn.Module) -> bool:
+    def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
         return "patch_attention_mask" in inspect.signature(tower.forward).parameters
 
     def _real_crops(self, pixel_values: torch.Tensor) -> torch.Tensor:

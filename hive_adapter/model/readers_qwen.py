@@ -37,7 +37,7 @@ class QwenPackedPatchReader(VisionReader):
     input_names = (GRID_INPUT,)
 
     @classmethod
-    def accepts(cls, tower: nn.Module) -> bool:
+    def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
         parameters = inspect.signature(tower.forward).parameters
         return "grid_thw" in parameters and hasattr(getattr(tower, "config", None), "spatial_merge_size")
 

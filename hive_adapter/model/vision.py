@@ -34,12 +34,13 @@ class HiveVisionSide:
         vision_layers: tuple[int, ...],
         levels: HiveLevelEncoder,
         reader: VisionReader | None = None,
+        family_config: Any = None,
     ):
         self.tower = tower
         self.shape = shape
         self.vision_layers = vision_layers
         self.levels = levels
-        self.reader = reader if reader is not None else reader_for(tower)
+        self.reader = reader if reader is not None else reader_for(tower, family_config)
 
     @property
     def input_names(self) -> tuple[str, ...]:
