@@ -170,11 +170,34 @@ def anyres_pixels(seed: int) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[30, 60], [32, 32]])}
 
 
+# ---------------------------------------------------------------------- InternVL (tiles)
+def build_internvl(seed: int = 0) -> torch.nn.Module:
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(CROP_VISION, image_size=[CROP, CROP], patch_size=[8, 8])
+    config = InternVLConfig(
+        text_config=dict(TEXT, model_type="qwen2"), vision_config=vision, image_token_id=IMAGE_TOKEN, image_seq_length=4
+    )
+    return InternVLForConditionalGeneration(config).eval()
+
+
+def tile_pixels(seed: int) -> dict[str, Any]:
+    """As InternVL's image processor returns them: image 0 in 3 tiles (2 + thumbnail), image 1 in 1, one tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(4, 3, CROP, CROP, generator=generator), "num_patches": torch.tensor([3, 1])}
+
+
+def tile_swap_second(inputs: dict, other: dict) -> dict:
+    return dict(inputs, pixel_values=torch.cat([inputs["pixel_values"][:3], other["pixel_values"][3:]]))
+
+
 QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
 CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
 ANYRES = dict(pixel_inputs=anyres_pixels, swap_second=crop_swap_second, reader="llava-anyres")
 FAMILIES: dict[str, FamilyCase] = {
     "llava_next": FamilyCase("llava_next", build_llava_next, **ANYRES),
+    "internvl": FamilyCase("internvl", build_internvl, tile_pixels, tile_swap_second, "internvl-tiles"),
     "llava_onevision": FamilyCase("llava_onevision", build_llava_onevision, **ANYRES),
     "qwen2_5_vl": FamilyCase("qwen2_5_vl", build_qwen2_5_vl, **QWEN),
     "qwen2_vl": FamilyCase("qwen2_vl", build_qwen2_vl, **QWEN),

@@ -328,3 +328,16 @@ def test_anyres_crops_of_an_image_become_its_keys(family_bases):
         read = reader.read(pixel_values, inputs, layers=(3,))
         assert read.patch_mask.sum(dim=1).tolist() == [48, 32], name
         assert not read.poolable
+
+
+@torch.no_grad()
+def test_internvl_tiles_of_an_image_become_its_keys(family_bases):
+    base = family_bases("internvl")
+    reader = reader_for(base.get_encoder(modality="image"), base.config)
+    inputs = FAMILIES["internvl"].pixel_inputs(5)
+    pixel_values = inputs.pop("pixel_values")
+    assert reader.num_images(pixel_values, inputs) == 2
+    read = reader.read(pixel_values, inputs, layers=(3,))
+    assert read.patch_mask.sum(dim=1).tolist() == [48, 16]  # 3 tiles and 1 tile of 4x4 patches, CLS dropped
+    with pytest.raises(ValueError, match=r"num_patches=\[3, 2\] adds up to 5 tiles, pixel_values holds 4"):
+        reader.check(pixel_values, {"num_patches": torch.tensor([3, 2])})

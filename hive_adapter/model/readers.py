@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .architectures import VisionShape, vision_shape_of
@@ -162,6 +163,31 @@ class ViTReader(VisionReader):
         return {"pixel_values": torch.zeros(1, channels, shape.image_size, shape.image_size, device=device)}
 
 
+def crops_as_keys(states: list[torch.Tensor], crops_per_image: list[int], grid: tuple[int, int]) -> ReadImages:
+    """Images cut into crops (LLaVA-NeXT's anyres, InternVL's tiles): each image's crops' patch tokens side by side
+    as its keys. states: per layer (crops, tokens, width), crops in image order, tokens in front of a crop's patch
+    grid (CLS) dropped here. One crop per image is one grid (pooled as any ViT's); several are not pooled."""
+    from .levels import prefix_length
+
+    states = [level[:, prefix_length(level.shape[1], grid) :] for level in states]  # each (crops, patches, width)
+    if max(crops_per_image) == 1:
+        return ReadImages(states, [grid])
+    patches = grid[0] * grid[1]
+    longest = max(crops_per_image) * patches
+    laid_out = [
+        torch.stack(
+            [
+                F.pad(image.flatten(0, 1), (0, 0, 0, longest - image.shape[0] * patches))
+                for image in level.split(crops_per_image)
+            ]
+        )
+        for level in states
+    ]  # each (images, longest, width): an image's crops side by side, zero-padded
+    lengths = torch.tensor(crops_per_image, device=laid_out[0].device) * patches
+    mask = torch.arange(longest, device=lengths.device) < lengths[:, None]  # (images, longest)
+    return ReadImages(laid_out, [], mask, poolable=False)
+
+
 # Newest first; ViTReader, the fallback, is never in this list.
 _READERS: list[type[VisionReader]] = []
 
@@ -178,7 +204,7 @@ def register_reader(reader: type[VisionReader]) -> type[VisionReader]:
 
 def load_built_in_readers() -> None:
     """Register the readers hive-adapter ships (their modules register themselves when first imported)."""
-    from . import readers_anyres, readers_crops, readers_qwen  # noqa: F401
+    from . import readers_anyres, readers_crops, readers_qwen, readers_tiles  # noqa: F401
 
 
 def reader_for(tower: nn.Module, family_config: Any = None) -> VisionReader:

@@ -19,11 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .levels import prefix_length
-from .readers import ReadImages, VisionReader, register_reader
+from .readers import ReadImages, VisionReader, crops_as_keys, register_reader
 
 SIZES_INPUT = "image_sizes"
 
@@ -78,26 +76,7 @@ class AnyresReader(VisionReader):
         real = torch.cat([image[:count] for image, count in zip(pixel_values, crops, strict=True)])  # (crops, 3, H, W)
         outputs = self.tower(pixel_values=real, output_hidden_states=True)
         grid = (self.shape.image_size // self.shape.patch_size,) * 2
-        states = []
-        for index in layers:
-            level = outputs.hidden_states[index + 1]  # (crops, tokens, width)
-            states.append(level[:, prefix_length(level.shape[1], grid) :])  # (crops, patches, width): CLS dropped
-        if max(crops) == 1:
-            return ReadImages(states, [grid])  # one crop per image: one grid, poolable
-        patches = grid[0] * grid[1]
-        longest = max(crops) * patches
-        laid_out = [
-            torch.stack(
-                [
-                    F.pad(image.flatten(0, 1), (0, 0, 0, longest - image.shape[0] * patches))
-                    for image in level.split(crops)
-                ]
-            )
-            for level in states
-        ]  # each (images, longest, width): an image's crops side by side
-        lengths = torch.tensor(crops, device=real.device) * patches
-        mask = torch.arange(longest, device=real.device) < lengths[:, None]  # (images, longest)
-        return ReadImages(laid_out, [], mask, poolable=False)
+        return crops_as_keys([outputs.hidden_states[index + 1] for index in layers], crops, grid)
 
     def dummy_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         size, channels = self.shape.image_size, getattr(self.config, "num_channels", 3)
