@@ -192,11 +192,33 @@ def tile_swap_second(inputs: dict, other: dict) -> dict:
     return dict(inputs, pixel_values=torch.cat([inputs["pixel_values"][:3], other["pixel_values"][3:]]))
 
 
+# ---------------------------------------------------------------------- Mistral 3 (Pixtral encoder)
+def build_mistral3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = dict(CROP_VISION, model_type="pixtral", image_size=CROP, head_dim=8)
+    config = Mistral3Config(
+        text_config=dict(TEXT, model_type="mistral", head_dim=8), vision_config=vision, image_token_index=IMAGE_TOKEN
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def pixtral_pixels(seed: int) -> dict[str, Any]:
+    """As Pixtral's image processor returns them: image 0 of 32x32 pixels, image 1 of 16x24, padded to 32x32."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 3, CROP, CROP, generator=generator)
+    pixel_values[1, :, 16:] = 0
+    pixel_values[1, :, :, 24:] = 0
+    return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[CROP, CROP], [16, 24]])}
+
+
 QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
 CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
 ANYRES = dict(pixel_inputs=anyres_pixels, swap_second=crop_swap_second, reader="llava-anyres")
 FAMILIES: dict[str, FamilyCase] = {
     "llava_next": FamilyCase("llava_next", build_llava_next, **ANYRES),
+    "mistral3": FamilyCase("mistral3", build_mistral3, pixtral_pixels, crop_swap_second, "pixtral-variable-sizes"),
     "internvl": FamilyCase("internvl", build_internvl, tile_pixels, tile_swap_second, "internvl-tiles"),
     "llava_onevision": FamilyCase("llava_onevision", build_llava_onevision, **ANYRES),
     "qwen2_5_vl": FamilyCase("qwen2_5_vl", build_qwen2_5_vl, **QWEN),

@@ -341,3 +341,18 @@ def test_internvl_tiles_of_an_image_become_its_keys(family_bases):
     assert read.patch_mask.sum(dim=1).tolist() == [48, 16]  # 3 tiles and 1 tile of 4x4 patches, CLS dropped
     with pytest.raises(ValueError, match=r"num_patches=\[3, 2\] adds up to 5 tiles, pixel_values holds 4"):
         reader.check(pixel_values, {"num_patches": torch.tensor([3, 2])})
+
+
+@torch.no_grad()
+def test_pixtral_images_are_split_back_onto_their_own_grids(family_bases):
+    """Pixtral runs all images as one sequence (block-diagonal attention): the reader's image 1 (16x24 pixels, a 2x3
+    grid, padded into 32x32) is what the encoder gives that image alone, and it pools on its own grid."""
+    tower = family_bases("mistral3").get_encoder(modality="image")
+    reader = reader_for(tower, family_bases("mistral3").config)
+    inputs = FAMILIES["mistral3"].pixel_inputs(5)
+    read = reader.read(inputs["pixel_values"], {"image_sizes": inputs["image_sizes"]}, layers=(1, 3))
+    alone = reader.read(inputs["pixel_values"][1:, :, :16, :24], {}, layers=(1, 3))
+    assert read.grids == [(4, 4), (2, 3)] and alone.grids == [(2, 3)]
+    assert read.patch_mask.sum(dim=1).tolist() == [16, 6]
+    for batched, single in zip(read.states, alone.states, strict=True):
+        torch.testing.assert_close(batched[1, :6], single[0], rtol=1e-5, atol=1e-5)
