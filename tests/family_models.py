@@ -213,11 +213,43 @@ def pixtral_pixels(seed: int) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[CROP, CROP], [16, 24]])}
 
 
+# ---------------------------------------------------------------------- Gemma 4 (patchified, positions)
+GEMMA4_PATCH = 4
+
+
+def build_gemma4(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, head_dim=8, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, sliding_window=16)
+    text["layer_types"] = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  head_dim=8, patch_size=GEMMA4_PATCH, pooling_kernel_size=2, position_embedding_size=64)  # fmt: skip
+    tokens = dict(boi_token_id=96, eoi_token_id=97, video_token_id=98, audio_token_id=94, boa_token_id=93)
+    config = Gemma4Config(
+        text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, eoa_token_index=92, **tokens
+    )
+    return Gemma4ForConditionalGeneration(config).eval()
+
+
+def gemma4_pixels(seed: int) -> dict[str, Any]:
+    """As Gemma 4's image processor returns them: image 0 a 4x4 patch grid, image 1 a 2x4 grid padded to 16 patches
+    with (-1, -1) positions."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(2, 16, 3 * GEMMA4_PATCH**2, generator=generator)
+    y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    positions = torch.stack([x.flatten(), y.flatten()], dim=-1).repeat(2, 1, 1)  # (2, 16, 2) of (x, y)
+    positions[1, 8:] = -1
+    pixel_values[1, 8:] = 0
+    return {"pixel_values": pixel_values, "image_position_ids": positions}
+
+
 QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
 CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
 ANYRES = dict(pixel_inputs=anyres_pixels, swap_second=crop_swap_second, reader="llava-anyres")
 FAMILIES: dict[str, FamilyCase] = {
     "llava_next": FamilyCase("llava_next", build_llava_next, **ANYRES),
+    "gemma4": FamilyCase("gemma4", build_gemma4, gemma4_pixels, crop_swap_second, "gemma4-positioned-patches"),
     "mistral3": FamilyCase("mistral3", build_mistral3, pixtral_pixels, crop_swap_second, "pixtral-variable-sizes"),
     "internvl": FamilyCase("internvl", build_internvl, tile_pixels, tile_swap_second, "internvl-tiles"),
     "llava_onevision": FamilyCase("llava_onevision", build_llava_onevision, **ANYRES),

@@ -356,3 +356,22 @@ def test_pixtral_images_are_split_back_onto_their_own_grids(family_bases):
     assert read.patch_mask.sum(dim=1).tolist() == [16, 6]
     for batched, single in zip(read.states, alone.states, strict=True):
         torch.testing.assert_close(batched[1, :6], single[0], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_gemma4_patches_are_placed_on_their_grid_by_position(family_bases):
+    """The same patches given in another order (their positions with them) give the same grid: the reader places
+    patches by `image_position_ids`, not by their order. Image 1 (a 2x4 grid, 8 padding patches) is masked."""
+    tower = family_bases("gemma4").get_encoder(modality="image")
+    reader = reader_for(tower)
+    inputs = FAMILIES["gemma4"].pixel_inputs(5)
+    read = reader.read(inputs["pixel_values"], {"image_position_ids": inputs["image_position_ids"]}, layers=(1, 3))
+    shuffle = torch.cat(
+        [torch.randperm(16, generator=torch.Generator().manual_seed(0)).unsqueeze(0), torch.arange(16)[None]]
+    )
+    pixel_values = torch.stack([inputs["pixel_values"][i, shuffle[i]] for i in range(2)])
+    positions = torch.stack([inputs["image_position_ids"][i, shuffle[i]] for i in range(2)])
+    again = reader.read(pixel_values, {"image_position_ids": positions}, layers=(1, 3))
+    assert read.grids == [(4, 4), (2, 4)] and read.patch_mask.sum(dim=1).tolist() == [16, 8]
+    for first, second in zip(read.states, again.states, strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)

@@ -168,12 +168,25 @@ class TextShape:
     norm_eps: float
 
 
+def config_value(config: PretrainedConfig, name: str):
+    """`config.<name>`, or None. A heterogeneous config (Gemma 4: head sizes differ between sliding and full
+    attention layers) refuses a global per-layer value; HIVE's blocks then take the first layer's (they have
+    their own attention, the value only sets their default shape)."""
+    try:
+        return getattr(config, name, None)
+    except AttributeError:
+        raise
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        layers = getattr(config, "per_layer_config", None)
+        return getattr(layers[0], name, None) if layers else None
+
+
 def text_shape_of(text_config: PretrainedConfig, num_layers: int) -> TextShape:
     hidden = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    eps = getattr(text_config, "rms_norm_eps", None) or getattr(text_config, "layer_norm_eps", None) or 1e-5
+    heads = config_value(text_config, "num_attention_heads")
+    kv_heads = config_value(text_config, "num_key_value_heads") or heads
+    head_dim = config_value(text_config, "head_dim") or hidden // heads
+    eps = config_value(text_config, "rms_norm_eps") or config_value(text_config, "layer_norm_eps") or 1e-5
     return TextShape(num_layers, hidden, heads, kv_heads, head_dim, eps)
 
 

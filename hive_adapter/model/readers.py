@@ -204,7 +204,7 @@ def register_reader(reader: type[VisionReader]) -> type[VisionReader]:
 
 def load_built_in_readers() -> None:
     """Register the readers hive-adapter ships (their modules register themselves when first imported)."""
-    from . import readers_anyres, readers_crops, readers_pixtral, readers_qwen, readers_tiles  # noqa: F401
+    from . import readers_anyres, readers_crops, readers_gemma4, readers_pixtral, readers_qwen, readers_tiles  # noqa: F401
 
 
 def reader_for(tower: nn.Module, family_config: Any = None) -> VisionReader:
