@@ -28,6 +28,9 @@ class FamilyCase:
     pixel_inputs: Callable[[int], dict[str, Any]]  # seed -> kwargs of two samples' images (one image each)
     swap_second: Callable[[dict, dict], dict]  # (inputs, other inputs) -> inputs with the second image from other
     reader: str  # the name of the reader HIVE picks
+    # PaliGemma is a prefix LM: its prompt attends both ways, so text before a marker sees text after it (and, through
+    # it, the picture). Everywhere else a column before the marker is untouched by the picture.
+    causal_prompt: bool = True
 
 
 # ---------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL / Qwen3-VL
@@ -244,11 +247,42 @@ def gemma4_pixels(seed: int) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "image_position_ids": positions}
 
 
+# ---------------------------------------------------------------------- Gemma 3, PaliGemma (SigLIP, (B, 3, H, W))
+SIGLIP = dict(CROP_VISION, model_type="siglip_vision_model")
+
+
+def build_gemma3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(TEXT, model_type="gemma3_text", head_dim=8, sliding_window=16)
+    config = Gemma3Config(text_config=text, vision_config=SIGLIP, image_token_index=IMAGE_TOKEN, mm_tokens_per_image=4,
+                          boi_token_index=96, eoi_token_index=97)  # fmt: skip
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def build_paligemma(seed: int = 0) -> torch.nn.Module:
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        text_config=dict(TEXT, model_type="gemma", head_dim=8), vision_config=SIGLIP, image_token_index=IMAGE_TOKEN
+    )
+    return PaliGemmaForConditionalGeneration(config).eval()
+
+
+def vit_pixels(seed: int) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(2, 3, CROP, CROP, generator=generator)}
+
+
 QWEN = dict(pixel_inputs=qwen_pixels, swap_second=qwen_swap_second, reader="qwen-packed-patches")
 CROPS = dict(pixel_inputs=crop_pixels, swap_second=crop_swap_second, reader="idefics3-crops")
 ANYRES = dict(pixel_inputs=anyres_pixels, swap_second=crop_swap_second, reader="llava-anyres")
 FAMILIES: dict[str, FamilyCase] = {
     "llava_next": FamilyCase("llava_next", build_llava_next, **ANYRES),
+    "gemma3": FamilyCase("gemma3", build_gemma3, vit_pixels, crop_swap_second, "vit"),
+    "paligemma": FamilyCase("paligemma", build_paligemma, vit_pixels, crop_swap_second, "vit", causal_prompt=False),
     "gemma4": FamilyCase("gemma4", build_gemma4, gemma4_pixels, crop_swap_second, "gemma4-positioned-patches"),
     "mistral3": FamilyCase("mistral3", build_mistral3, pixtral_pixels, crop_swap_second, "pixtral-variable-sizes"),
     "internvl": FamilyCase("internvl", build_internvl, tile_pixels, tile_swap_second, "internvl-tiles"),

@@ -117,7 +117,8 @@ def test_the_picture_moves_the_logits_once_gates_open_and_a_swapped_picture_chan
         swapped = case.swap_second(batch, case.pixel_inputs(11))
         after_swap = model(**swapped).logits
     assert not torch.allclose(with_picture[:, MARKER_AT:], without[:, MARKER_AT:])
-    torch.testing.assert_close(with_picture[:, :MARKER_AT], without[:, :MARKER_AT], rtol=0, atol=0)  # before the marker
+    if case.causal_prompt:  # before the marker the picture is not seen
+        torch.testing.assert_close(with_picture[:, :MARKER_AT], without[:, :MARKER_AT], rtol=0, atol=0)
     torch.testing.assert_close(after_swap[0], with_picture[0], rtol=0, atol=0)
     assert not torch.allclose(after_swap[1, MARKER_AT:], with_picture[1, MARKER_AT:])
 
