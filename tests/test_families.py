@@ -376,3 +376,35 @@ def test_gemma4_patches_are_placed_on_their_grid_by_position(family_bases):
     assert read.grids == [(4, 4), (2, 4)] and read.patch_mask.sum(dim=1).tolist() == [16, 8]
     for first, second in zip(read.states, again.states, strict=True):
         torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
+
+
+COMPOSED = ["qwen2_5_vl", "qwen3_vl", "mistral3", "gemma4", "internvl", "smolvlm"]
+
+
+@pytest.mark.parametrize("name", COMPOSED)
+@torch.no_grad()
+def test_a_family_encoder_composes_with_a_language_model_and_round_trips_through_auto_model(
+    name, family_bases, tmp_path
+):
+    """HiveForConditionalGeneration.from_vision_text takes Qwen's ViT, Pixtral, Gemma 4's encoder, InternViT and
+    SmolVLM's encoder: gates at 0 give the language model's own logits, and AutoModelForImageTextToText loads the
+    saved model computing the same."""
+    from tiny_models import VOCAB as TINY_VOCAB
+    from tiny_models import build_text
+    from transformers import AutoModelForImageTextToText
+
+    tower = FAMILIES[name].build(seed=4).get_encoder(modality="image")
+    language = build_text("llama")
+    model = hive.HiveForConditionalGeneration.from_vision_text(tower, language, hive.HiveConfig(image_token_id=95))
+    model.eval()
+    batch = {"input_ids": marker_text(2, LENGTH, marker_at=MARKER_AT), **FAMILIES[name].pixel_inputs(5)}
+    assert int(batch["input_ids"].max()) < TINY_VOCAB
+    assert model.hive_vision.reader.name == FAMILIES[name].reader
+    plain = build_text("llama")(input_ids=batch["input_ids"]).logits  # the same seed: the same weights, never hooked
+    torch.testing.assert_close(model(**batch).logits, plain, rtol=0, atol=0)
+    set_gates(model, 0.5)
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(again) is hive.HiveForConditionalGeneration
+    torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=0)

@@ -40,7 +40,10 @@ class TilesReader(VisionReader):
 
     @classmethod
     def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
-        return getattr(family_config, "downsample_ratio", None) is not None  # InternVL's pixel-shuffle connector
+        if getattr(family_config, "downsample_ratio", None) is not None:  # InternVL's pixel-shuffle connector
+            return True
+        # InternViT alone (a composed model): a ViT that gives its patch size as (height, width)
+        return isinstance(getattr(tower.config, "patch_size", None), (list, tuple))
 
     @classmethod
     def shape_of(cls, config: Any) -> VisionShape:
