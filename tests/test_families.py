@@ -408,3 +408,29 @@ def test_a_family_encoder_composes_with_a_language_model_and_round_trips_through
     again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(again) is hive.HiveForConditionalGeneration
     torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        (
+            "qwen2_5_vl",
+            lambda b: dict(b, image_grid_thw=torch.tensor([[2, 8, 8], [1, 4, 8]])),
+            "videos are not supported",
+        ),
+        ("qwen2_5_vl", lambda b: dict(b, image_grid_thw=torch.tensor([[1, 8, 8], [1, 4, 4]])), "adds up to 80"),
+        ("llava_next", lambda b: dict(b, pixel_values=b["pixel_values"][:, 0]), r"takes \(images, crops, 3, 32, 32\)"),
+        ("llava_next", lambda b: {k: v for k, v in b.items() if k != "image_sizes"}, "come with image_sizes"),
+        ("mistral3", lambda b: dict(b, image_sizes=torch.tensor([[32, 32], [40, 24]])), "at most the padded size"),
+        ("gemma4", lambda b: {k: v for k, v in b.items() if k != "image_position_ids"}, "come with image_position_ids"),
+        ("smolvlm", lambda b: dict(b, rows=[[0], [1]]), r"make 3 crops, pixel_values holds 4 real"),
+        (
+            "internvl",
+            lambda b: dict(b, pixel_values=b["pixel_values"][:, :, :16]),
+            r"tiles of shape \(tiles, 3, 32, 32\)",
+        ),
+    ],
+)
+def test_a_family_input_the_encoder_would_misread_is_refused_naming_it(name, change, message, family_wrapped):
+    with pytest.raises(ValueError, match=message):
+        family_wrapped(name)(**change(batch_of(name)))
