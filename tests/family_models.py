@@ -301,3 +301,33 @@ def marker_text(batch: int, length: int, *, marker_at: int, seed: int = 3) -> to
     ids = torch.randint(3, IMAGE_TOKEN - 1, (batch, length), generator=generator)
     ids[:, marker_at] = IMAGE_TOKEN
     return ids
+
+
+# ---------------------------------------------------------------------- batches and gates, for every family
+LENGTH, MARKER_AT = 10, 2
+
+
+def batch_of(name: str, *, seed: int = 5) -> dict:
+    """Two samples, one image each (of different sizes where the family allows), the marker at MARKER_AT."""
+    return {"input_ids": marker_text(2, LENGTH, marker_at=MARKER_AT), **FAMILIES[name].pixel_inputs(seed)}
+
+
+def text_only(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"]}
+
+
+class open_gates:
+    """Gates at `value` inside the block, back to 0 after (the session's models stay at init)."""
+
+    def __init__(self, model, value: float = 1.0):
+        self.model, self.value = model, value
+
+    def __enter__(self):
+        from tiny_models import set_gates
+
+        set_gates(self.model, self.value)
+
+    def __exit__(self, *exc):
+        from tiny_models import set_gates
+
+        set_gates(self.model, 0.0)
