@@ -168,3 +168,23 @@ def test_a_family_encoder_composes_with_a_language_model_and_round_trips_through
     again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(again) is hive.HiveForConditionalGeneration
     torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=0)
+
+
+CONCAT_REFUSED = ("gemma3", "paligemma", "gemma4")  # their generate takes no inputs_embeds
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("connector", ["cascaded", "concat"])
+def test_the_baseline_connectors_train_and_generate_on_a_family_or_are_refused_at_wrap(name, connector):
+    """The paper's comparison on the model people use: the cascaded and concat baselines run a training step and
+    generate on each family; where concat cannot drive the family's base, get_hive_model refuses it naming why."""
+    config = hive.HiveConfig(connector=connector, vision_layers=[1, 3])
+    if connector == "concat" and name in CONCAT_REFUSED:
+        with pytest.raises(ValueError, match="concat' cannot drive .*: its generate takes no inputs_embeds"):
+            hive.get_hive_model(FAMILIES[name].build(), config)
+        return
+    model = hive.get_hive_model(FAMILIES[name].build(), config)
+    batch = batch_of(name)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in model.hive_named_parameters() if "level_embedding" not in n)
+    assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape == (2, LENGTH + 2)

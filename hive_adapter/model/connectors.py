@@ -13,6 +13,7 @@ in `tests/test_connectors.py`). Peers keep such a table too: PEFT's tuner regist
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -66,6 +67,9 @@ class Connector:
     # ------------------------------------------------------------------ configuration
     def validate(self, config: HiveConfig) -> None:
         """Connector-specific checks of a config, before any model is built (`HiveConfig.validate`)."""
+
+    def check_base(self, base_model: torch.nn.Module) -> None:
+        """Refuse, at wrap time and naming the reason, a base model this connector cannot drive (`get_hive_model`)."""
 
     def pairs_levels(self, config: HiveConfig) -> bool:
         """Whether level k feeds decoder layer k one to one (then the two lists have equal length)."""
@@ -219,6 +223,16 @@ class ConcatConnector(Connector):
             raise ValueError(
                 "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
                 "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
+            )
+
+    def check_base(self, base_model: torch.nn.Module) -> None:
+        """concat feeds the base input embeddings with the image tokens spliced in, in `forward` and `generate`."""
+        name = type(base_model).__name__
+        prepare = getattr(base_model, "prepare_inputs_for_generation", None)
+        if prepare is not None and "inputs_embeds" not in inspect.signature(prepare).parameters:
+            raise ValueError(
+                f"connector='concat' cannot drive {name}: its generate takes no inputs_embeds, and concat splices the "
+                "image tokens into the input embeddings; use connector='hive' or 'cascaded' on this model"
             )
 
     def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
