@@ -155,3 +155,26 @@ def test_gemma4_patches_are_placed_on_their_grid_by_position(family_bases):
 def test_a_family_input_the_encoder_would_misread_is_refused_naming_it(name, change, message, family_wrapped):
     with pytest.raises(ValueError, match=message):
         family_wrapped(name)(**change(batch_of(name)))
+
+
+def test_a_registered_reader_is_tried_first_and_names_are_unique(family_bases):
+    """A new family is one reader class: registered, it is tried before the built-in ones (here for one fresh tower
+    only, so the rest of the session is untouched); a second reader of the same name, or a non-reader, is refused."""
+    from hive_adapter.model.readers import ViTReader, register_reader
+
+    tower = FAMILIES["gemma3"].build(seed=9).get_encoder(modality="image")  # a tower no session model shares
+
+    @register_reader
+    class OneTowerReader(ViTReader):
+        name = "test-one-tower"
+
+        @classmethod
+        def accepts(cls, candidate, family_config=None):
+            return candidate is tower
+
+    assert isinstance(reader_for(tower), OneTowerReader)
+    assert reader_for(family_bases("paligemma").get_encoder(modality="image")).name == "vit"
+    with pytest.raises(ValueError, match="'test-one-tower' is already registered"):
+        register_reader(type("Again", (ViTReader,), {"name": "test-one-tower"}))
+    with pytest.raises(TypeError, match="takes a VisionReader subclass"):
+        register_reader(object)

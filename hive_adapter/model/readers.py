@@ -215,10 +215,3 @@ def reader_for(tower: nn.Module, family_config: Any = None) -> VisionReader:
         if reader.accepts(tower, family_config):
             return reader(tower, family_config)
     return ViTReader(tower, family_config)
-
-
-def all_input_names() -> tuple[str, ...]:
-    """Every registered reader's input names: what a batch may carry for a vision tower."""
-    load_built_in_readers()
-    names = [name for reader in (*_READERS, ViTReader) for name in reader.input_names]
-    return tuple(dict.fromkeys(names))
