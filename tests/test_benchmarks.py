@@ -204,3 +204,36 @@ def test_the_real_lm_breakdown_table_gives_each_part_its_share():
     parts = dict(zip(BREAKDOWN_PARTS, [0.1, 0.1, 0.4, 0.2, 1.2], strict=True))
     table = breakdown_table({"batch_size": 16, "hive stage 2": {"step": 2.0, "parts": parts}})
     assert "| hive stage 2 | 2.00 | 0.10 s (5%) | 0.10 s (5%) | 0.40 s (20%) | 0.20 s (10%) | 1.20 s (60%) |" in table
+
+
+def _instruct_result(own: float, swapped: float) -> dict:
+    return {
+        "own": {"colour": own, "shape": 25.0, "all": own},
+        "swapped": {"colour": swapped, "shape": 25.0, "all": swapped},
+        "count": {"colour": 40, "shape": 30},
+    }
+
+
+def test_the_instruct_table_gives_mean_and_sd_over_seeds_beside_the_seed_count(capsys):
+    from benchmarks import instruct
+
+    settings = instruct.parse(["--seeds", "0,1"])
+    record = instruct.merge(None, settings, {0: {"hive": _instruct_result(50.0, 20.0)}})
+    record = instruct.merge(record, settings, {1: {"hive": _instruct_result(70.0, 10.0)}})
+    record = json.loads(json.dumps(record))  # as read back from instruct.json: seeds become strings
+    variant = instruct.parse(["--seeds", "0", "--connectors", "hive", "--hive_initializer_range", "0.1"])
+    assert instruct.run_label("hive", variant) == "hive (init 0.1)"
+    record = instruct.merge(record, variant, {0: {"hive (init 0.1)": _instruct_result(90.0, 15.0)}})
+    table = instruct.markdown(record)
+    hive_row = next(line for line in table.splitlines() if line.startswith("| hive |"))
+    assert hive_row.startswith("| hive | 2 | 60.0% ± 14.1 / 15.0% ± 7.1 | 60.0% ± 14.1 / 15.0% ± 7.1 |")
+    variant_row = next(line for line in table.splitlines() if line.startswith("| hive (init 0.1) |"))
+    assert variant_row.startswith("| hive (init 0.1) | 1 | 90.0% / 15.0% |")  # one seed: no sd invented
+    assert "| hive | 50.0% / 20.0% | 70.0% / 10.0% |" in table  # the per-seed 'all' row
+    assert "--hive_initializer_range 0.1" in table  # every command that made the table is named
+    other = instruct.parse(["--seeds", "2", "--epochs", "1"])
+    with pytest.raises(SystemExit, match="epochs 1.*epochs 3.*--output"):
+        instruct.merge(record, other, {2: {"hive": _instruct_result(1.0, 1.0)}})
+    with pytest.raises(SystemExit):
+        instruct.parse(["--connectors", "hive,mlp"])
+    assert "--connectors 'hive,mlp': mlp unknown" in capsys.readouterr().err
