@@ -237,3 +237,24 @@ def test_the_instruct_table_gives_mean_and_sd_over_seeds_beside_the_seed_count(c
     with pytest.raises(SystemExit):
         instruct.parse(["--connectors", "hive,mlp"])
     assert "--connectors 'hive,mlp': mlp unknown" in capsys.readouterr().err
+
+
+def test_deepstack_pays_concats_sequence_plus_one_projector_per_level():
+    import dataclasses
+
+    from benchmarks import flops
+
+    pair = dataclasses.replace(TINY, hive_layers={"vision_layers": [1, 3]})  # TINY's default spread is one level
+    model = build(pair, "deepstack")
+    model.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model(**training_batch(pair, "deepstack", batch=1, text_tokens=20, device="meta"))
+    counted = counter.get_total_flops() - vision_tower_flops(pair, stage=1, batch=1)
+    analytic = hive_forward_flops(pair, "deepstack", text_tokens=20)
+    assert abs(counted - analytic) <= TOLERANCE * analytic, (counted, analytic)
+    spliced = flops.llm_forward_flops(pair, 20 - 1 + pair.vision_tokens())
+    projector = hive_forward_flops(pair, "concat", text_tokens=20) - spliced
+    assert analytic == spliced + 2 * projector  # concat's sequence, and a projector for each of the two levels
+    table = flops.flops_table(pair, ["concat", "deepstack"], stages=(2,))
+    deepstack_row = next(line for line in table.splitlines() if line.startswith("| 2 | deepstack |"))
+    assert float(deepstack_row.split("|")[5]) > 1.0  # LLM side over concat's

@@ -16,7 +16,8 @@ class HiveArguments:
     vision_connector: str = field(
         default="hive",
         metadata={
-            "help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."
+            "help": "hive | cascaded | concat (LLaVA-style self-attention baseline) | deepstack (Qwen3-VL's): "
+            "rerun the paper's comparison."
         },
     )
     hive_vision_layers: str | None = field(
