@@ -210,8 +210,16 @@ def markdown(record: dict) -> str:
             for seed in seeds
         ]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Chance: colour 16.7%, shape 25%, texture 33.3%, position 20%.", ""]
-    return "\n".join(lines)
+    lines += ["", "Chance: colour 16.7%, shape 25%, texture 33.3%, position 20%."]
+    counts = {seed: next((run["count"] for run in results[seed].values() if "count" in run), None) for seed in seeds}
+    counted = [f"seed {seed}: " + ", ".join(f"{kind} {n}" for kind, n in count.items())
+               for seed, count in counts.items() if count]  # fmt: skip
+    if counted:
+        lines += [
+            "",
+            "Held-out questions with pictures, per type (the same for every run of a seed): " + "; ".join(counted),
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

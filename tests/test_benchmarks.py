@@ -231,6 +231,7 @@ def test_the_instruct_table_gives_mean_and_sd_over_seeds_beside_the_seed_count(c
     assert variant_row.startswith("| hive (init 0.1) | 1 | 90.0% / 15.0% |")  # one seed: no sd invented
     assert "| hive | 50.0% / 20.0% | 70.0% / 10.0% |" in table  # the per-seed 'all' row
     assert "--hive_initializer_range 0.1" in table  # every command that made the table is named
+    assert "seed 0: colour 40, shape 30; seed 1: colour 40, shape 30" in table  # how many questions each figure is
     other = instruct.parse(["--seeds", "2", "--epochs", "1"])
     with pytest.raises(SystemExit, match="epochs 1.*epochs 3.*--output"):
         instruct.merge(record, other, {2: {"hive": _instruct_result(1.0, 1.0)}})
