@@ -31,7 +31,8 @@ from collections import defaultdict
 from pathlib import Path
 
 OUTPUT = Path(__file__).parent / "results" / "instruct"
-CONNECTORS = ("hive", "concat")
+CONNECTORS = ("hive", "concat")  # the default rows
+OTHER_CONNECTORS = ("cascaded", "deepstack")  # by --connectors
 HIVE_FLAGS = ["--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3", "--hive_tokens_per_level", "16"]
 
 
@@ -180,7 +181,8 @@ def markdown(record: dict) -> str:
     settings, results = record["settings"], record["results"]
     seeds = sorted(results, key=int)
     present = {label for by_label in results.values() for label in by_label}
-    labels = [c for c in CONNECTORS if c in present] + sorted(present - set(CONNECTORS))
+    order = CONNECTORS + OTHER_CONNECTORS
+    labels = [c for c in order if c in present] + sorted(present - set(order))
     kinds = sorted({kind for r in results.values() for run in r.values() for kind in run["own"]})
     kinds = ["all", *(kind for kind in kinds if kind != "all")]
     commands = "; ".join(f"`{command}`" for command in record.get("commands", []))
@@ -225,7 +227,10 @@ def markdown(record: dict) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    parser.add_argument("--connectors", default=",".join(CONNECTORS), help="comma-separated (default hive,concat)")
+    parser.add_argument(
+        "--connectors", default=",".join(CONNECTORS),
+        help=f"comma-separated, of {', '.join(CONNECTORS + OTHER_CONNECTORS)} (default hive,concat)",
+    )  # fmt: skip
     parser.add_argument(
         "--hive_initializer_range", type=float, default=None,
         help="HIVE's new weights ~ N(0, this) (default: the library's 0.02); its rows are labelled 'hive (init x)'",
@@ -243,9 +248,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"results directory (default {OUTPUT}); runs are added to the instruct.json there",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    unknown = [c for c in args.connectors.split(",") if c not in CONNECTORS]
+    unknown = [c for c in args.connectors.split(",") if c not in CONNECTORS + OTHER_CONNECTORS]
     if unknown:
-        parser.error(f"--connectors {args.connectors!r}: {', '.join(unknown)} unknown; choose from {CONNECTORS}")
+        parser.error(
+            f"--connectors {args.connectors!r}: {', '.join(unknown)} unknown; choose from "
+            f"{','.join(CONNECTORS + OTHER_CONNECTORS)}"
+        )
     return args
 
 

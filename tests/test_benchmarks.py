@@ -235,6 +235,7 @@ def test_the_instruct_table_gives_mean_and_sd_over_seeds_beside_the_seed_count(c
     other = instruct.parse(["--seeds", "2", "--epochs", "1"])
     with pytest.raises(SystemExit, match="epochs 1.*epochs 3.*--output"):
         instruct.merge(record, other, {2: {"hive": _instruct_result(1.0, 1.0)}})
+    assert instruct.parse(["--connectors", "deepstack"]).connectors == "deepstack"
     with pytest.raises(SystemExit):
         instruct.parse(["--connectors", "hive,mlp"])
     assert "--connectors 'hive,mlp': mlp unknown" in capsys.readouterr().err
