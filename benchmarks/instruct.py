@@ -189,7 +189,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Instruction tuning: answers from the picture, HIVE vs concat",
         "",
-        f"CPU. Commands: {commands}. Pre-training: stages 1-3 on {settings['caption_size']} synthetic captions "
+        f"{time.strftime('%Y-%m-%d')}, CPU. Commands: {commands}. Pre-training: stages 1-3 on {settings['caption_size']} synthetic captions "
         f"(Table 3 settings, batch 32); sft: {settings['conversations']} synthetic conversations x "
         f"{settings['epochs']:g} epochs, batch 32, learning rate {settings['learning_rate']:g} (every connector). "
         f"Held out: {settings['held_out']} conversations of another seed; first answers, exact match, greedy.",
