@@ -25,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+MEMORY = "config and card figure from memory; the parameter count matches the card"
+QWEN2_7B_SEEN = MEMORY + "; LLM widths (3584, k/v 512, MLP 18944) seen in a stored Qwen2.5-7B layer-shape table"
+
 
 @dataclass(frozen=True)
 class FamilySize:
@@ -41,7 +44,7 @@ class FamilySize:
     hive_keys: int  # encoder patches HIVE reads for it (all crops)
     projector_kind: str  # how to call the family's projector (benchmarks.family_sizes.family_connector_flops)
     projector_input: tuple[int, ...]
-    verified: str = "from memory; parameter count matches the card"
+    verified: str = MEMORY
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,7 +63,7 @@ FAMILIES: tuple[FamilySize, ...] = (
              vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                 fullatt_block_indexes=[7, 15, 23, 31])),
-        "8.29B", 32, "448x448", 448, 256, 1024, "qwen_merger", (1024, 1280),
+        "8.29B", 32, "448x448", 448, 256, 1024, "qwen_merger", (1024, 1280), QWEN2_7B_SEEN,
     ),
     FamilySize(
         "Qwen2-VL-7B", "Qwen/Qwen2-VL-7B-Instruct", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration",
@@ -89,6 +92,7 @@ FAMILIES: tuple[FamilySize, ...] = (
                               query_pre_attn_scalar=256),
              vision_config=dict(SIGLIP_SO400M, image_size=896, vision_use_head=False), mm_tokens_per_image=256),
         "4.30B", 27, "896x896", 896, 256, 4096, "tokens", (1, 4096, 1152),
+        MEMORY + "; text 2560 wide, 34 layers, 8/4 heads of 256, MLP 10240, 27 vision layers seen in a stored config",
     ),
     FamilySize(
         "PaliGemma-3B", "google/paligemma-3b-pt-224", "PaliGemmaConfig", "PaliGemmaForConditionalGeneration",
@@ -137,6 +141,7 @@ FAMILIES: tuple[FamilySize, ...] = (
                                 image_size=[448, 448], patch_size=[14, 14]),
              downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=False),
         "7.94B", 24, "896x896 (2x2 tiles + thumbnail)", 896, 1280, 5 * 1024, "internvl", (5, 256, 4096),
+        QWEN2_7B_SEEN + "; InternViT-300M (1024 wide, MLP 4096, patch 14) seen in a stored InternVL3 module print",
     ),
     FamilySize(
         "Mistral-Small-3.1-24B", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", "Mistral3Config",

@@ -166,7 +166,8 @@ def render_markdown(rows: list[dict], skipped: dict[str, str]) -> str:
             f"{row['family_llm_side_flops'] / 1e9:.0f} | {row['hive_llm_side_flops'] / 1e9:.0f} | "
             f"{row['hive_over_family']:.2f} |"
         )
-    lines += ["", "Config values: " + "; ".join(f"{row['family']}: {row['verified']}" for row in rows)]
+    lines += ["", "Where the config values come from (no hub access; benchmarks/family_size_configs.py):", ""]
+    lines += [f"- {row['family']}: {row['verified']}" for row in rows]
     for name, reason in skipped.items():
         lines += ["", f"Not measured: {name}: {reason}"]
     return "\n".join(lines) + "\n"
