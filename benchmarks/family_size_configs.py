@@ -13,8 +13,9 @@ image, prefix tokens dropped) for the typical image named in `image`, derived fr
 - PaliGemma 224: 16x16 patches (256 keys) = 256 positions;
 - LLaVA-NeXT: 672x672 -> 2x2 crops of 336 + the base image: 5 x 576 keys; 576 + 48x48 + 48 newlines = 2928;
 - LLaVA-OneVision: 768x768 -> 2x2 crops of 384 + base: 5 x 729 keys; 729 + 54x54 + 54 newlines = 3699;
-- SmolVLM2 / Idefics3: 768x768 / 728x728 -> 2x2 crops + the global view: 5 x 729 / 5 x 676 keys; pixel shuffle
-  (scale 3 / 2) -> 5 x 81 = 405 / 5 x 169 = 845 positions (row/column text tokens not counted);
+- SmolVLM2 / Idefics3: the image processor resizes any image to a longest edge of 4 x 384 = 1536 / 4 x 364 = 1456
+  (its default, from memory) -> 4x4 crops + the global view: 17 x 729 / 17 x 676 keys; pixel shuffle (scale 3 / 2)
+  -> 17 x 81 = 1377 / 17 x 169 = 2873 positions (row/column text tokens not counted);
 - InternVL3: 896x896 -> 2x2 tiles of 448 + thumbnail: 5 x 1024 keys; pixel shuffle 0.5 -> 5 x 256 = 1280;
 - Mistral 3.1 (Pixtral): 1008x1008 -> 72x72 patches of 14 (5184 keys); 2x2 merge -> 36x36 + 36 [IMG_BREAK]/[IMG_END]
   = 1332 positions.
@@ -125,14 +126,14 @@ FAMILIES: tuple[FamilySize, ...] = (
         dict(text_config=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                               num_key_value_heads=32, vocab_size=49280, rope_theta=130000.0, model_type="llama"),
              vision_config=dict(SIGLIP_SO400M, image_size=384), scale_factor=3, image_token_id=49190),
-        "2.25B", 27, "768x768 (2x2 crops + global)", 768, 405, 5 * 729, "connector", (5, 729, 1152),
+        "2.25B", 27, "any (4x4 crops + global)", 1536, 17 * 81, 17 * 729, "connector", (17, 729, 1152),
     ),
     FamilySize(
         "Idefics3-8B", "HuggingFaceM4/Idefics3-8B-Llama3", "Idefics3Config", "Idefics3ForConditionalGeneration",
         dict(text_config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                               num_key_value_heads=8, vocab_size=128259, rope_theta=500000.0, model_type="llama"),
              vision_config=dict(SIGLIP_SO400M, image_size=364), scale_factor=2),
-        "8.46B", 27, "728x728 (2x2 crops + global)", 728, 845, 5 * 676, "connector", (5, 676, 1152),
+        "8.46B", 27, "any (4x4 crops + global)", 1456, 17 * 169, 17 * 676, "connector", (17, 676, 1152),
     ),
     FamilySize(
         "InternVL3-8B", "OpenGVLab/InternVL3-8B-hf", "InternVLConfig", "InternVLForConditionalGeneration",
