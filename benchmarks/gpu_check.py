@@ -13,12 +13,13 @@ same batch. Writes `gpu.json` and `gpu.md` to `--output_dir` (default `benchmark
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
+
+from hive_adapter.utils.flags import FullFlagParser
 
 from .configs import PAPER_1B, TINY
 from .measure import peak_step_memory, step_times
@@ -105,7 +106,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog="benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--pair", choices=sorted(PAIRS), default="1B")
     parser.add_argument("--batch", type=int, default=8)

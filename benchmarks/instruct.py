@@ -27,6 +27,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from hive_adapter.utils.flags import FullFlagParser
+
 OUTPUT = Path(__file__).parent / "results" / "instruct"
 CONNECTORS = ("hive", "concat")
 HIVE_FLAGS = ["--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3", "--hive_tokens_per_level", "16"]
@@ -149,7 +151,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--caption_size", type=int, default=1000, help="synthetic captions for stages 1-3")
     parser.add_argument("--conversations", type=int, default=2000, help="synthetic conversations for sft")
