@@ -290,3 +290,102 @@ def test_the_torch_lower_bound_is_the_tested_torch():
 
     bound = core["torch"].removeprefix("torch>=")
     assert Version(bound) == Version(pinned), f"{core['torch']}: every test world runs torch {pinned}"
+
+
+# ---------------------------------------------------------------------- 6, 8-10. instruction data never silently lost
+def _instruct_file(tmp_path, entries, *, good=("red.png",)):
+    from PIL import Image
+
+    for name in good:
+        Image.new("RGB", (32, 32), "red").save(tmp_path / name)
+    path = tmp_path / "instruct.json"
+    path.write_text(__import__("json").dumps(entries))
+    return path
+
+
+def test_an_image_entry_without_a_user_turn_shows_its_image_before_the_first_answer(tmp_path, instruction_processor):
+    from hive_adapter.data.conversations import ConversationDataset, HiveConversationCollator, read_llava_instruct
+
+    system = {"from": "system", "value": "you describe pictures ."}
+    path = _instruct_file(tmp_path, [{"id": "no-user", "image": "red.png", "conversations": [
+        system, {"from": "gpt", "value": "red"}]}])  # fmt: skip
+    dataset = ConversationDataset(read_llava_instruct(path), tmp_path)
+    messages = dataset[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]  # the system prompt stays first
+    assert messages[1]["content"][0]["type"] == "image"
+    batch = HiveConversationCollator(instruction_processor, max_length=64)([dataset[0]])
+    assert (batch["input_ids"] == instruction_processor.image_token_id).sum() == 1 and "pixel_values" in batch
+
+
+TWO_ROUNDS = [
+    {"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red red red"},
+    {"from": "human", "value": "what shape is it ?"}, {"from": "gpt", "value": "square square square"},
+]  # fmt: skip
+
+
+def test_a_conversation_truncation_cuts_is_named_with_the_answers_it_loses(tmp_path, instruction_processor, caplog):
+    from hive_adapter.data.conversations import (
+        ConversationDataset,
+        HiveConversationCollator,
+        drop_cut_images,
+        read_llava_instruct,
+    )
+
+    short = [{"from": "human", "value": "<image>\nwhat colour is it ?"}, {"from": "gpt", "value": "red"}]
+    path = _instruct_file(tmp_path, [{"id": "cut", "image": "red.png", "conversations": TWO_ROUNDS},
+                                     {"id": "whole", "image": "red.png", "conversations": short}])  # fmt: skip
+    dataset = ConversationDataset(read_llava_instruct(path), tmp_path)
+    full = HiveConversationCollator(instruction_processor, max_length=10_000).encode(dataset[0]["messages"])
+    answers = [position for position, label in enumerate(full[1]) if label != -100]
+    max_length = answers[len(answers) // 2]  # the first answer kept, the second round's beyond
+    lost = len(answers) - len(answers) // 2
+    with caplog.at_level("WARNING"):
+        kept = drop_cut_images(dataset, instruction_processor, max_length)
+    assert len(kept) == 2 and kept.cut == [f"entry cut: {lost} assistant tokens"]
+    message = caplog.text
+    assert f"entry cut loses {lost} of {len(answers)}" in message and f"--max_text_length {len(full[0])}" in message
+    dropped = drop_cut_images(dataset, instruction_processor, max_length, drop_cut_conversations=True)
+    assert [r.id for r in dropped.records] == ["whole"] and dropped.dropped == ["cut"]
+
+
+def test_conversations_are_rendered_once_in_one_batched_call_per_chunk(tmp_path, instruction_processor, monkeypatch):
+    from hive_adapter.data import conversations
+    from hive_adapter.data.conversations import ConversationDataset, HiveConversationCollator, read_llava_instruct
+
+    path = _instruct_file(tmp_path, [{"id": str(n), "image": "red.png", "conversations": TWO_ROUNDS} for n in range(12)])
+    dataset = ConversationDataset(read_llava_instruct(path), tmp_path)
+    expected = [HiveConversationCollator(instruction_processor, max_length=10_000).encode(dataset[n]["messages"])
+                for n in range(12)]  # fmt: skip
+    calls = []
+    for owner in (type(instruction_processor), type(instruction_processor.tokenizer)):
+        for name in ("apply_chat_template", "__call__"):
+            original = getattr(owner, name)
+            monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    lengths = conversations.conversation_lengths(dataset, instruction_processor, chunk=5)
+    assert calls.count("apply_chat_template") == 3 and calls.count("__call__") == 3  # 12 conversations, chunks of 5
+    for (ids, labels, _), length in zip(expected, lengths, strict=True):  # the collator's own rendering
+        assert length.tokens == len(ids)
+        assert length.answers == tuple(position for position, label in enumerate(labels) if label != -100)
+    calls.clear()
+    conversations.drop_cut_images(dataset, instruction_processor, 2048)
+    assert calls.count("apply_chat_template") == 1 and calls.count("__call__") == 1
+
+
+def test_every_image_is_checked_before_training_and_bad_ones_named_by_entry(tmp_path):
+    from hive_adapter.data.datasets import BadImageError
+    from hive_adapter.training.cli_arguments import DataArguments
+    from hive_adapter.training.train import build_dataset
+
+    good = [f"{n}.png" for n in range(59)]
+    entries = [{"id": f"good-{n}", "image": name, "conversations": TWO_ROUNDS} for n, name in enumerate(good)]
+    entries += [{"id": "missing", "image": "nope.png", "conversations": TWO_ROUNDS},
+                {"id": "empty", "image": "empty.png", "conversations": TWO_ROUNDS}]  # fmt: skip
+    path = _instruct_file(tmp_path, entries, good=good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BadImageError) as refused:
+        build_dataset(DataArguments(data_path=str(path)), image_size=32, instruct=True)
+    message = str(refused.value)
+    assert "2 of 61 entries" in message and "--skip_bad_images" in message
+    assert "entry missing: nope.png (no such file)" in message and "entry empty: empty.png" in message
+    skipped = build_dataset(DataArguments(data_path=str(path), skip_bad_images=True), image_size=32, instruct=True)
+    assert len(skipped) == 59 and skipped.skipped == 2 and sorted(skipped.dropped) == ["empty", "missing"]

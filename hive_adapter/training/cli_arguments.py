@@ -70,7 +70,18 @@ class DataArguments:
         },
     )
     skip_bad_images: bool = field(
-        default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
+        default=False,
+        metadata={
+            "help": "Skip (and count) unreadable images instead of stopping with an error. For --stage sft every "
+            "image is checked before step 1: without this flag the run stops naming every bad entry."
+        },
+    )
+    drop_cut_conversations: bool = field(
+        default=False,
+        metadata={
+            "help": "--stage sft: drop a conversation that --max_text_length would cut (losing later answers) whole, "
+            "instead of training on its first part (counted and named either way)."
+        },
     )
     packing: bool = field(
         default=False,
