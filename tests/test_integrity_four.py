@@ -352,7 +352,9 @@ def test_conversations_are_rendered_once_in_one_batched_call_per_chunk(tmp_path,
     from hive_adapter.data import conversations
     from hive_adapter.data.conversations import ConversationDataset, HiveConversationCollator, read_llava_instruct
 
-    path = _instruct_file(tmp_path, [{"id": str(n), "image": "red.png", "conversations": TWO_ROUNDS} for n in range(12)])
+    path = _instruct_file(
+        tmp_path, [{"id": str(n), "image": "red.png", "conversations": TWO_ROUNDS} for n in range(12)]
+    )
     dataset = ConversationDataset(read_llava_instruct(path), tmp_path)
     expected = [HiveConversationCollator(instruction_processor, max_length=10_000).encode(dataset[n]["messages"])
                 for n in range(12)]  # fmt: skip
