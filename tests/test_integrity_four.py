@@ -391,3 +391,12 @@ def test_every_image_is_checked_before_training_and_bad_ones_named_by_entry(tmp_
     assert "entry missing: nope.png (no such file)" in message and "entry empty: empty.png" in message
     skipped = build_dataset(DataArguments(data_path=str(path), skip_bad_images=True), image_size=32, instruct=True)
     assert len(skipped) == 59 and skipped.skipped == 2 and sorted(skipped.dropped) == ["empty", "missing"]
+
+
+def test_the_install_recovery_leaves_a_nameless_target_to_the_usual_refusal(tmp_path, monkeypatch):
+    from hive_adapter.utils.outputs import OutputRefused, check_target
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputRefused, match="not empty"):
+        check_target(__import__("pathlib").Path("."), command="t")

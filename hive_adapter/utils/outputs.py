@@ -178,6 +178,8 @@ def recover_install(target: Path, *, command: str) -> None:
     new output, unfinished as far as anyone can tell, is cleared with the partial directory. Every write of
     `command` to `target` runs this first."""
     target = Path(target)
+    if not target.name:  # "." or "/": an existing directory, never one an install put in place
+        return
     previous = previous_path(target)
     if not previous.is_dir() or owner_of(previous) != command:
         return
