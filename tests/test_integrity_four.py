@@ -363,7 +363,7 @@ def test_conversations_are_rendered_once_in_one_batched_call_per_chunk(tmp_path,
         for name in ("apply_chat_template", "__call__"):
             original = getattr(owner, name)
             monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
-    lengths = conversations.conversation_lengths(dataset, instruction_processor, chunk=5)
+    lengths = list(conversations.conversation_lengths(dataset, instruction_processor, chunk=5))
     assert calls.count("apply_chat_template") == 3 and calls.count("__call__") == 3  # 12 conversations, chunks of 5
     for (ids, labels, _), length in zip(expected, lengths, strict=True):  # the collator's own rendering
         assert length.tokens == len(ids)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,11 +250,12 @@ class ConversationLengths:
         return sum(1 for answer in self.answers if answer >= position)
 
 
-def conversation_lengths(dataset: ConversationDataset, processor, *, chunk: int = 2048) -> list[ConversationLengths]:
+def conversation_lengths(dataset: ConversationDataset, processor, *, chunk: int = 2048) -> Iterator[ConversationLengths]:
     """Every conversation of `dataset` rendered with `processor`'s chat template (placeholders for the images,
     none opened) and tokenised, `chunk` at a time: one batched call of the tokenizer's `apply_chat_template`
-    per chunk, the assistant tokens from the template's `{% generation %}` blocks."""
-    marker, out = processor.image_token_id, []
+    per chunk, the assistant tokens from the template's `{% generation %}` blocks. A generator: only one
+    chunk's results are alive at a time (at LLaVA-665k's size, keeping them all costs the garbage collector)."""
+    marker = processor.image_token_id
     for start in range(0, len(dataset.records), chunk):
         conversations = [dataset.text_messages(index) for index in range(start, min(start + chunk, len(dataset)))]
         rendered = processor.tokenizer.apply_chat_template(
@@ -267,8 +268,7 @@ def conversation_lengths(dataset: ConversationDataset, processor, *, chunk: int 
         for ids, mask in zip(rendered["input_ids"], rendered["assistant_masks"], strict=True):
             markers = [position for position, token in enumerate(ids) if token == marker] if marker is not None else []
             answers = tuple(position for position, learn in enumerate(mask) if learn)
-            out.append(ConversationLengths(len(ids), markers[-1] if markers else None, answers))
-    return out
+            yield ConversationLengths(len(ids), markers[-1] if markers else None, answers)
 
 
 @dataclass
