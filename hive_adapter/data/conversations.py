@@ -250,7 +250,9 @@ class ConversationLengths:
         return sum(1 for answer in self.answers if answer >= position)
 
 
-def conversation_lengths(dataset: ConversationDataset, processor, *, chunk: int = 2048) -> Iterator[ConversationLengths]:
+def conversation_lengths(
+    dataset: ConversationDataset, processor, *, chunk: int = 2048
+) -> Iterator[ConversationLengths]:
     """Every conversation of `dataset` rendered with `processor`'s chat template (placeholders for the images,
     none opened) and tokenised, `chunk` at a time: one batched call of the tokenizer's `apply_chat_template`
     per chunk, the assistant tokens from the template's `{% generation %}` blocks. A generator: only one
