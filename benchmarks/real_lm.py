@@ -50,6 +50,7 @@ from hive_adapter.data.synthetic import SyntheticShapes
 from hive_adapter.model.loading import load_hive
 from hive_adapter.tools.real_lm import SMOLLM2, cache_root, smollm2_directory
 from hive_adapter.utils.console import quiet_progress_bars
+from hive_adapter.utils.flags import FullFlagParser
 
 OUTPUT = Path(__file__).parent / "results" / "real_lm"
 CONNECTORS = ("hive", "concat", "cascaded")  # the table's order; the study runs --connectors
@@ -420,7 +421,7 @@ def breakdown_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="python -m benchmarks.real_lm", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -57,6 +57,7 @@ from ..tools.toy_models import PRETRAINING_RECORD, ToySizes, write_toy_models
 from ..tools.toy_pretraining import ToyPretraining
 from ..utils.console import quiet_progress_bars
 from ..utils.console import say as console_say
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import write_file
 from . import encoder_quality, learning_curves
 from .image_reading import checkpoint_image_reading
@@ -67,12 +68,12 @@ from .reproduce_report import (
     CURVES_DIR,
     elementwise_mean,
     markdown_tables,
-    mean_and_spread,
     moving_label,
     render_markdown,
     summarise_readings,
     write_figures,
 )
+from .seed_statistics import mean_and_spread
 
 CONNECTORS = ("hive", "cascaded", "concat")  # the default comparison
 # What --connectors may name: a connector, or a variant of one (the hive-train flags it adds).
@@ -271,7 +272,7 @@ def report_only(out: Path) -> None:
 
 # ---------------------------------------------------------------------- main
 def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="hive-reproduce", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -52,6 +52,7 @@ from ..data.conversations import (
     read_llava_instruct,
 )
 from ..data.datasets import ImageCaptionDataset, read_records
+from ..data.image_checks import check_images
 from ..data.supervision import supervision_report
 from ..data.synthetic import SyntheticShapes, checked_attributes
 from ..model.cross_attention import HiveCrossAttention
@@ -142,7 +143,10 @@ def build_dataset(data_args: DataArguments, *, image_size: int, instruct: bool =
         if not Path(data_args.data_path).is_file():
             raise FileNotFoundError(f"--data_path {data_args.data_path}: no such file")
         folder = data_args.image_folder or str(Path(data_args.data_path).parent)
-        return ConversationDataset(read_llava_instruct(data_args.data_path), folder)
+        # Every image opened and checked now, in parallel: a bad file stops the run before step 1 with every
+        # entry that uses one named (or, with --skip_bad_images, those entries are left out and counted).
+        dataset = ConversationDataset(read_llava_instruct(data_args.data_path), folder)
+        return check_images(dataset, skip_bad_images=data_args.skip_bad_images)
     if data_args.data_format == "llava_instruct":
         raise ValueError(
             "--data_format llava_instruct is instruction data: it trains --stage sft, after the pre-training stages"
@@ -267,7 +271,9 @@ def run_stage(
     config = AutoConfig.from_pretrained(previous)
     if instruct:
         processor, config = marker_mode(processor, config)
-        dataset = drop_cut_images(dataset, processor, data_args.max_text_length)
+        dataset = drop_cut_images(
+            dataset, processor, data_args.max_text_length, drop_cut_conversations=data_args.drop_cut_conversations
+        )
     args = stage_arguments(
         base_args,
         stage,
@@ -341,6 +347,7 @@ def run_stage(
         "hive_learning_rate": hive_learning_rate,
         "vision_learning_rate": vision_learning_rate,
         "skipped_images": getattr(dataset, "skipped", 0),
+        "cut_conversations": list(getattr(dataset, "cut", [])),
         "world_size": world_size(),
         "deepspeed": deepspeed,
         "packing_length": packing_length,
@@ -373,7 +380,12 @@ def run_stage(
         (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
         install(tmp, final, command=COMMAND)
         if report["skipped_images"]:
-            say(f"stage {stage.number}: skipped {report['skipped_images']} unreadable images")
+            say(f"stage {stage.number}: skipped {report['skipped_images']} samples with unreadable images")
+        if report["cut_conversations"]:
+            say(
+                f"stage {stage.number}: {len(report['cut_conversations'])} conversations were cut by "
+                f"--max_text_length {data_args.max_text_length} (named in {STAGE_REPORT})"
+            )
     barrier()
     del trainer, model
     return report
