@@ -50,6 +50,10 @@ ARGPARSE_CLIS = [
     "benchmarks.gpu_check",
     "benchmarks.instruct",
     "benchmarks.sft_preparation",
+    "benchmarks.dtype_audit",
+    "benchmarks.flops",
+    "benchmarks.family_sizes",
+    "benchmarks.vllm_serving",
 ]
 
 
@@ -79,6 +83,16 @@ def test_every_command_line_tool_refuses_an_abbreviated_flag(module_name, capsys
         main([*before, abbreviated, "1"])
     assert stopped.value.code == 2
     assert f"give the full flag ({full}" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_hive_serve_refuses_an_abbreviated_flag_of_its_own():
+    """hive-serve's own options (`--api-key`, the media limits) are parsed before transformers serve's: an
+    abbreviation there is refused too, naming the full flag, not taken as the flag it abbreviates."""
+    from hive_adapter.tools.serve import hive_options
+
+    with pytest.raises(SystemExit) as stopped:
+        hive_options().parse_known_args(["--api", "secret", "--port", "8000", "model_dir"])
+    assert stopped.value.code == 2
 
 
 def test_hive_llava_train_refuses_an_abbreviated_deepspeed_flag(tmp_path):
