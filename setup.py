@@ -47,6 +47,8 @@ setup(
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
         # (see README, "Evaluate")
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
+        # the documentation site (mkdocs.yml, `make docs`): MkDocs Material, the API reference from docstrings
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.8,<9.9", "mkdocstrings[python]>=1.0"],
         "dev": [
             "pytest>=7",
             "hypothesis",

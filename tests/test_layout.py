@@ -145,25 +145,28 @@ def test_the_public_api_is_unchanged():
         assert getattr(hive_adapter, name) is not None
 
 
-def readme_imports() -> list[str]:
-    """Every import of hive_adapter in the README's code blocks, one statement each."""
-    text = (ROOT / "README.md").read_text()
+def documented_imports() -> list[str]:
+    """Every import of hive_adapter in the documentation's code blocks (the README and the site's pages), one
+    statement each."""
+    from doc_blocks import README, python_blocks, site_pages
+
+    documents = [README, *site_pages()]
+    text = "\n".join(path.read_text() for path in documents)
     statements = []
-    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+    for block in (block for path in documents for block in python_blocks(path)):
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hive_adapter"):
                 statements.append(f"from {node.module} import {', '.join(alias.name for alias in node.names)}")
             elif isinstance(node, ast.Import):
                 statements += [f"import {a.name}" for a in node.names if a.name.startswith("hive_adapter")]
     statements += [f"import {module}" for module in sorted(set(re.findall(r"-m (hive_adapter(?:\.\w+)+)", text)))]
-    return statements
+    used = sorted(set(re.findall(r"\bhive\.([A-Za-z_]\w*)", text)))
+    return [*statements, "import hive_adapter as hive", *(f"hive.{name}" for name in used)]
 
 
-def test_every_name_the_readme_imports_still_imports_without_warnings():
-    statements = readme_imports()
-    assert len(statements) >= 5, statements  # the README's python blocks and `python -m` commands
-    used = sorted(set(re.findall(r"\bhive\.([A-Za-z_]\w*)", (ROOT / "README.md").read_text())))
-    check = [*statements, "import hive_adapter as hive", *(f"hive.{name}" for name in used)]
+def test_every_name_the_documentation_imports_still_imports_without_warnings():
+    check = documented_imports()
+    assert len(check) >= 10, check  # the python blocks' imports, the `python -m` commands, the hive.* names
     result = python("-W", "error::DeprecationWarning", "-c", "\n".join(check))
     assert result.returncode == 0, result.stderr
 

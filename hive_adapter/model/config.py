@@ -111,9 +111,11 @@ class HiveConfig(PretrainedConfig):
             `mlp2x_gelu`); for `"lean"`, no wider than either side carries: the vision width and twice the
             grouped K/V width (keys and values), e.g. 512 for SigLIP-so400m + TinyLlama, 1024 for CLIP-L +
             Vicuna-7B.
-        num_attention_heads / num_key_value_heads / head_dim (`int`, *optional*):
-            Cross-attention shape; default to the language model's own (grouped K/V width included,
-            which keeps the cross-attention cost at the paper's ~0.12-0.14x of concat).
+        num_attention_heads (`int`, *optional*):
+            Query heads of the cross-attention. Default: the language model's own; with the two below, they
+            keep the grouped K/V width, and the cross-attention cost at the paper's ~0.12-0.14x of concat.
+        num_key_value_heads (`int`, *optional*): key/value heads of the cross-attention (default: the LLM's).
+        head_dim (`int`, *optional*): width of one head (default: the LLM's).
         use_ffn (`bool`, defaults to `False`):
             Add a tanh-gated feed-forward after each cross-attention (Flamingo style).
         ffn_mult (`int`, defaults to 4): hidden width of that FFN as a multiple of the LLM width.
@@ -134,11 +136,12 @@ class HiveConfig(PretrainedConfig):
             Initial value of the tanh gates. 0 makes a freshly wrapped model compute exactly what the
             base computed.
         initializer_range (`float`, defaults to 0.02): std of the new linear weights.
-        layers_path / vision_tower_path (`str`, *optional*):
-            Dotted attribute paths to the decoder layer list and the vision tower, for models the
-            built-in table does not place.
-        vision_config / text_config (*optional*):
-            Sub-configs of the full model (`HiveForConditionalGeneration`).
+        layers_path (`str`, *optional*):
+            Dotted attribute path to the decoder layer list, for models the built-in table does not place.
+        vision_tower_path (`str`, *optional*): dotted attribute path to the vision tower, likewise.
+        vision_config (`PretrainedConfig` or `dict`, *optional*):
+            The vision encoder's config, in a full model (`HiveForConditionalGeneration`).
+        text_config (`PretrainedConfig` or `dict`, *optional*): the language model's config, likewise.
     """
 
     model_type = "hive"
