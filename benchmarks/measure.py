@@ -69,6 +69,7 @@ def step_times(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     image_size: int | None = None,
+    attn_implementation: str = "sdpa",
 ) -> dict[str, dict]:
     """Median training-step seconds per mode, modes interleaved round after round (every model stays
     resident, so peak memory is measured apart: `peak_step_memory`)."""
@@ -76,7 +77,9 @@ def step_times(
     models, batches = {}, {}
     for mode in modes:
         torch.manual_seed(0)
-        models[mode] = build(pair, mode, device=device, dtype=dtype, image_size=image_size)
+        models[mode] = build(
+            pair, mode, device=device, dtype=dtype, image_size=image_size, attn_implementation=attn_implementation
+        )
         set_stage(models[mode], mode, stage)
         batches[mode] = training_batch(
             pair, mode, batch=batch, text_tokens=text_tokens, device=device, image_size=image_size, dtype=dtype
@@ -103,12 +106,13 @@ def peak_step_memory(
     text_tokens: int = TEXT_TOKENS,
     device: str = "cuda",
     dtype: torch.dtype = torch.bfloat16,
+    attn_implementation: str = "sdpa",
 ) -> int:
     """Peak CUDA bytes of one training step of `mode` alone on the device (its weights, gradients and
     activations; no optimizer): the model is built, stepped once to warm up, measured, and freed."""
     device = torch.device(device)
     torch.manual_seed(0)
-    model = build(pair, mode, device=device, dtype=dtype)
+    model = build(pair, mode, device=device, dtype=dtype, attn_implementation=attn_implementation)
     set_stage(model, mode, stage)
     inputs = training_batch(pair, mode, batch=batch, text_tokens=text_tokens, device=device, dtype=dtype)
     training_step(model, inputs)

@@ -29,8 +29,10 @@ def build(
     device: str | torch.device = "meta",
     image_size: int | None = None,
     dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
 ):
-    """The model of `mode` for `pair`, its weights on `device` (random where real)."""
+    """The model of `mode` for `pair`, its weights on `device` (random where real); `attn_implementation` for the
+    vision tower, the LLM and HIVE's cross-attention alike."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     with torch.device(device):
@@ -48,7 +50,20 @@ def build(
             model = HiveForConditionalGeneration(config)
     if dtype is not None:
         model.to(dtype)
+    use_kernel(model, attn_implementation)
     return model
+
+
+def use_kernel(model: torch.nn.Module, implementation: str) -> None:
+    """Every attention of `model` (vision tower, LLM, HIVE's blocks) on `implementation`, set on the configs directly:
+    transformers' availability check refuses flash_attention_2 before the weights reach the GPU, and on CPU (where
+    `benchmarks.flash_reference` stands in for flash-attn). Whether the kernel really ran is a spy's to say."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            config._attn_implementation_internal = implementation
+    if hasattr(model, "hive_follow_attn_implementation"):
+        model.hive_follow_attn_implementation()
 
 
 def set_stage(model, mode: str, stage: int) -> None:

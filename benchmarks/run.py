@@ -8,7 +8,7 @@ the README shows) and PNG plots next to them.
   those shapes, peak training memory as the paper reports it (`benchmarks.memory`), FLOP scaling in
   vision and text tokens; step time at the 1B widths with 2 + 2 layers; on a CPU-sized pair: step time,
   step time against vision tokens, generation cost.
-- gpu: `benchmarks.gpu_check` (bf16 step time and peak CUDA memory at the 1B shape); needs a CUDA device.
+- gpu: `benchmarks.gpu_check` (kernel checks, then bf16 step time and peak CUDA memory at the 1B shape, flash vs SDPA); needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run_cpu(rounds: int) -> dict:
 
 # ---------------------------------------------------------------------- gpu suite
 def run_gpu(rounds: int) -> dict:
-    return {"suite": "gpu", **gpu_check.run("1B", device="cuda", batch=8, rounds=rounds)}
+    return {"suite": "gpu", **gpu_check.run(dry_run=False, pair="1B", batch=8, rounds=rounds)}
 
 
 # ---------------------------------------------------------------------- reporting

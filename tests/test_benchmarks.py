@@ -18,6 +18,7 @@ from benchmarks.flops import count_step, hive_forward_flops, vision_tower_flops
 from benchmarks.measure import generation_costs, saved_activation_bytes, step_times
 from benchmarks.memory import training_memory
 from benchmarks.models import MODES, build, training_batch
+from hive_adapter.model import cross_attention
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,19 +105,48 @@ def test_gpu_suite_says_it_needs_cuda():
         run.run_gpu(1)
 
 
-def test_the_gpu_check_plumbing_runs_on_cpu_from_a_checkout(tmp_path):
-    """`make gpu-check` as the GPU machine runs it (`PYTHONPATH=.`, no install), at a tiny shape on CPU."""
+def test_the_gpu_check_dry_run_passes_on_cpu_from_a_checkout(tmp_path):
+    """`make gpu-check --dry_run`: every check and figure of the GPU run but CUDA, from a checkout (`PYTHONPATH=.`, no
+    install), flash-attn replaced by the reference kernel, DeepSpeed's ZeRO-2 audit on gloo."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--device", "cpu", "--pair", "tiny", "--rounds", "1",
-               "--batch", "2", "--output_dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry_run", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
-    assert set(results["modes"]) == set(gpu_check.MODES)
-    assert all(
-        row["median_s"] > 0 and row["predicted_bytes_without_optimizer"] > 0 for row in results["modes"].values()
-    )
-    assert "| hive_lean |" in (tmp_path / "gpu.md").read_text()
+    checks = results["checks"]
+    assert {name: check["ok"] for name, check in checks.items()} == dict.fromkeys(checks, True), checks
+    assert set(checks) == {"kernel_parity", "one_step", "packing_under_flash", "dtype_audit"}
+    for case in checks["kernel_parity"]["cases"].values():  # the spy: flash ran for HIVE and for the LM
+        assert case["flash_calls"]["hive"] > 0 and case["flash_calls"]["lm_dense"] > 0
+    assert checks["packing_under_flash"]["flash_calls_packed_forward"]["lm_varlen"] > 0
+    assert isinstance(checks["dtype_audit"]["deepspeed_zero2_bf16"], dict)  # DeepSpeed ran, not skipped
+    kernels = results["figures"]["kernels"]
+    assert set(kernels) == set(gpu_check.KERNELS) and kernels["flash_attention_2"]["flash_calls"]["hive"] > 0
+    for row in kernels.values():
+        assert set(row["modes"]) == set(gpu_check.MODES)
+        assert all(
+            cell["median_s"] > 0 and cell["predicted_bytes_without_optimizer"] > 0 for cell in row["modes"].values()
+        )
+    report = (tmp_path / "gpu.md").read_text()
+    assert "| flash_attention_2 | hive_lean |" in report and "| kernel_parity | passed |" in report
+
+
+def test_a_gpu_check_needing_flash_attn_is_skipped_by_name_where_it_does_not_import():
+    """The GPU machine may have no flash-attn: its checks say so (skipped, not failed); the run goes on."""
+    from benchmarks import kernel_checks
+
+    if cross_attention.flash_varlen_function() is not None:
+        pytest.skip("flash-attn imports here")
+    result = gpu_check.guarded("kernel parity", lambda: kernel_checks.parity("cpu", dry_run=False))
+    assert result["ok"] is None and "pip install flash-attn" in result["skipped"]
+    assert gpu_check.verdict(result).startswith("skipped") and gpu_check.failed({"checks": {"p": result}}) == []
+
+
+def test_the_gpu_check_refuses_without_cuda_and_says_how_to_dry_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal without a GPU")
+    with pytest.raises(SystemExit, match="--dry_run"):
+        gpu_check.main(["--output_dir", str(tmp_path)])
 
 
 def test_the_memory_model_adds_states_and_activations():

@@ -173,7 +173,7 @@ def test_calling_the_wrapped_base_directly_is_an_error_not_a_silent_skip():
 
 
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or hive.model.cross_attention._FLASH_ATTN_AVAILABLE is False,
+    not torch.cuda.is_available() or hive.model.cross_attention.flash_varlen_function() is None,
     reason="flash-attn needs CUDA and the flash_attn package (runs on a GPU machine only)",
 )
 def test_flash_attention_matches_sdpa_with_padding():

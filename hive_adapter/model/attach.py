@@ -53,11 +53,13 @@ class HiveBlockCall:
         return self._block()
 
     def inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """media, visible, has_media for this block and a batch of hidden states."""
+        """media, visible, has_media for this block and a batch of hidden states, on the hidden states' device (with
+        a multi-GPU `device_map` the context lives where the prompt was read, the layer maybe elsewhere)."""
         context = self.runtime.context_for(hidden)
-        positions = self.runtime.query_positions(hidden.shape[1], hidden.device)
+        positions = self.runtime.query_positions(hidden.shape[1], context.image_valid.device)
         visible, has_media = context.visibility(positions, self.level_index)
-        return context.media(self.level_index), visible, has_media
+        device = hidden.device
+        return context.media(self.level_index).to(device), visible.to(device), has_media.to(device)
 
     def __call__(self, hidden: torch.Tensor, checkpoint: Callable | None = None) -> torch.Tensor:
         """`hidden` plus the gated cross-attention (and FFN) update; `checkpoint`: the layer's checkpoint
@@ -88,6 +90,7 @@ class HiveBlockCall:
             key_value=runtime.cached_key_values(self.block_index, hidden.shape[0]),
             return_weights=runtime.recording,
             return_key_value=runtime.caching_key_values,
+            all_visible=runtime.context_for(hidden).all_visible(visible, runtime.past_length),
         )
         if key_value is not None:
             runtime.keep_key_values(self.block_index, hidden.shape[0], key_value)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .config import DEFAULT_LEVEL_FRACTION, ResolvedLayers, normalise_layers, spread_layers
-from .packing import check_packed_language_model, packed_segments
+from .packing import check_packed_language_model, flash_packing_kwargs, packed_segments
 from .runtime import past_length_of
 from .splice import splice_image_tokens, splice_packed
 from .vision import usable_images
@@ -170,6 +170,7 @@ class CrossAttentionConnector(Connector):
         )
         if segments is not None:
             check_packed_language_model(language_model, kwargs)
+            kwargs.update(flash_packing_kwargs(language_model, kwargs["position_ids"]))
         runtime = model.hive_runtime
         prompt = runtime.prompt_for_call(past_key_values=past_key_values, has_images=pixel_values is not None)
         if prompt is None:  # a new prompt
@@ -236,6 +237,7 @@ class ConcatConnector(Connector):
             embeddings, kwargs["position_ids"], labels = self.packed_embeddings(
                 model, input_ids, inputs_embeds, pixel_values, segments, kwargs["position_ids"], labels, vision_inputs
             )
+            kwargs.update(flash_packing_kwargs(language_model, kwargs["position_ids"]))
             return language_model(inputs_embeds=embeddings, labels=labels, **kwargs)
         if pixel_values is not None or (model.training and torch.is_grad_enabled()):
             # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)

@@ -42,6 +42,7 @@ class HiveVisionContext:
     # `packed` says where each sample stands in the rows; blocks gather a sample's tokens, attend, scatter back.
     packed: PackedLayout | None = None
     _expanded: dict[int, HiveVisionContext] = field(default_factory=dict, repr=False)  # for_batch's memo
+    _all_visible: dict[tuple[int, int], bool] = field(default_factory=dict, repr=False)  # all_visible's memo
 
     @classmethod
     def from_images(
@@ -119,13 +120,26 @@ class HiveVisionContext:
 
     def detached(self) -> HiveVisionContext:
         """This context without the autograd graph that built it (the same values, for later decoding steps)."""
-        return dataclasses.replace(self, levels=[level.detach() for level in self.levels], _expanded={})
+        return dataclasses.replace(
+            self, levels=[level.detach() for level in self.levels], _expanded={}, _all_visible={}
+        )
 
     def media(self, level_index: int | None) -> torch.Tensor:
         """Keys/values input of a block: one level, or all levels side by side (`level_mapping="all"`)."""
         if level_index is None:
             return torch.cat(self.levels, dim=1)  # (batch, levels*images*tokens, hidden)
         return self.levels[level_index]
+
+    def all_visible(self, visible: torch.Tensor, start: int) -> bool | None:
+        """Whether every query column (`start`, the first one's position, on) sees every key (captioning): read once
+        per forward (one host sync, shared by every block; the answer does not depend on the level). None on `meta`,
+        where there is nothing to read."""
+        if visible.device.type == "meta":
+            return None
+        key = (start, visible.shape[1], visible.shape[0])
+        if key not in self._all_visible:
+            self._all_visible[key] = bool(visible.all())
+        return self._all_visible[key]
 
     def visibility(self, positions: torch.Tensor, level_index: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which keys each query column may see.

@@ -7,15 +7,19 @@ pass through the LLM's self-attention or MLP (supplementary §8.1).
 
 Kernels: `torch.nn.functional.scaled_dot_product_attention` by default; `"eager"` computes the softmax
 explicitly and can return the attention weights (for the analysis tools); `"flash_attention_2"` is
-used on CUDA when the `flash_attn` package is installed and every query row sees either all of its
-sample's keys or none (otherwise SDPA, with the same numbers).
+used on CUDA when the `flash_attn` package imports and works with this torch, the query is fp16/bf16 with K/V of
+the same dtype, head_dim <= 256, and every query row sees either all of its sample's keys or none (otherwise SDPA,
+with the same numbers). SDPA gets grouped K/V heads (`enable_gqa`) only without a mask: a boolean mask with
+`enable_gqa` leaves CUDA nothing but the math kernel (the flash kernel takes no mask, the memory-efficient one no
+grouped heads), so where a mask is needed K/V are expanded to the query heads first.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,30 +27,57 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_FLASH_ATTN_AVAILABLE = importlib.util.find_spec("flash_attn") is not None
+# The devices flash-attn's kernels run on (the test suite's reference kernel adds "cpu").
+FLASH_DEVICE_TYPES = ("cuda",)
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2's limit
+
+
+@functools.cache
+def flash_varlen_function() -> Callable | None:
+    """flash-attn's `flash_attn_varlen_func`, or None when the package is absent or does not load with this torch
+    (a wheel built for another torch fails at import with an undefined symbol): then SDPA runs, with a warning."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        if not isinstance(error, ModuleNotFoundError) or error.name != "flash_attn":
+            logger.warning("flash_attn is installed but does not load (%s); HIVE's cross-attention uses SDPA", error)
+        return None
+    except Exception as error:  # noqa: BLE001  (a broken extension raises anything: OSError, RuntimeError, ...)
+        logger.warning("flash_attn is installed but does not load (%r); HIVE's cross-attention uses SDPA", error)
+        return None
+    if not callable(flash_attn_varlen_func):
+        logger.warning("flash_attn has no callable flash_attn_varlen_func; HIVE's cross-attention uses SDPA")
+        return None
+    return flash_attn_varlen_func
 
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _own_parameters_to_float32(module: nn.Module) -> None:
+def _own_parameters_to_float32(module: nn.Module, only: set[str] | None = None) -> None:
     """The module's own parameters (not its children's), and their gradients, back to float32 where a cast made
-    them fp16/bf16."""
-    for param in module._parameters.values():
-        if param is not None and param.dtype in REDUCED_PRECISION:
+    them fp16/bf16 (`only`: just these names)."""
+    for name, param in module._parameters.items():
+        if param is not None and param.dtype in REDUCED_PRECISION and (only is None or name in only):
             param.data = param.data.float()
             if param.grad is not None:
                 param.grad = param.grad.float()
 
 
 class KeepsFloat32(nn.Module):
-    """A module whose own parameters stay float32 through every cast (`.to(bf16)`, `.half()`, `.bfloat16()`,
-    what DeepSpeed and transformers call too): tiny, numerically sensitive tensors (a gate at 0 that moves by
-    1e-5 a step does not move in bf16). docs/ARCHITECTURE.md §5."""
+    """A module whose own parameters stay float32 through the module casts (`.to(bf16)`, `.half()`,
+    `.bfloat16()`, transformers' loading): tiny, numerically sensitive tensors. docs/ARCHITECTURE.md §5.
+
+    Only a cast made by the module call itself is undone: a parameter that is already fp16/bf16 when `.to(device)`
+    runs stays so. DeepSpeed's bf16/fp16 engine casts each `p.data` and then moves the module; turning the gates and
+    norms back to float32 there would make each ZeRO flat group (one buffer per parameter group, concatenated)
+    float32, and with it every trainable parameter of the model. Under DeepSpeed they are bf16/fp16 in the module
+    like the rest, and their float32 master copy is the ZeRO optimizer's; the forward computes both in float32."""
 
     def _apply(self, fn, recurse: bool = True):
+        float32 = {name for name, p in self._parameters.items() if p is not None and p.dtype == torch.float32}
         super()._apply(fn, recurse)
-        _own_parameters_to_float32(self)
+        _own_parameters_to_float32(self, only=float32)
         return self
 
 
@@ -114,8 +145,10 @@ class HiveCrossAttention(nn.Module):
         visible: torch.Tensor,
         *,
         return_weights: bool = False,
+        all_visible: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden (batch, text, hidden); visible (batch, text, keys) bool, True where a query may look.
+        """hidden (batch, text, hidden); visible (batch, text, keys) bool, True where a query may look;
+        `all_visible`: whether `visible` is all True, where the caller knows (else read here, one host sync).
 
         Rows with no visible key must already be fully True (the caller zeroes their output), so no
         softmax ever runs over an empty row and no NaN reaches the backward pass.
@@ -123,15 +156,13 @@ class HiveCrossAttention(nn.Module):
         batch, text, _ = hidden.shape
         query = self.hive_q_proj(hidden.to(self.hive_q_proj.weight.dtype))
         query = query.view(batch, text, self.num_heads, self.head_dim).transpose(1, 2)  # (batch, heads, text, head_dim)
+        weights = None
         if return_weights or self.implementation == "eager":
             output, weights = self._eager(query, key, value, visible)
-        elif self.implementation == "flash_attention_2" and _flash_applicable(query, visible):
-            output, weights = self._flash(query, key, value, visible), None
+        elif self.implementation == "flash_attention_2" and (plan := _flash_plan(query, key, value, visible)):
+            output = self._flash(query, key, value, *plan)
         else:
-            output = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=visible[:, None], enable_gqa=self.num_heads != self.num_kv_heads
-            )
-            weights = None
+            output = self._sdpa(query, key, value, visible, all_visible)
         output = output.transpose(1, 2).reshape(
             batch, text, self.num_heads * self.head_dim
         )  # (batch, text, heads*head_dim)
@@ -146,29 +177,51 @@ class HiveCrossAttention(nn.Module):
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
         return torch.matmul(weights, value), weights
 
-    def _flash(self, query, key, value, visible):
-        from flash_attn import flash_attn_varlen_func
+    def _sdpa(self, query, key, value, visible, all_visible: bool | None):
+        """SDPA with no mask (grouped K/V heads kept) when every query sees every key, else with the mask and K/V
+        expanded to the query heads (`all_visible` None: read here, one host sync; on `meta` nothing to read)."""
+        grouped = self.num_heads != self.num_kv_heads
+        if all_visible is None:
+            all_visible = visible.device.type != "meta" and bool(visible.all())
+        if all_visible:
+            return F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped)
+        if grouped:
+            groups = self.num_heads // self.num_kv_heads
+            key = key.repeat_interleave(groups, dim=1)  # (batch, heads, keys, head_dim)
+            value = value.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=visible[:, None])
 
+    def _flash(self, query, key, value, key_valid, longest_keys):
         batch, heads, text, head_dim = query.shape
-        key_valid = visible.any(dim=1)  # (batch, keys): a key any query of the sample may see
         key_lengths = key_valid.sum(-1, dtype=torch.int32)
         cu_keys = F.pad(key_lengths.cumsum(0, dtype=torch.int32), (1, 0))
         cu_text = torch.arange(0, (batch + 1) * text, text, dtype=torch.int32, device=query.device)
         flat_query = query.transpose(1, 2).reshape(batch * text, heads, head_dim)  # (batch*text, heads, head_dim)
         flat_key = key.transpose(1, 2)[key_valid]  # (valid keys, kv_heads, head_dim)
         flat_value = value.transpose(1, 2)[key_valid]
-        out = flash_attn_varlen_func(
-            flat_query, flat_key, flat_value, cu_text, cu_keys, text, int(key_lengths.max()), causal=False
+        out = flash_varlen_function()(
+            flat_query, flat_key, flat_value, cu_text, cu_keys, text, longest_keys, causal=False
         )
         return out.view(batch, text, heads, head_dim).transpose(1, 2)  # (batch, heads, text, head_dim)
 
 
-def _flash_applicable(query: torch.Tensor, visible: torch.Tensor) -> bool:
-    """flash-attn's varlen kernel masks keys per sample, not per query: use it only when that suffices."""
-    if not (_FLASH_ATTN_AVAILABLE and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
-        return False
-    key_valid = visible.any(dim=1, keepdim=True)  # (batch, 1, keys)
-    return bool((visible == key_valid).all())
+def _flash_plan(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor
+) -> tuple[torch.Tensor, int] | None:
+    """(key_valid (batch, keys), the longest sample's key count) when flash-attn's varlen kernel computes this call
+    exactly, else None. It runs on CUDA, fp16/bf16 with K/V of the query's dtype, head_dim <= 256, and masks keys
+    per sample, not per query: every query row must see all of its sample's keys or none. One host
+    synchronisation reads both the decision and the longest key count."""
+    if query.device.type not in FLASH_DEVICE_TYPES or query.dtype not in REDUCED_PRECISION:
+        return None
+    if key.dtype != query.dtype or value.dtype != query.dtype or query.shape[-1] > FLASH_MAX_HEAD_DIM:
+        return None
+    if flash_varlen_function() is None:
+        return None
+    key_valid = visible.any(dim=1)  # (batch, keys): a key any query of the sample may see
+    per_sample = (visible == key_valid[:, None]).all()
+    exact, longest = torch.stack([per_sample.long(), key_valid.sum(-1).max()]).tolist()
+    return (key_valid, longest) if exact else None
 
 
 class HiveCrossAttentionBlock(KeepsFloat32):
@@ -219,20 +272,31 @@ class HiveCrossAttentionBlock(KeepsFloat32):
         key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_weights: bool = False,
         return_key_value: bool = False,
+        all_visible: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """hidden (batch, text, hidden) -> (same shape, attention weights or None, this block's K/V or None).
 
         media: (batch, keys, media width), projected to K/V here unless `key_value` brings them (computed once
-        per prompt when generating, hence `return_key_value`); has_media: (batch, text) bool.
+        per prompt when generating, hence `return_key_value`); has_media: (batch, text) bool; all_visible: whether
+        `visible` is all True, where the caller knows it (`HiveVisionContext.all_visible`, one sync per forward).
         """
         if key_value is None:
             key_value = self.key_values(media)
         key, value = key_value
-        # A row that sees nothing attends everywhere (no empty softmax); its update is then *selected* away,
-        # not multiplied by 0: NaN x 0 is NaN, and one bad image would poison every row that sees no image.
-        safe_visible = visible | ~has_media[..., None]
+        # A row that sees nothing attends to the keys its sample's other rows see (all keys where none does), so no
+        # softmax runs over an empty row and flash-attn's per-sample key mask still fits; its update is then
+        # *selected* away, not multiplied by 0: NaN x 0 is NaN, and one bad image would poison every row that sees
+        # no image.
+        sample_keys = visible.any(dim=1, keepdim=True)  # (batch, 1, keys)
+        sample_keys = sample_keys | ~sample_keys.any(dim=-1, keepdim=True)
+        safe_visible = torch.where(has_media[..., None], visible, sample_keys)
         attended, weights = self.attn(
-            self.hive_attn_norm(hidden), key, value, safe_visible, return_weights=return_weights
+            self.hive_attn_norm(hidden),
+            key,
+            value,
+            safe_visible,
+            return_weights=return_weights,
+            all_visible=all_visible,
         )
         keep = has_media[..., None]  # (batch, text, 1)
         nothing = hidden.new_zeros(())

@@ -26,9 +26,11 @@ class ImageSlots:
     marker_positions: torch.Tensor
 
     def without(self, usable: torch.Tensor | None) -> ImageSlots:
-        """These slots with the images that are not `usable` (images,) seen by nobody."""
+        """These slots with the images that are not `usable` (images,) seen by nobody. `usable` lives where the
+        pixels arrived (often the CPU), the slots where the text is (the model's device)."""
         if usable is None:
             return self
+        usable = usable.to(self.image_index.device)
         return ImageSlots(self.image_index, self.image_valid & usable[self.image_index], self.marker_positions)
 
 

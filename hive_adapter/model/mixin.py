@@ -30,6 +30,7 @@ from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig, ResolvedLayers
 from .connectors import Connector, connector_for
 from .context import HiveVisionContext
+from .cross_attention import HiveCrossAttention
 from .layout import find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .packing import PackedLayout, refuse_packed_generation
@@ -101,6 +102,7 @@ class HiveMixin:
         self._hive_text_shape = text
         self._hive_image_token_id = image_token_id
         self.hive_levels = build_level_encoder(config, resolved, vision, text)
+        self._hive_text_config = text_config  # its attention implementation, read again by set_attn_implementation
         kernel = cross_attention_kernel(config, text_config)
         make_block = block_factory(config, vision, text, kernel)
         # Named by the decoder layer each block runs in (`hive_blocks.3.*`), beside the language model, whose
@@ -124,6 +126,23 @@ class HiveMixin:
             list(resolved.llm_layers),
             kernel,
         )
+
+    def set_attn_implementation(self, attn_implementation, *args: Any, **kwargs: Any) -> None:
+        """transformers' `set_attn_implementation`, reaching HIVE's cross-attention too (unless
+        `HiveConfig.cross_attn_implementation` fixes it)."""
+        parent = getattr(super(), "set_attn_implementation", None)
+        if parent is None:  # HiveModel: the wrapped base model holds the language model's config
+            parent = self.base_model.set_attn_implementation
+        parent(attn_implementation, *args, **kwargs)
+        self.hive_follow_attn_implementation()
+
+    def hive_follow_attn_implementation(self) -> str:
+        """Set every block's kernel from the config and the language model's current attention implementation."""
+        kernel = cross_attention_kernel(self.hive_config, self._hive_text_config)
+        for module in self.hive_blocks.modules():
+            if isinstance(module, HiveCrossAttention):
+                module.implementation = kernel
+        return kernel
 
     @property
     def hive_image_token_id(self) -> int | None:

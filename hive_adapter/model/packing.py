@@ -2,8 +2,11 @@
 
 The representation is transformers' own (TRL's padding-free batches, `DataCollatorWithFlattening`): a row holds
 samples back to back, `position_ids` restart at 0 where a sample starts, and `attention_mask` is None. From
-that, transformers (`masking_utils`, 5.x) builds a block-diagonal causal mask for SDPA / eager / flex attention
-and flash-attn's varlen path; HIVE reads the same restarts as per-token segment ids, so that a token's
+that, transformers (`masking_utils`, 5.x) builds a block-diagonal causal mask for SDPA / eager / flex attention.
+Flash-attention takes no mask, and transformers finds packed samples from position ids only in a batch of one row;
+for several packed rows HIVE hands the language model the sample boundaries itself (`flash_packing_kwargs`: the
+`cu_seq_lens_q/k`, `max_length_q/k` of `DataCollatorWithFlattening(return_flash_attn_kwargs=True)`), so its
+varlen kernel keeps each sample to itself. HIVE reads the same restarts as per-token segment ids, so that a token's
 cross-attention sees only the images of its own sample (`context.HiveVisionContext.visibility`). A batch is
 packed exactly when transformers would treat it so: position ids that restart, no attention mask, no cache.
 """
@@ -63,6 +66,30 @@ def check_packed_language_model(language_model: torch.nn.Module, kwargs: dict) -
             "ignore the packing, so samples would attend to each other; packing is for training, pass use_cache=False"
         )
     kwargs["use_cache"] = False
+
+
+def flash_packing_kwargs(language_model: torch.nn.Module, position_ids: torch.Tensor) -> dict[str, Any]:
+    """For a flash-attention language model: the boundaries of the packed samples over the flattened rows (the
+    keyword arguments transformers' flash path reads before it looks at position ids); {} for other kernels.
+
+    position_ids (rows, text): each row starts a sample, and so does every column whose position id does not
+    continue the previous one (transformers' restart rule)."""
+    implementation = getattr(getattr(language_model, "config", None), "_attn_implementation", None) or ""
+    if not implementation.startswith("flash_attention"):
+        return {}
+    rows, text = position_ids.shape
+    starts = torch.ones(rows, text, dtype=torch.bool, device=position_ids.device)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1  # (rows, text): a sample starts here
+    first = starts.flatten().nonzero().flatten()  # (samples,) flat column where each sample starts
+    end = torch.tensor([rows * text], device=position_ids.device)
+    cu_seq_lens = torch.cat([first, end]).to(torch.int32)  # (samples + 1,)
+    longest = int(cu_seq_lens.diff().max())
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def refuse_packed_generation(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:

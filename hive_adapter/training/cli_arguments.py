@@ -33,6 +33,14 @@ class ModelArguments:
     image_processor: str | None = field(
         default=None, metadata={"help": "Image processor directory (default: the vision encoder's)."}
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel of the language model and HIVE's cross-attention (default: transformers' "
+            "choice, SDPA); flash_attention_2 needs CUDA and the flash-attn package.",
+            "choices": ["sdpa", "eager", "flash_attention_2"],
+        },
+    )
 
 
 @dataclass

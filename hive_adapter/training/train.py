@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -53,6 +54,7 @@ from ..data.conversations import (
 from ..data.datasets import ImageCaptionDataset, read_records
 from ..data.supervision import supervision_report
 from ..data.synthetic import SyntheticShapes, checked_attributes
+from ..model.cross_attention import HiveCrossAttention
 from ..model.loading import load_vision_encoder
 from ..model.modeling_hive import HiveForConditionalGeneration
 from ..model.parameters import non_finite_tensors_in
@@ -254,6 +256,7 @@ def run_stage(
     dataset,
     explicit: set[str],
     deepspeed: str | None,
+    attn_implementation: str | None = None,
 ) -> dict:
     checkpoints = final.with_name(f"{final.name}-checkpoints")
     # The previous stage's processor (a directory written before processors were saved gets one built from its
@@ -275,7 +278,7 @@ def run_stage(
         deepspeed=deepspeed,
     )
     # After TrainingArguments: under ZeRO-3 the model is built partitioned (HIVE modules included).
-    model = HiveForConditionalGeneration.from_pretrained(previous, config=config)
+    model = load_stage_model(previous, config, attn_implementation=attn_implementation)
     counts = apply_stage(model, stage)
     if base_args.gradient_checkpointing:
         model.config.use_cache = False
@@ -341,6 +344,7 @@ def run_stage(
         "world_size": world_size(),
         "deepspeed": deepspeed,
         "packing_length": packing_length,
+        "attn_implementation": attention_kernels(model),
     }
     if stage_args.verify_rank_consistency:
         report["rank_fingerprints"] = rank_fingerprints(trainer.model)
@@ -373,6 +377,22 @@ def run_stage(
     barrier()
     del trainer, model
     return report
+
+
+def load_stage_model(previous: Path, config, *, attn_implementation: str | None = None) -> HiveForConditionalGeneration:
+    """The previous stage's model in float32 whatever dtype it was saved in (transformers 5 loads a checkpoint in its
+    saved dtype: a bf16 stage would train bf16 weights with no float32 master copy; `--bf16` is mixed precision over
+    float32 weights), with the attention kernel asked for reaching the language model and HIVE's blocks."""
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = HiveForConditionalGeneration.from_pretrained(previous, config=config, dtype=torch.float32, **extra)
+    model.hive_follow_attn_implementation()
+    return model
+
+
+def attention_kernels(model: nn.Module) -> dict[str, object]:
+    """What runs: the language model's attention implementation and HIVE's cross-attention kernels."""
+    kernels = sorted({m.implementation for m in model.modules() if isinstance(m, HiveCrossAttention)})
+    return {"language_model": model.language_model.config._attn_implementation, "hive": kernels}
 
 
 # ---------------------------------------------------------------------- main
@@ -461,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
                     dataset=dataset,
                     explicit=explicit,
                     deepspeed=deepspeed,
+                    attn_implementation=model_args.attn_implementation,
                 )
             )
             _reset_accelerate_state()
