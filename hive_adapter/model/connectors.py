@@ -13,18 +13,15 @@ in `tests/test_connectors.py`). Peers keep such a table too: PEFT's tuner regist
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from .config import DEFAULT_LEVEL_FRACTION, ResolvedLayers, normalise_layers, spread_layers
+from .layer_choice import DEFAULT_LEVEL_FRACTION, LayerRequest, ResolvedLayers, normalise_layers, spread_layers
 from .packing import check_packed_language_model, flash_packing_kwargs, packed_segments
 from .runtime import past_length_of
 from .splice import splice_image_tokens, splice_packed
 from .vision import usable_images
-
-if TYPE_CHECKING:
-    from .config import HiveConfig
 
 _REGISTRY: dict[str, type[Connector]] = {}
 
@@ -65,21 +62,21 @@ class Connector:
     uses_cross_attention: ClassVar[bool] = True  # blocks hooked into decoder layers read the vision context
 
     # ------------------------------------------------------------------ configuration
-    def validate(self, config: HiveConfig) -> None:
+    def validate(self, config: LayerRequest) -> None:
         """Connector-specific checks of a config, before any model is built (`HiveConfig.validate`)."""
 
-    def pairs_levels(self, config: HiveConfig) -> bool:
+    def pairs_levels(self, config: LayerRequest) -> bool:
         """Whether level k feeds decoder layer k one to one (then the two lists have equal length)."""
         return False
 
-    def level_embedding(self, config: HiveConfig) -> bool:
+    def level_embedding(self, config: LayerRequest) -> bool:
         """Whether the level encoder adds a learned embedding per level (blocks that read every level)."""
         return False
 
-    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+    def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         raise NotImplementedError
 
-    def vision_levels(self, config: HiveConfig, num_vision_layers: int) -> list[int]:
+    def vision_levels(self, config: LayerRequest, num_vision_layers: int) -> list[int]:
         """The selected encoder levels: the config's, or ~25% spread shallow to deep, ending at the last layer."""
         if config.vision_layers is not None:
             return normalise_layers(config.vision_layers, num_vision_layers, "vision_layers", "vision encoder")
@@ -93,7 +90,7 @@ class Connector:
                 )
         return spread_layers(count, num_vision_layers, end_at_last=True)
 
-    def llm_depths(self, config: HiveConfig, levels: list[int], num_llm_layers: int) -> list[int]:
+    def llm_depths(self, config: LayerRequest, levels: list[int], num_llm_layers: int) -> list[int]:
         """The decoder layers that get a block: the config's, or one per level spread from layer 0."""
         if config.llm_layers is not None:
             return normalise_layers(config.llm_layers, num_llm_layers, "llm_layers", "language model")
@@ -130,7 +127,7 @@ class CrossAttentionConnector(Connector):
 
     name = "hive"
 
-    def validate(self, config: HiveConfig) -> None:
+    def validate(self, config: LayerRequest) -> None:
         if (
             self.pairs_levels(config)
             and config.vision_layers is not None
@@ -143,13 +140,13 @@ class CrossAttentionConnector(Connector):
                 "to one. Give lists of equal length or use level_mapping='all'."
             )
 
-    def pairs_levels(self, config: HiveConfig) -> bool:
+    def pairs_levels(self, config: LayerRequest) -> bool:
         return config.level_mapping == "paired"
 
-    def level_embedding(self, config: HiveConfig) -> bool:
+    def level_embedding(self, config: LayerRequest) -> bool:
         return config.level_mapping == "all"
 
-    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+    def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         levels = self.vision_levels(config, num_vision_layers)
         depths = self.llm_depths(config, levels, num_llm_layers)
         if config.level_mapping == "all":
@@ -197,13 +194,13 @@ class CascadedConnector(CrossAttentionConnector):
 
     name = "cascaded"
 
-    def pairs_levels(self, config: HiveConfig) -> bool:
+    def pairs_levels(self, config: LayerRequest) -> bool:
         return False
 
-    def level_embedding(self, config: HiveConfig) -> bool:
+    def level_embedding(self, config: LayerRequest) -> bool:
         return False
 
-    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+    def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         levels = self.vision_levels(config, num_vision_layers)
         depths = self.llm_depths(config, levels, num_llm_layers)
         return ResolvedLayers((levels[-1],), tuple(depths), (0,) * len(depths))
@@ -216,14 +213,14 @@ class ConcatConnector(Connector):
     name = "concat"
     uses_cross_attention = False
 
-    def validate(self, config: HiveConfig) -> None:
+    def validate(self, config: LayerRequest) -> None:
         if config.projector_type == "lean":
             raise ValueError(
                 "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
                 "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
             )
 
-    def resolve_layers(self, config: HiveConfig, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+    def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         return ResolvedLayers((self.vision_levels(config, num_vision_layers)[-1],), (), ())
 
     def forward(self, model, language_model, *, input_ids, pixel_values, attention_mask, labels, inputs_embeds,
