@@ -85,8 +85,10 @@ class Served:
 
     def __init__(self, directory: Path, port: int, log: Path):
         import openai
+        from transformers import AutoTokenizer
 
         self.directory = str(directory)
+        self.eos = AutoTokenizer.from_pretrained(directory).eos_token_id  # held off: exactly NEW_TOKENS tokens
         self.log = open(log, "w")
         self.process = subprocess.Popen(
             [
@@ -133,11 +135,9 @@ class Served:
                 }
             ],  # fmt: skip
             stream=True,
-            extra_body={
-                "generation_config": json.dumps(
-                    {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
-                )
-            },  # fmt: skip
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            logit_bias={str(self.eos): -100},  # hive-serve refuses a client's generation_config (issue 36)
         )
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:

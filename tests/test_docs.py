@@ -93,8 +93,7 @@ def test_every_command_flag_is_on_the_generated_page(built_site):
     checked = 0
     for name in cli_reference.COMMANDS:
         assert f"<!-- cli: {name} -->" in source, name
-        parser = cli_reference.command_parser(name)
-        flags = option_strings(parser)
+        flags = [flag for parser in cli_reference.command_parsers(name) for flag in option_strings(parser)]
         checked += len(flags)
         aliases = {f for f in flags if "--" + f[2:].replace("-", "_") in flags and f[2:].replace("-", "_") != f[2:]}
         missing = [flag for flag in flags if flag not in aliases and f"<code>{flag}</code>" not in page]

@@ -224,3 +224,35 @@ def test_processor_config_names_the_marker(marker_model, caption_model):
     assert json.loads((marker_model / "processor_config.json").read_text())["image_token"] == "<image>"
     assert json.loads((caption_model / "processor_config.json").read_text())["image_token"] is None
     assert torch.is_tensor(AutoProcessor.from_pretrained(caption_model)(text="a", return_tensors="pt")["input_ids"])
+
+
+# ---------------------------------------------------------------------- issue 36, items 15-16
+def test_a_batch_of_images_as_one_4d_array_or_tensor_counts_as_that_many_images(marker_model, images):
+    """(2, H, W, 3) numpy or (2, 3, H, W) torch is two images, as LlavaProcessor and the image processor read it."""
+    import numpy as np
+
+    processor = AutoProcessor.from_pretrained(marker_model)
+    as_numpy = np.stack([np.asarray(image) for image in images[:2]])  # (2, 32, 32, 3)
+    as_torch = torch.from_numpy(as_numpy).permute(0, 3, 1, 2).contiguous()  # (2, 3, 32, 32)
+    two_markers = "<image> <image> which ?"
+    expected = processor(images=images[:2], text=two_markers, return_tensors="pt")
+    for batch in (as_numpy, as_torch):
+        inputs = processor(images=batch, text=two_markers, return_tensors="pt")
+        assert inputs["pixel_values"].shape[0] == 2
+        assert torch.equal(inputs["input_ids"], expected["input_ids"])
+        with pytest.raises(ValueError, match=r"1 image markers .* but 2 images were given"):
+            processor(images=batch, text="<image> which ?", return_tensors="pt")
+
+
+def test_for_model_refuses_a_marker_id_outside_the_tokenizer(models):
+    """A model whose marker id lies beyond the tokenizer's vocabulary would otherwise get a captioning-mode
+    processor that silently drops every image."""
+    from transformers import AutoImageProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(models[1])
+    config = hive.HiveConfig(image_token_id=len(tokenizer) + 5)
+    refusal = rf"image_token_id={len(tokenizer) + 5} is not a token .*\({len(tokenizer)} tokens\)"
+    with pytest.raises(ValueError, match=refusal):
+        hive.HiveProcessor.for_model(
+            config, tokenizer=tokenizer, image_processor=AutoImageProcessor.from_pretrained(models[0])
+        )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import io
 import re
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from unittest import mock
 
 # The commands the site documents, by the name users type, and the `main` that parses its command line.
@@ -33,6 +34,9 @@ COMMANDS = {
     "python -m hive_adapter.integrations.llava.toy": "hive_adapter.integrations.llava.toy:main",
     "python -m hive_adapter.integrations.llava.ask": "hive_adapter.integrations.llava.ask:main",
 }
+# Parsers a command builds besides the one its `main` parses with, as "module:function" returning the parser:
+# hive-serve reads its own options first, then hands the rest to transformers serve's app.
+OWN_OPTIONS = {"hive-serve": "hive_adapter.tools.serve:hive_options"}
 MARKER = re.compile(r"^<!-- cli: (?P<name>[^>]+?) -->$", flags=re.M)
 
 
@@ -67,7 +71,7 @@ def command_parser(name: str):
     saved_argv = sys.argv
     sys.argv = [name, *argv]  # hive-llava-train reads sys.argv, as LLaVA's train() does
     try:
-        with _stop_at_parsing():
+        with _stop_at_parsing(), redirect_stdout(io.StringIO()):  # a help text it prints first is not the page's
             main() if name == "hive-llava-train" else main(argv)
     except _Parsed as parsed:
         return parsed.parser
@@ -167,12 +171,26 @@ def _click_markdown(command) -> list[str]:
     return [*lines, ""]
 
 
+def command_parsers(name: str) -> list:
+    """Every parser `name` reads its command line with: its own options first (OWN_OPTIONS), then its main's."""
+    parsers = []
+    if name in OWN_OPTIONS:
+        module_name, function = OWN_OPTIONS[name].split(":")
+        parsers.append(getattr(importlib.import_module(module_name), function)())
+    return [*parsers, command_parser(name)]
+
+
 def command_markdown(name: str, heading: str = "###") -> str:
     """The generated reference of one command: its description and its flags, as markdown."""
-    parser = command_parser(name)
-    if isinstance(parser, argparse.ArgumentParser):
-        return "\n".join(_argparse_markdown(parser, heading))
-    return "\n".join(_click_markdown(parser))
+    parts = []
+    for index, parser in enumerate(command_parsers(name)):
+        if index:
+            parts.append(f"{heading} The options it passes on (`{getattr(parser, 'name', None) or parser.prog}`)\n")
+        if isinstance(parser, argparse.ArgumentParser):
+            parts.append("\n".join(_argparse_markdown(parser, heading)))
+        else:
+            parts.append("\n".join(_click_markdown(parser)))
+    return "\n".join(parts)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

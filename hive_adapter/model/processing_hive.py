@@ -93,7 +93,15 @@ class HiveProcessor(ProcessorMixin):
         `image_token_id` as `tokenizer` spells it, or none in captioning mode."""
         config = getattr(model_or_config, "config", model_or_config)
         image_token_id = getattr(config, "image_token_id", None)
-        image_token = None if image_token_id is None else tokenizer.convert_ids_to_tokens(int(image_token_id))
+        image_token = None
+        if image_token_id is not None:
+            image_token = tokenizer.convert_ids_to_tokens(int(image_token_id)) if image_token_id >= 0 else None
+            if image_token is None:  # an id beyond the vocabulary (an embedding table larger than the tokenizer)
+                raise ValueError(
+                    f"the model's image_token_id={image_token_id} is not a token of this tokenizer ({len(tokenizer)} "
+                    "tokens): give the tokenizer the model was trained with (its marker added as a special token), "
+                    "or set the model's image_token_id to the marker's id in this tokenizer"
+                )
         return cls(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
 
     @classmethod
@@ -170,8 +178,11 @@ def _single_token_id(tokenizer: Any, token: str) -> int:
 
 
 def _flat(images: Any) -> list:
-    """One image, a list of images, or a list of per-sample lists, as one flat list (transformers' own
+    """One image, a list of images, a list of per-sample lists, or a batch as one 4-D array or tensor
+    ((N, H, W, C) or (N, C, H, W): N images, as the image processor reads it), as one flat list (transformers' own
     `make_flat_list_of_images` is not in the 4.x releases LLaVA pins, where this module is imported too)."""
+    if getattr(images, "ndim", None) == 4:
+        return list(images)
     if not isinstance(images, (list, tuple)):
         return [images]
     return [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]

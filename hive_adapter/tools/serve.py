@@ -3,20 +3,20 @@
     hive-serve run/stage3 --port 8000            # then any OpenAI client: base_url="http://localhost:8000/v1"
     python -m hive_adapter.tools.serve run/stage3 ...  # the same
 
-Every option of `transformers serve` is accepted (`hive-serve --help` lists them). The server is
-OpenAI-compatible: `/v1/chat/completions` (streaming and not) with image content parts as `data:` URLs,
-local paths or URLs, `/v1/models`, `/health`. The model is the HIVE directory given, pinned: requests name it
-as their `model` (or leave the field out, as the OpenAI client does not allow; pass the same string).
+Every option of `transformers serve` is accepted (`hive-serve --help` lists them), before or after DIR. The server
+is OpenAI-compatible: `/v1/chat/completions` (streaming and not), `/v1/models`, `/health`. The model is the HIVE
+directory given, pinned: requests name it as their `model`.
 
-transformers' serve needs three things a model defined outside transformers does not give it by itself;
-`hive_serving()` supplies them for the life of the server, and nothing else is changed:
-- its model manager loads a checkpoint through `getattr(transformers, config.architectures[0])`, which has no
-  `HiveForConditionalGeneration`: ours loads `model_type="hive"` through `AutoModelForImageTextToText`;
-- it tells a VLM from an LLM by transformers' own class-name tables: ours answers "VLM" for HIVE, so image
-  content parts reach `HiveProcessor.apply_chat_template`;
-- a request the processor refuses (a broken image, more images than the model takes) would be an HTTP 500 with
-  no detail: it is answered as a 400 `invalid_request_error` whose message names the problem, and the server
-  goes on serving.
+What `hive_serving()` changes in transformers' serve, for the life of the server (`serve_handlers`, `serve_app`):
+- its model manager loads `model_type="hive"` through `AutoModelForImageTextToText` (transformers' looks the
+  class up in its own namespace), calls HIVE a VLM, and lists the served model in `/v1/models`;
+- its chat handler checks each body first (`serve_requests`: a malformed one is a 400 naming the field), reads
+  pictures only as the media policy allows (`serve_media`: `data:` URLs by default, files under
+  `--allowed-local-media-path`, URLs on `--allowed-media-domains`; pixels checked from the header), bounds the
+  work (`--limit-mm-per-prompt`, `--max-request-bytes`, prompt + `max_tokens` within the model's positions),
+  honours `temperature`/`top_p`/`seed`/`stop`, and stops a generation whose client hung up;
+- its app refuses `/load_model`, `/reset` and the endpoints not guarded here, takes `--api-key`, and answers
+  every error in OpenAI's shape with a short message that never quotes the request.
 Generation runs on transformers' single inference thread per model, one request after another, so HIVE's
 per-prompt vision context is never shared between requests.
 
@@ -27,18 +27,24 @@ needs to know, per token, which request's images it may see (docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils.console import say as console_say
+from .serve_media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MAX_PIXELS, MediaPolicy
+from .serve_requests import DEFAULT_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 
 logger = logging.getLogger(__name__)
 
 COMMAND = "hive-serve"
+API_KEY_ENV = "HIVE_SERVE_API_KEY"
 CONTINUOUS_BATCHING_REFUSAL = (
     "--continuous-batching is not supported for HIVE models: transformers' paged scheduler packs the tokens of "
     "many requests into one batch and calls the model without their images, while HIVE's cross-attention must "
@@ -74,98 +80,192 @@ def check_model_directory(path: str) -> Path:
     return directory
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """What hive-serve adds to `transformers serve`'s options (README, "Serve it")."""
+
+    media: MediaPolicy = MediaPolicy()
+    limits: RequestLimits = RequestLimits()
+    api_key: str | None = None
+
+
 @contextlib.contextmanager
-def hive_serving() -> Iterator[None]:
-    """transformers' serve, able to load and run HIVE models, for the duration of the block."""
-    from transformers.cli.serving import model_manager, server
+def hive_serving(settings: ServeSettings | None = None) -> Iterator[None]:
+    """transformers' serve, able to load and run HIVE models and guarded by `settings`, for the block."""
+    from transformers.cli.serving import chat_completion, model_manager, server, utils
 
     import hive_adapter  # noqa: F401  (registers model_type "hive" with AutoConfig, the model and processor autos)
 
-    original_manager, original_build = model_manager.ModelManager, server.build_server
-    model_manager.ModelManager = _hive_model_manager(original_manager)
-    server.build_server = _with_request_errors(original_build)
+    from .serve_handlers import hive_chat_handler, hive_generate_manager, hive_model_manager
+
+    settings = settings or ServeSettings()
+    patched = [
+        (model_manager, "ModelManager", hive_model_manager(model_manager.ModelManager)),
+        (chat_completion, "ChatCompletionHandler",
+         hive_chat_handler(chat_completion.ChatCompletionHandler, settings.media, settings.limits)),
+        (utils, "GenerateManager", hive_generate_manager(utils.GenerateManager)),
+        (server, "build_server", _guarded(server.build_server, settings)),
+    ]  # fmt: skip
+    originals = [(module, name, getattr(module, name)) for module, name, _ in patched]
+    for module, name, replacement in patched:
+        setattr(module, name, replacement)
     try:
         yield
     finally:
-        model_manager.ModelManager, server.build_server = original_manager, original_build
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
-def _hive_model_manager(base: type) -> type:
-    from transformers.cli.serving.utils import Modality
-
-    class HiveModelManager(base):
-        """transformers' model manager, which also loads HIVE checkpoints and calls them VLMs."""
-
-        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
-            model_id = model_id_and_revision.split("@", 1)[0]
-            config_file = Path(model_id, "config.json")
-            if gguf_file is None and config_file.is_file():
-                if json.loads(config_file.read_text()).get("model_type") == "hive":
-                    from transformers import AutoModelForImageTextToText
-
-                    dtype = self.dtype if self.dtype is not None else "auto"
-                    model = AutoModelForImageTextToText.from_pretrained(
-                        model_id, dtype=dtype, attn_implementation=self.attn_implementation
-                    )
-                    return model.to(_device_for(self.device)).eval()
-            return super()._load_model(model_id_and_revision, tqdm_class, progress_callback, gguf_file)
-
-        @staticmethod
-        def get_model_modality(model, processor=None):
-            if getattr(getattr(model, "config", None), "model_type", None) == "hive":
-                return Modality.VLM
-            return base.get_model_modality(model, processor=processor)
-
-    return HiveModelManager
-
-
-def _device_for(device):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
-
-
-def _with_request_errors(build_server):
-    """`build_server`, whose app answers a request the processor or the image loader refuses with a 400 naming
-    the problem (OpenAI's error shape, so clients raise `BadRequestError` with this message)."""
-
+def _guarded(build_server, settings: ServeSettings):
     def build(*args, **kwargs):
-        from fastapi.responses import JSONResponse
+        from .serve_app import guard_app
 
         app = build_server(*args, **kwargs)
-
-        async def refused(_request, error: Exception):
-            message = f"{type(error).__name__}: {error}"
-            logger.warning("request refused: %s", message)
-            body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-            return JSONResponse(body, status_code=400)
-
-        # ValueError: HiveProcessor's refusals (image count), base64 that does not decode; OSError: PIL's
-        # UnidentifiedImageError for bytes that are no image, a local file that does not exist.
-        app.add_exception_handler(ValueError, refused)
-        app.add_exception_handler(OSError, refused)
-        return app
+        return guard_app(app, api_key=settings.api_key, max_request_bytes=settings.limits.max_request_bytes)
 
     return build
 
 
+def hive_options() -> argparse.ArgumentParser:
+    """hive-serve's own options (vLLM's names where vLLM has one); the rest are transformers serve's."""
+    parser = argparse.ArgumentParser(prog=COMMAND, add_help=False)
+    parser.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="read image_url local paths under DIR only (default: no local file is read)",
+    )
+    parser.add_argument(
+        "--allowed-media-domains",
+        action="append",
+        default=[],
+        metavar="HOST[,HOST...]",
+        help="fetch http(s) image URLs from these hosts only (default: no URL is fetched)",
+    )
+    parser.add_argument(
+        "--limit-mm-per-prompt",
+        default=None,
+        metavar="'{\"image\": N}'",
+        help=f"pictures per request (default {DEFAULT_IMAGES_PER_REQUEST})",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"width x height of a picture, read from its header (default {DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--max-media-bytes",
+        type=int,
+        default=DEFAULT_MAX_MEDIA_BYTES,
+        help=f"bytes of one picture (default {DEFAULT_MAX_MEDIA_BYTES})",
+    )
+    parser.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=DEFAULT_FETCH_TIMEOUT,
+        help=f"seconds for a whole URL fetch (default {DEFAULT_FETCH_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"bytes of a request body (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/... (or set ${API_KEY_ENV})",
+    )
+    return parser  # fmt: skip
+
+
+def settings_from(options: argparse.Namespace) -> ServeSettings:
+    media_root = None
+    if options.allowed_local_media_path is not None:
+        media_root = Path(options.allowed_local_media_path).resolve()
+        if not media_root.is_dir():
+            raise SystemExit(f"{COMMAND}: --allowed-local-media-path {options.allowed_local_media_path!r} is not a "
+                             "directory; give the directory whose pictures requests may name")  # fmt: skip
+    domains = tuple(
+        host.strip().lower() for value in options.allowed_media_domains for host in value.split(",") if host.strip()
+    )
+    images = DEFAULT_IMAGES_PER_REQUEST
+    if options.limit_mm_per_prompt is not None:
+        try:
+            limit = json.loads(options.limit_mm_per_prompt)
+            images = limit["image"]
+            if not isinstance(images, int) or images < 0 or set(limit) != {"image"}:
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise SystemExit(f"{COMMAND}: --limit-mm-per-prompt {options.limit_mm_per_prompt!r} is not "
+                             '\'{"image": N}\' (JSON, N >= 0; a HIVE model reads pictures only)') from None  # fmt: skip
+    for name in ("max_image_pixels", "max_media_bytes", "max_request_bytes", "media_fetch_timeout"):
+        if getattr(options, name) <= 0:
+            raise SystemExit(f"{COMMAND}: --{name.replace('_', '-')} must be positive")
+    if options.api_key is not None and not options.api_key.strip():
+        raise SystemExit(f"{COMMAND}: --api-key is empty; give a secret or leave the option out")
+    media = MediaPolicy(media_root, domains, options.max_image_pixels, options.max_media_bytes,
+                        options.media_fetch_timeout)  # fmt: skip
+    limits = RequestLimits(images_per_request=images, max_request_bytes=options.max_request_bytes)
+    return ServeSettings(media=media, limits=limits, api_key=options.api_key)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`hive-serve DIR [options of transformers serve]`."""
+    """`hive-serve DIR [options]`: hive-serve's options and transformers serve's, before or after DIR."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(flag in ("-h", "--help") for flag in args):
-        return _run_serve(args)
-    positional = [arg for arg in args if not arg.startswith("-")]
-    if not positional:
-        raise SystemExit(f"usage: {COMMAND} DIR [options of `transformers serve`]; DIR is a HIVE model directory")
-    if any(arg == "--continuous-batching" for arg in args):
+        print(hive_options().format_help().replace("usage:", "hive-serve's own options; usage:", 1))
+        return _run_serve(args, ServeSettings())
+    options, rest = hive_options().parse_known_args(args)
+    settings = settings_from(options)
+    if any(arg == "--continuous-batching" for arg in rest):
         raise SystemExit(f"{COMMAND}: {CONTINUOUS_BATCHING_REFUSAL}")
-    directory = check_model_directory(positional[0])
-    host = _option(args, "--host", "localhost")
-    port = _option(args, "--port", "8000")
-    say(f"serving {directory} at http://{host}:{port}/v1 (OpenAI-compatible; transformers serve)")
-    _run_serve(args)
+    positional = _positional(rest)
+    if not positional:
+        raise SystemExit(f"usage: {COMMAND} DIR [options]; DIR is a HIVE model directory (`{COMMAND} --help`)")
+    directory = check_model_directory(rest[positional[0]])
+    host = _option(rest, "--host", "localhost")
+    port = _option(rest, "--port", "8000")
+    say(
+        f"serving {directory} at http://{host}:{port}/v1 (OpenAI-compatible; transformers serve); " + _summary(settings)
+    )
+    _run_serve(rest, settings)
+
+
+def _summary(settings: ServeSettings) -> str:
+    media = settings.media
+    sources = ["data: URLs"]
+    if media.allowed_local_media_path is not None:
+        sources.append(f"files under {media.allowed_local_media_path}")
+    if media.allowed_media_domains:
+        sources.append(f"URLs on {', '.join(media.allowed_media_domains)}")
+    key = "an API key" if settings.api_key else "no API key"
+    return f"pictures from {', '.join(sources)}; {key}"
+
+
+def _positional(args: list[str]) -> list[int]:
+    """Indexes of the arguments that are no option nor an option's value, by transformers serve's own options."""
+    value_options = _value_options()
+    positional, index = [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("-"):
+            index += 2 if arg in value_options else 1
+            continue
+        positional.append(index)
+        index += 1
+    return positional
+
+
+def _value_options() -> set[str]:
+    import typer
+    from transformers.cli.serve import Serve
+
+    app = typer.Typer(add_completion=False)
+    app.command()(Serve)
+    command = typer.main.get_command(app)
+    return {name for param in command.params if not getattr(param, "is_flag", True) for name in param.opts}
 
 
 def _option(args: list[str], name: str, default: str) -> str:
@@ -177,13 +277,13 @@ def _option(args: list[str], name: str, default: str) -> str:
     return default
 
 
-def _run_serve(args: list[str]) -> None:
+def _run_serve(args: list[str], settings: ServeSettings) -> None:
     import typer
     from transformers.cli.serve import Serve
 
     app = typer.Typer(add_completion=False)
     app.command(help=__doc__)(Serve)  # the one command: its options are transformers serve's own
-    with hive_serving():
+    with hive_serving(settings):
         app(args=args, prog_name=COMMAND)
 
 
