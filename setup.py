@@ -74,6 +74,9 @@ setup(
         ],
         # lmms-eval >= 0.7 discovers models through this group (`lmms-eval --model hive`)
         "lmms_eval.models": ["hive=hive_adapter.evaluation.plugin:manifest"],
+        # vLLM loads these in each of its processes: HiveForConditionalGeneration checkpoints serve through
+        # `vllm serve DIR` / `LLM(model=DIR)` (hive_adapter.integrations.vllm; requirements/vllm.txt)
+        "vllm.general_plugins": ["hive=hive_adapter.integrations.vllm:register"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -32,6 +32,36 @@ def instruction_processor(instruction_toy):
     return hive.HiveProcessor(AutoImageProcessor.from_pretrained(vision), AutoTokenizer.from_pretrained(language))
 
 
+@pytest.fixture(scope="session")
+def family_bases():
+    """One tiny base per VLM family (tests/family_models.py) for the whole session, built when first asked for."""
+    from family_models import FAMILIES
+
+    built = {}
+
+    def base(name: str):
+        if name not in built:
+            built[name] = FAMILIES[name].build()
+        return built[name]
+
+    return base
+
+
+@pytest.fixture(scope="session")
+def family_wrapped(family_bases):
+    """One HIVE adapter per family around its session base (levels 1 and 3); tests that open the gates close them."""
+    import hive_adapter as hive
+
+    wrapped = {}
+
+    def model(name: str):
+        if name not in wrapped:
+            wrapped[name] = hive.get_hive_model(family_bases(name), hive.HiveConfig(vision_layers=[1, 3]))
+        return wrapped[name]
+
+    return model
+
+
 def pytest_configure(config):
     # Marks used by transformers' common tests (tests/test_transformers_common.py runs them).
     for mark in ("flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test", "flaky"):

@@ -70,8 +70,10 @@ def run_python_block(block: str, directory: Path, timeout: int = 300) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def run_shell_blocks(blocks: list[str], directory: Path, timeout: int = 900) -> None:
-    """Run shell blocks one after another in `directory`; fail at the first that fails, with its output."""
+def run_shell_blocks(blocks: list[str], directory: Path, timeout: int = 900) -> list[str]:
+    """Run shell blocks one after another in `directory`; fail at the first that fails, with its output. Returns
+    each block's standard output."""
+    outputs = []
     for block in blocks:
         result = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", block],
@@ -82,3 +84,5 @@ def run_shell_blocks(blocks: list[str], directory: Path, timeout: int = 900) -> 
             timeout=timeout,
         )
         assert result.returncode == 0, block + result.stdout[-2000:] + result.stderr[-4000:]
+        outputs.append(result.stdout)
+    return outputs

@@ -141,12 +141,16 @@ class HiveCaptionCollator:
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(s.get("prompt", ""), s["caption"]) for s in samples]
         batch, order = text_rows(encoded, pad_token_id=self.tokenizer.pad_token_id, packing_length=self.packing_length)
-        return {**batch, "pixel_values": self.pixels([samples[i] for i in order])}
+        return {**batch, **self.pixels([samples[i] for i in order])}
 
-    def pixels(self, samples: list[dict]) -> torch.Tensor:
-        """The samples' images, processed, in their order; non-finite pixels are an error naming the image."""
-        pixels = self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")["pixel_values"]
-        finite = torch.isfinite(pixels.flatten(1)).all(dim=1)
+    def pixels(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """The samples' images, processed, in their order: `pixel_values` and whatever else the image processor
+        says the model takes (Qwen-VL's `image_grid_thw`, Idefics3's `pixel_attention_mask`, ...). Non-finite
+        pixels are an error naming the image."""
+        processed = self.image_processor(images=[s["image"] for s in samples], return_tensors="pt")
+        names = dict.fromkeys(["pixel_values", *getattr(self.image_processor, "model_input_names", ())])
+        inputs = {name: processed[name] for name in names if name in processed}
+        finite = image_is_finite(inputs, len(samples))
         if not bool(finite.all()):
             bad = [samples[i].get("source", f"sample {i} of the batch") for i in (~finite).nonzero().flatten().tolist()]
             raise ValueError(
@@ -154,4 +158,17 @@ class HiveCaptionCollator:
                 "processor's image_mean / image_std (a std of 0 divides by zero). Training stops rather than make "
                 "every gradient NaN."
             )
-        return pixels
+        return inputs
+
+
+def image_is_finite(inputs: dict[str, torch.Tensor], images: int) -> torch.Tensor:
+    """(images,) whether each image's pixels are all finite: a row of `pixel_values` per image, or packed patch
+    rows grouped by `image_grid_thw` (Qwen-VL), or (another packing) one verdict for the whole batch."""
+    pixels = inputs["pixel_values"]
+    finite_rows = torch.isfinite(pixels.flatten(1)).all(dim=1)  # (rows,)
+    if pixels.shape[0] == images:
+        return finite_rows
+    grid = inputs.get("image_grid_thw")
+    if grid is not None and int(grid.prod(dim=-1).sum()) == pixels.shape[0]:
+        return torch.stack([rows.all() for rows in finite_rows.split(grid.prod(dim=-1).tolist())])
+    return finite_rows.all().expand(images)

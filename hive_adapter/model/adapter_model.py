@@ -28,6 +28,7 @@ from ..utils.outputs import write_file
 from .architectures import find_vision_tower, image_token_id_of, text_config_of
 from .builders import init_hive_weights
 from .config import HiveConfig
+from .connectors import connector_for
 from .mixin import HiveMixin
 from .parameters import check_finite, count_parameters, is_hive_parameter, mark_hive_trainable, numel
 
@@ -60,6 +61,7 @@ class HiveModel(HiveMixin, nn.Module):
         if isinstance(base_model, HiveModel):
             raise ValueError("this model is already a HiveModel; unload() it before wrapping it again")
         self.base_model = base_model
+        connector_for(config.connector).check_base(base_model)
         self._original_requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         tower = find_vision_tower(base_model, config.vision_tower_path)
         base_config = getattr(base_model, "config", None)
@@ -73,6 +75,7 @@ class HiveModel(HiveMixin, nn.Module):
             language_root=base_model,
             text_config=text_config_of(base_config),
             image_token_id=image_token_id,
+            family_config=base_config,
         )
         if image_token_id is not None and config.image_token_id is None:
             logger.info("HIVE: using the base model's image token id %d as the image marker", image_token_id)

@@ -1,7 +1,10 @@
-"""Where models keep the parts HIVE needs: a table of attribute paths, not tests on model names.
+"""Where models keep the parts HIVE needs: found the way transformers finds them, then a table of attribute paths.
 
-A new architecture is one more row. A model the table cannot place gets an error that names the
-paths tried and the `HiveConfig` field (`layers_path`, `vision_tower_path`) that places it by hand.
+transformers 5.x models answer `get_encoder(modality="image")` (the vision tower) and `get_decoder()` (the
+language model, whose layer list HIVE hooks); those come first. Models that do not answer (older transformers,
+the LLaVA repository's classes) are placed by a table of attribute paths, not tests on model names: a new
+architecture is one more row. A model neither can place gets an error that names what was tried and the
+`HiveConfig` field (`layers_path`, `vision_tower_path`) that places it by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from transformers import PretrainedConfig
 LAYER_PATHS: tuple[str, ...] = (
     "model.language_model.layers",  # llava-hf and other *ForConditionalGeneration, transformers >= 4.52
     "language_model.model.layers",  # llava-hf, transformers < 4.52; HiveForConditionalGeneration
+    "model.text_model.layers",  # Idefics3 / SmolVLM
+    "text_model.layers",
     "model.layers",  # *ForCausalLM: Llama, Qwen2/3, Mistral, Gemma/Gemma-2, the LLaVA repo's LlavaLlama
     "layers",  # bare decoder stacks (LlamaModel, Qwen2Model, ...)
     "language_model.layers",  # composite models holding a bare stack
@@ -29,6 +34,8 @@ VISION_TOWER_PATHS: tuple[str, ...] = (
     "vision_tower",  # llava-hf, transformers < 4.52
     "vision_model",  # HiveForConditionalGeneration, Idefics-style
     "model.vision_model",
+    "model.visual",  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+    "visual",
 )
 
 # Config attributes that name the image placeholder token.
@@ -45,32 +52,91 @@ def get_path(root: nn.Module, path: str):
     return node
 
 
+def path_of(root: nn.Module, module: nn.Module) -> str | None:
+    """The dotted name of `module` inside `root`, or None when `root` does not hold it."""
+    for name, candidate in root.named_modules(remove_duplicate=False):
+        if candidate is module:
+            return name
+    return None
+
+
+def _decoder_layers_by_transformers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The layer list of what `model.get_decoder()` returns (transformers 5.x), with its path in `model`."""
+    get_decoder = getattr(model, "get_decoder", None)
+    if not callable(get_decoder):
+        return None
+    try:
+        decoder = get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    layers = getattr(decoder, "layers", None) if isinstance(decoder, nn.Module) else None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    path = path_of(model, layers)
+    return None if path is None else (path, layers)
+
+
 def find_decoder_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """The decoder layer list of a (vision-)language model and the path it was found at."""
-    candidates = (layers_path,) if layers_path else LAYER_PATHS
-    for path in candidates:
+    """The decoder layer list of a (vision-)language model and the path it was found at: `layers_path` when
+    given, else the layers of `model.get_decoder()`, else the first path of `LAYER_PATHS` that holds a list."""
+    if layers_path:
+        layers = get_path(model, layers_path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers_path, layers
+        raise ValueError(f"layers_path={layers_path!r}: {type(model).__name__} has no non-empty nn.ModuleList there")
+    found = _decoder_layers_by_transformers(model)
+    if found is not None:
+        return found
+    for path in LAYER_PATHS:
         layers = get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return path, layers
-    if layers_path:
-        raise ValueError(f"layers_path={layers_path!r}: {type(model).__name__} has no non-empty nn.ModuleList there")
     raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: tried {', '.join(LAYER_PATHS)}. "
-        "Pass HiveConfig(layers_path='dotted.path.to.layers')."
+        f"cannot find the decoder layers of {type(model).__name__}: tried get_decoder().layers, then "
+        f"{', '.join(LAYER_PATHS)}. Pass HiveConfig(layers_path='dotted.path.to.layers')."
     )
 
 
+def _vision_tower_by_transformers(model: nn.Module) -> nn.Module | None:
+    """What `model.get_encoder(modality="image")` returns (transformers 5.x), unless that is the model itself."""
+    get_encoder = getattr(model, "get_encoder", None)
+    if not callable(get_encoder):
+        return None
+    try:
+        encoder = get_encoder(modality="image")
+    except (AttributeError, NotImplementedError, TypeError, ValueError):  # older signatures, text-only models
+        return None
+    if not isinstance(encoder, nn.Module) or encoder is model or getattr(encoder, "config", None) is None:
+        return None
+    if path_of(model, encoder) in (None, "") or _is_language_part(model, encoder):
+        return None
+    return encoder
+
+
+def _is_language_part(model: nn.Module, module: nn.Module) -> bool:
+    """A module holding the decoder layers is no vision tower (get_encoder falls back to such modules)."""
+    found = _decoder_layers_by_transformers(model)
+    return found is not None and any(candidate is found[1] for candidate in module.modules())
+
+
 def find_vision_tower(model: nn.Module, vision_tower_path: str | None = None) -> nn.Module:
-    candidates = (vision_tower_path,) if vision_tower_path else VISION_TOWER_PATHS
-    for path in candidates:
+    """The vision encoder of a vision-language model: `vision_tower_path` when given, else what
+    `model.get_encoder(modality="image")` returns, else the first path of `VISION_TOWER_PATHS` that holds one."""
+    if vision_tower_path:
+        tower = get_path(model, vision_tower_path)
+        if isinstance(tower, nn.Module):
+            return tower
+        raise ValueError(f"vision_tower_path={vision_tower_path!r}: {type(model).__name__} has no module there")
+    tower = _vision_tower_by_transformers(model)
+    if tower is not None:
+        return tower
+    for path in VISION_TOWER_PATHS:
         tower = get_path(model, path)
         if isinstance(tower, nn.Module):
             return tower
-    if vision_tower_path:
-        raise ValueError(f"vision_tower_path={vision_tower_path!r}: {type(model).__name__} has no module there")
     raise ValueError(
-        f"cannot find a vision encoder in {type(model).__name__}: tried {', '.join(VISION_TOWER_PATHS)}. "
-        "Pass HiveConfig(vision_tower_path=...), or compose a model with "
+        f"cannot find a vision encoder in {type(model).__name__}: tried get_encoder(modality='image'), then "
+        f"{', '.join(VISION_TOWER_PATHS)}. Pass HiveConfig(vision_tower_path=...), or compose a model with "
         "HiveForConditionalGeneration.from_vision_text(vision_model, language_model, config)."
     )
 
@@ -102,12 +168,25 @@ class TextShape:
     norm_eps: float
 
 
+def config_value(config: PretrainedConfig, name: str):
+    """`config.<name>`, or None. A heterogeneous config (Gemma 4: head sizes differ between sliding and full
+    attention layers) refuses a global per-layer value; HIVE's blocks then take the first layer's (they have
+    their own attention, the value only sets their default shape)."""
+    try:
+        return getattr(config, name, None)
+    except AttributeError:
+        raise
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        layers = getattr(config, "per_layer_config", None)
+        return getattr(layers[0], name, None) if layers else None
+
+
 def text_shape_of(text_config: PretrainedConfig, num_layers: int) -> TextShape:
     hidden = text_config.hidden_size
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
-    eps = getattr(text_config, "rms_norm_eps", None) or getattr(text_config, "layer_norm_eps", None) or 1e-5
+    heads = config_value(text_config, "num_attention_heads")
+    kv_heads = config_value(text_config, "num_key_value_heads") or heads
+    head_dim = config_value(text_config, "head_dim") or hidden // heads
+    eps = config_value(text_config, "rms_norm_eps") or config_value(text_config, "layer_norm_eps") or 1e-5
     return TextShape(num_layers, hidden, heads, kv_heads, head_dim, eps)
 
 

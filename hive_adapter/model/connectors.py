@@ -13,6 +13,7 @@ in `tests/test_connectors.py`). Peers keep such a table too: PEFT's tuner regist
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +22,6 @@ from .layer_choice import DEFAULT_LEVEL_FRACTION, LayerRequest, ResolvedLayers, 
 from .packing import check_packed_language_model, flash_packing_kwargs, packed_segments
 from .runtime import past_length_of
 from .splice import splice_image_tokens, splice_packed
-from .vision import usable_images
 
 _REGISTRY: dict[str, type[Connector]] = {}
 
@@ -64,6 +64,9 @@ class Connector:
     # ------------------------------------------------------------------ configuration
     def validate(self, config: LayerRequest) -> None:
         """Connector-specific checks of a config, before any model is built (`HiveConfig.validate`)."""
+
+    def check_base(self, base_model: torch.nn.Module) -> None:
+        """Refuse, at wrap time and naming the reason, a base model this connector cannot drive (`get_hive_model`)."""
 
     def pairs_levels(self, config: LayerRequest) -> bool:
         """Whether level k feeds decoder layer k one to one (then the two lists have equal length)."""
@@ -220,6 +223,16 @@ class ConcatConnector(Connector):
                 "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
             )
 
+    def check_base(self, base_model: torch.nn.Module) -> None:
+        """concat feeds the base input embeddings with the image tokens spliced in, in `forward` and `generate`."""
+        name = type(base_model).__name__
+        prepare = getattr(base_model, "prepare_inputs_for_generation", None)
+        if prepare is not None and "inputs_embeds" not in inspect.signature(prepare).parameters:
+            raise ValueError(
+                f"connector='concat' cannot drive {name}: its generate takes no inputs_embeds, and concat splices the "
+                "image tokens into the input embeddings; use connector='hive' or 'cascaded' on this model"
+            )
+
     def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         return ResolvedLayers((self.vision_levels(config, num_vision_layers)[-1],), (), ())
 
@@ -312,7 +325,7 @@ class ConcatConnector(Connector):
         if pixel_values is None:
             levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
             return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), None
-        pixel_values, _ = usable_images(pixel_values, training=model.training)  # a left-out image: spliced blank
+        pixel_values, _ = vision.usable(pixel_values, vision_inputs, training=model.training)  # left out: blank
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
         images = levels[-1].to(embeddings.dtype)
         if token_mask is not None:  # NaFlex: each image's real tokens only

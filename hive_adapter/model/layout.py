@@ -83,6 +83,7 @@ def marker_slots(markers: torch.Tensor, num_images: int, *, image_token_id: int 
         index = torch.arange(batch * slots, device=device).view(batch, slots).clamp(max=max(num_images - 1, 0))
         return ImageSlots(index, torch.ones(batch, slots, dtype=torch.bool, device=device), index * 0)
     counts = markers.sum(dim=1)  # (batch,)
+    refuse_expanded_placeholders(markers, num_images, image_token_id=image_token_id)
     slots = max(1, int(counts.max()))
     columns = torch.where(
         markers, torch.arange(length, device=device), torch.full_like(markers, length, dtype=torch.long)
@@ -95,6 +96,26 @@ def marker_slots(markers: torch.Tensor, num_images: int, *, image_token_id: int 
         mismatch=f"the batch has {{markers}} image marker tokens (id {image_token_id}) but pixel_values holds "
         "{images} images; per sample: {per_sample} markers. Put one marker where each image goes (with "
         "inputs_embeds alone, a marker is a row equal to the marker token's embedding; or pass input_ids alongside).",
+    )
+
+
+def refuse_expanded_placeholders(markers: torch.Tensor, num_images: int, *, image_token_id: int | None) -> None:
+    """A family processor (Qwen-VL, LLaVA-NeXT, Idefics3, ...) expands each image into a run of placeholder tokens;
+    read as markers, N placeholders would be N images. More markers than images, standing in runs of consecutive
+    markers, is that form: refused by name. (As many markers as images can only be one marker per image.)"""
+    count = int(markers.sum())
+    if count <= num_images:
+        return
+    starts = markers.clone()
+    starts[:, 1:] &= ~markers[:, :-1]  # (batch, text) the first marker of each run
+    runs = int(starts.sum())
+    if runs == count:
+        return
+    raise ValueError(
+        f"the batch has {count} image marker tokens (id {image_token_id}) in {runs} runs of consecutive markers for "
+        f"{num_images} images: that is a family processor's expanded form (a run of placeholders per image), and HIVE "
+        "reads one marker per image. Build the inputs with HiveProcessor.from_processor(processor), which writes one "
+        "marker per image, or collapse each run to one marker."
     )
 
 

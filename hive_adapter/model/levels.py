@@ -98,13 +98,21 @@ class HiveLevelEncoder(nn.Module):
         *,
         grids: list[tuple[int, int]],
         patch_mask: torch.Tensor | None = None,
+        poolable: bool = True,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Select, pool and project every level.
 
         level_states[i]: (images, tokens, vision_width); grids: the shared patch grid (one entry) or, with
         `patch_mask` (images, tokens) from encoders that pad patches (SigLIP2), one grid per image.
+        `poolable=False`: the tokens lie on no single grid (an image's several crops); `tokens_per_level` refused.
         Returns a list of (images, n, output_size) and the (images, n) mask of real tokens (None: all real).
         """
+        if not poolable and self.tokens_per_level is not None:
+            raise ValueError(
+                f"tokens_per_level={self.tokens_per_level}: these images' tokens lie on no single patch grid (an image "
+                "split into crops, or padded crops), so HIVE cannot pool them; use tokens_per_level=None, or give "
+                "one unpadded crop per image (the image processor's do_image_splitting=False)"
+            )
         outputs = []
         for index, (states, projector) in enumerate(zip(level_states, self.projectors, strict=True)):
             states, token_mask = self._select(states, grids, patch_mask)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import TextShape, VisionShape, find_decoder_layers, text_shape_of, vision_shape_of
+from .architectures import TextShape, VisionShape, find_decoder_layers, text_shape_of
 from .attach import HiveAttachment, attach_hive_hooks
 from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig
@@ -36,8 +36,9 @@ from .layout import find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .packing import PackedLayout, refuse_packed_generation
 from .parameters import is_hive_parameter
+from .readers import reader_for
 from .runtime import HiveRuntime
-from .vision import VISION_INPUT_NAMES, HiveVisionSide, build_vision_context
+from .vision import HiveVisionSide, build_vision_context
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,13 @@ class HiveMixin:
         language_root: nn.Module,
         text_config,
         image_token_id: int | None,
+        family_config=None,
     ) -> None:
+        """`family_config`: the wrapped VLM's own config, which some readers need (LLaVA-NeXT's grid pinpoints)."""
         layers_path, layers = find_decoder_layers(language_root, config.layers_path)
         text = text_shape_of(text_config, len(layers))
-        vision = vision_shape_of(vision_config)
+        vision = reader_for(vision_tower, family_config).shape_of(vision_config)
+        self._hive_family_config = family_config
         resolved = config.resolve_layers(num_vision_layers=vision.num_layers, num_llm_layers=text.num_layers)
 
         vocab_size = getattr(text_config, "vocab_size", None)
@@ -166,6 +170,7 @@ class HiveMixin:
             shape=self._hive_vision_shape,
             vision_layers=self.hive_layers.vision_layers,
             levels=self.hive_levels,
+            family_config=getattr(self, "_hive_family_config", None),
         )
 
     def hive_top_modules(self) -> list[nn.Module]:
@@ -235,13 +240,15 @@ class HiveMixin:
                 markers = packed.gather(markers) & packed.valid
 
         slots = None
+        vision = self.hive_vision
         if pixel_values is not None:  # which sample sees which image, from which column
+            images = vision.num_images(pixel_values, vision_inputs)
             if markers is None:
-                slots = one_image_per_sample(batch, pixel_values.shape[0], reference.device)
+                slots = one_image_per_sample(batch, images, reference.device)
             else:
-                slots = marker_slots(markers, pixel_values.shape[0], image_token_id=self.hive_image_token_id)
+                slots = marker_slots(markers, images, image_token_id=self.hive_image_token_id)
         context = build_vision_context(
-            self.hive_vision,
+            vision,
             pixel_values,
             vision_inputs,
             slots=slots,
@@ -254,6 +261,11 @@ class HiveMixin:
         return context if packed is None else dataclasses.replace(context, packed=packed)
 
     # ------------------------------------------------------------------ forward and generate
+    def hive_pop_vision_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take the vision tower's inputs beside pixel_values out of `kwargs` (they go to the tower through its
+        reader, never to the language model)."""
+        return {name: kwargs.pop(name) for name in self.hive_vision.input_names if name in kwargs}
+
     @property
     def hive_connector(self) -> Connector:
         """How the images reach the language model (`hive_adapter.model.connectors`)."""
@@ -276,7 +288,7 @@ class HiveMixin:
         With `inputs_embeds`, `input_ids` may come alongside: the markers are read from the ids and only the
         embeddings reach the language model.
         """
-        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        vision_inputs = self.hive_pop_vision_inputs(kwargs)
         return self.hive_connector.forward(
             self,
             language_model,
@@ -295,7 +307,7 @@ class HiveMixin:
         (`Connector.hidden_states`). What `HiveForConditionalGeneration.base_model` runs."""
         if inputs.pop("labels", None) is not None:
             raise ValueError("the backbone has no LM head and takes no labels; call the model itself for a loss")
-        vision_inputs = {name: inputs.pop(name) for name in VISION_INPUT_NAMES if name in inputs}
+        vision_inputs = self.hive_pop_vision_inputs(inputs)
         for name in ("input_ids", "pixel_values", "attention_mask", "inputs_embeds", "past_key_values"):
             inputs.setdefault(name, None)
         return self.hive_connector.hidden_states(self, decoder, vision_inputs=vision_inputs, **inputs)
@@ -314,7 +326,7 @@ class HiveMixin:
         new tokens when `input_ids` are given (with or without `inputs_embeds`), the new tokens alone from
         `inputs_embeds` alone. Cross-attention connectors build the prompt's vision context once (vision tower
         and every block's K/V run once per prompt) and pin it while `generate` runs on text alone."""
-        vision_inputs = {name: kwargs.pop(name) for name in VISION_INPUT_NAMES if name in kwargs}
+        vision_inputs = self.hive_pop_vision_inputs(kwargs)
         refuse_packed_generation(kwargs.get("position_ids"), attention_mask)
         return self.hive_connector.generate(
             self,

@@ -22,6 +22,7 @@ the same template, and its assistant turns are wrapped in `{% generation %}` so 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -103,6 +104,35 @@ class HiveProcessor(ProcessorMixin):
                     "or set the model's image_token_id to the marker's id in this tokenizer"
                 )
         return cls(image_processor, tokenizer, chat_template=chat_template, image_token=image_token)
+
+    @classmethod
+    def from_processor(cls, processor: Any, *, chat_template: str | None = None) -> HiveProcessor:
+        """The HIVE processor of a VLM family's own processor (Qwen2.5-VL's, SmolVLM's, ...): the same image
+        processor, tokenizer, chat template and image token, but one image token per image where the family's
+        processor writes a run of placeholders (HIVE's images take no sequence positions). One line:
+
+            processor = HiveProcessor.from_processor(AutoProcessor.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct"))
+        """
+        tokenizer = getattr(processor, "tokenizer", None)
+        image_processor = getattr(processor, "image_processor", None)
+        if tokenizer is None or image_processor is None:
+            raise ValueError(
+                f"{type(processor).__name__} has no tokenizer and image processor; pass a vision-language "
+                "processor (AutoProcessor.from_pretrained of a VLM), or build HiveProcessor(image_processor, tokenizer)"
+            )
+        image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
+        if image_token is None:
+            raise ValueError(
+                f"{type(processor).__name__} names no image token (processor.image_token); build "
+                "HiveProcessor(image_processor, tokenizer, image_token=...) with the marker the model uses"
+            )
+        template = chat_template if chat_template is not None else getattr(processor, "chat_template", None)
+        if hasattr(image_processor, "return_row_col_info"):
+            # Idefics3 / SmolVLM split an image into crops; the model reads which crops make one image from the
+            # rows and columns its image processor reports when asked (the family's processor writes them as text).
+            image_processor = copy.deepcopy(image_processor)
+            image_processor.return_row_col_info = True
+        return cls(image_processor, tokenizer, chat_template=template, image_token=image_token)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs: Any):

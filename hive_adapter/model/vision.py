@@ -8,9 +8,7 @@ it, the LLaVA integration keeps it inside LLaVA's `CLIPVisionTower`.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 from typing import Any
 
 import torch
@@ -20,23 +18,37 @@ from .architectures import VisionShape
 from .context import HiveVisionContext
 from .layout import ImageSlots, no_images
 from .levels import HiveLevelEncoder
+from .readers import VisionReader, reader_for
 
 logger = logging.getLogger(__name__)
 
-# Extra vision inputs some encoders take next to pixel_values (SigLIP2 NaFlex); routed to the tower.
-VISION_INPUT_NAMES = ("pixel_attention_mask", "spatial_shapes")
-
 
 class HiveVisionSide:
-    """A vision tower (HF model), its shape, the levels HIVE reads and the modules that project them."""
+    """A vision tower (HF model), its reader, its shape, the levels HIVE reads and the modules that project them."""
 
     def __init__(
-        self, *, tower: nn.Module, shape: VisionShape, vision_layers: tuple[int, ...], levels: HiveLevelEncoder
+        self,
+        *,
+        tower: nn.Module,
+        shape: VisionShape,
+        vision_layers: tuple[int, ...],
+        levels: HiveLevelEncoder,
+        reader: VisionReader | None = None,
+        family_config: Any = None,
     ):
         self.tower = tower
         self.shape = shape
         self.vision_layers = vision_layers
         self.levels = levels
+        self.reader = reader if reader is not None else reader_for(tower, family_config)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The inputs beside pixel_values this tower takes (`image_grid_thw`, `pixel_attention_mask`, ...)."""
+        return self.reader.input_names
+
+    def num_images(self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any]) -> int:
+        return self.reader.num_images(pixel_values, vision_inputs)
 
     def encode(
         self, pixel_values: torch.Tensor, **vision_inputs: Any
@@ -44,46 +56,14 @@ class HiveVisionSide:
         """Run the tower once; return the projected levels, each (images, n, media width), and the (images, n)
         mask of real tokens (None when every token is real)."""
         self.check_pixel_values(pixel_values, vision_inputs)
-        reference = next(self.tower.parameters())
+        reference = self.reader.input_reference()
         pixel_values = pixel_values.to(device=reference.device, dtype=reference.dtype)
-        outputs = self.tower(pixel_values=pixel_values, output_hidden_states=True, **vision_inputs)
-        hidden_states = outputs.hidden_states  # embeddings, then the output of every encoder layer
-        states = [hidden_states[index + 1] for index in self.vision_layers]
-        spatial_shapes = vision_inputs.get("spatial_shapes")
-        if spatial_shapes is not None:  # NaFlex: a grid per image, padded patches at the end
-            grids = [tuple(shape) for shape in spatial_shapes.tolist()]
-            patch_mask = vision_inputs.get("pixel_attention_mask")
-            if patch_mask is None:
-                patch_mask = torch.ones(states[0].shape[:2], dtype=torch.bool, device=states[0].device)
-        else:
-            patch = self.shape.patch_size
-            grids = [(pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)]
-            patch_mask = None
-        return self.levels(states, grids=grids, patch_mask=patch_mask)
+        read = self.reader.read(pixel_values, vision_inputs, self.vision_layers)
+        return self.levels(read.states, grids=read.grids, patch_mask=read.patch_mask, poolable=read.poolable)
 
     def check_pixel_values(self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any]) -> None:
         """Refuse pixels the encoder would crop or mis-read, naming the shape (never a silent wrong answer)."""
-        shape = self.shape
-        channels = getattr(self.tower.config, "num_channels", 3)
-        if "spatial_shapes" in vision_inputs:  # patchified input: (images, patches, channels*patch*patch)
-            if pixel_values.ndim != 3 or pixel_values.shape[-1] != channels * shape.patch_size**2:
-                raise ValueError(
-                    f"pixel_values of shape {tuple(pixel_values.shape)}: this encoder takes patchified pixels of shape "
-                    f"(images, patches, {channels * shape.patch_size**2})"
-                )
-            return
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)}: expected (images, {channels}, height, width); "
-                "stack the images of a batch along the first dimension"
-            )
-        height, width = pixel_values.shape[-2:]
-        native = height == width == shape.image_size  # e.g. SigLIP-so400m/14@384: 27x27 patches by design
-        if not native and (height % shape.patch_size or width % shape.patch_size):
-            raise ValueError(
-                f"pixel_values of size {height}x{width}: not a multiple of the encoder's patch size "
-                f"{shape.patch_size} (the encoder expects {shape.image_size}x{shape.image_size}); resize the images"
-            )
+        self.reader.check(pixel_values, vision_inputs)
 
     def dummy_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         """One blank image in the tower's input format, for batches without images.
@@ -91,26 +71,37 @@ class HiveVisionSide:
         Every HIVE module must run on every rank, even when a rank's batch has no image, or ZeRO-3 and FSDP
         wait forever for the skipped parameters (docs/ARCHITECTURE.md §7.1). Nobody sees the dummy.
         """
-        shape, channels = self.shape, getattr(self.tower.config, "num_channels", 3)
-        if "spatial_shapes" in inspect.signature(self.tower.forward).parameters:  # NaFlex-style encoders
-            side = max(1, math.isqrt(getattr(self.tower.config, "num_patches", 16)))
-            return {
-                "pixel_values": torch.zeros(1, side * side, channels * shape.patch_size**2, device=device),
-                "pixel_attention_mask": torch.ones(1, side * side, dtype=torch.long, device=device),
-                "spatial_shapes": torch.tensor([[side, side]], device=device),
-            }
-        return {"pixel_values": torch.zeros(1, channels, shape.image_size, shape.image_size, device=device)}
+        return self.reader.dummy_inputs(device)
+
+    def usable(
+        self, pixel_values: torch.Tensor, vision_inputs: dict[str, Any], *, training: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`usable_images` for this tower's pixel layout (rows of packed patches belong to their image)."""
+        rows = self.reader.rows_of(pixel_values)
+        image_of_row = self.reader.image_of_row(pixel_values, vision_inputs)
+        cleaned, usable = usable_images(
+            rows, training=training, image_of_row=image_of_row, blank_value=self.reader.blank_value
+        )
+        return cleaned.reshape(pixel_values.shape), usable
 
 
-def usable_images(pixel_values: torch.Tensor, *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def usable_images(
+    pixel_values: torch.Tensor, *, training: bool, image_of_row: torch.Tensor | None = None, blank_value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pixel_values, usable): images holding NaN or inf stop a training step with an error (their gradients
     would be NaN everywhere); otherwise they are zeroed and `usable` (images,) marks them, so that the text
-    after their markers sees no image and nothing else in the batch changes. `usable` is None when all are."""
+    after their markers sees no image and nothing else in the batch changes. `usable` is None when all are.
+    `image_of_row` (rows,): the image each row of `pixel_values` belongs to (packed patches); None: a row is an
+    image. A left-out image is filled with `blank_value`."""
     if pixel_values.device.type == "meta" or not pixel_values.is_floating_point():
         return pixel_values, None
-    usable = torch.isfinite(pixel_values.flatten(1)).all(dim=1)  # (images,)
-    if bool(usable.all()):
+    finite_rows = torch.isfinite(pixel_values.flatten(1)).all(dim=1)  # (rows,)
+    if bool(finite_rows.all()):
         return pixel_values, None
+    usable = finite_rows
+    if image_of_row is not None:  # an image is usable when all of its rows are
+        usable = torch.ones(int(image_of_row.max()) + 1, dtype=torch.bool, device=pixel_values.device)
+        usable[image_of_row[~finite_rows]] = False  # (images,)
     bad = (~usable).nonzero().flatten().tolist()
     message = (
         f"pixel_values of image(s) {bad} (of {len(usable)} in the batch) hold NaN or inf; check those images and "
@@ -119,8 +110,9 @@ def usable_images(pixel_values: torch.Tensor, *, training: bool) -> tuple[torch.
     if training and torch.is_grad_enabled():
         raise ValueError(f"{message}. Training stops here: one such image makes every gradient NaN.")
     logger.warning("%s; they are left out: the text after their markers sees no image", message)
-    keep = usable.view(-1, *([1] * (pixel_values.ndim - 1)))  # (images, 1, ...) against (images, ...)
-    return torch.where(keep, pixel_values, pixel_values.new_zeros(())), usable
+    keep_rows = usable if image_of_row is None else usable[image_of_row]  # (rows,)
+    keep = keep_rows.view(-1, *([1] * (pixel_values.ndim - 1)))  # (rows, 1, ...) against (rows, ...)
+    return torch.where(keep, pixel_values, pixel_values.new_full((), blank_value)), usable
 
 
 def build_vision_context(
@@ -137,7 +129,7 @@ def build_vision_context(
 ) -> HiveVisionContext:
     """The vision context of one batch of prompts, for every front end: run the tower once, project the levels
     and lay the images out per sample (`slots`, from the front end's markers: which sample sees which of the
-    `pixel_values.shape[0]` images, from which column). Without images (`pixel_values` None, `slots` ignored) one
+    `vision.num_images(...)` images, from which column). Without images (`pixel_values` None, `slots` ignored) one
     blank image runs through every module and nobody sees it; images holding NaN or inf are seen by nobody
     (`usable_images`)."""
     if pixel_values is None:
@@ -145,7 +137,7 @@ def build_vision_context(
         levels, token_mask = vision.encode(**dummy)
         slots = no_images(batch_size, device)
     else:
-        pixel_values, usable = usable_images(pixel_values, training=training)
+        pixel_values, usable = vision.usable(pixel_values, vision_inputs, training=training)
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
         if slots is None:
             raise ValueError("images were given without their slots (which sample sees which image)")
