@@ -123,6 +123,8 @@ def hive_forward_flops(
     resolved = HiveConfig(connector="hive" if mode in HIVE_VARIANTS else mode, **pair.hive_layers).resolve_layers(
         num_vision_layers=v["num_hidden_layers"], num_llm_layers=t["num_hidden_layers"]
     )
+    if mode == "deepstack":  # concat's sequence; one projector per level (the additions are not matmuls)
+        return len(resolved.vision_layers) * projector + llm_forward_flops(pair, text_tokens - 1 + vision_tokens)
     block = (
         2 * text_tokens * 2 * d * heads * head_dim  # q, o
         + 2 * vision_tokens * 2 * media * kv_heads * head_dim  # k, v over the level's tokens
@@ -142,7 +144,7 @@ def paper_complexity(
     L(L_s d^2 + N_t d^2)."""
     t, v = pair.text, pair.vision
     layers, d = t["num_hidden_layers"], t["hidden_size"]
-    if mode == "concat":
+    if mode in ("concat", "deepstack"):  # self-attention over the spliced sequence
         n = text_tokens + pair.vision_tokens(image_size)
         return layers * (n * n * d / 2 + n * d * d)
     if mode == "text":
@@ -153,3 +155,51 @@ def paper_complexity(
         .vision_layers
     )
     return layers * (selected * d * d + text_tokens * d * d)
+
+
+def flops_table(pair: ModelPair, modes: list[str], stages=(1, 2, 3)) -> str:
+    """Markdown: each mode's training-step FLOPs at `pair`'s shape (one sample, counted on `meta`) per stage, its
+    LLM side over concat's, and the analytic forward of the LLM side."""
+    lines = [
+        f"Training step, one sample of {TEXT_TOKENS} text tokens and one image ({pair.vision_tokens()} vision tokens), "
+        f"{pair.name}; counted on `meta` (forward + backward). LLM side: everything but the vision tower.",
+        "",
+        "| stage | mode | total TFLOPs | LLM side TFLOPs | LLM side / concat | analytic forward, LLM side TFLOPs |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for stage in stages:
+        counted = {mode: count_step(pair, mode, stage=stage) for mode in dict.fromkeys([*modes, "concat"])}
+        for mode in modes:
+            row = counted[mode]
+            lines.append(
+                f"| {stage} | {mode} | {row.total / 1e12:.3f} | {row.llm_side / 1e12:.3f} | "
+                f"{row.llm_side / counted['concat'].llm_side:.3f} | {hive_forward_flops(pair, mode) / 1e12:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    from .configs import PAPER_1B, PAPER_7B
+    from .models import MODES
+
+    parser = argparse.ArgumentParser(description="Training-step FLOPs of the compared modes at a paper shape.")
+    parser.add_argument("--pair", choices=("1B", "7B"), default="1B")
+    parser.add_argument("--modes", default="hive,cascaded,concat,deepstack", help="comma-separated modes")
+    parser.add_argument("--output", type=Path, default=None, help="also write the table to this .md file")
+    args = parser.parse_args(argv)
+    modes = [mode for mode in args.modes.split(",") if mode]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        parser.error(f"--modes {args.modes!r}: choose from {','.join(MODES)}")
+    table = flops_table({"1B": PAPER_1B, "7B": PAPER_7B}[args.pair], modes)
+    if args.output is not None:
+        args.output.write_text(f"# FLOPs at the {args.pair} shape\n\nCommand: `python -m benchmarks.flops --pair "
+                               f"{args.pair} --modes {args.modes}`.\n\n{table}")  # fmt: skip
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

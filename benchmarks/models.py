@@ -1,8 +1,9 @@
 """Build the compared models and one training batch for them, on any device (`meta` included).
 
 Modes: `hive` (multi-level gated cross-attention), `cascaded` (same depths, deepest level only),
-`concat` (LLaVA-style: the deepest level's tokens spliced into the LLM input) and `text` (the LLM on
-the text alone: the floor every mode pays). `hive_pooled` is `hive` with every level pooled to 144
+`concat` (LLaVA-style: the deepest level's tokens spliced into the LLM input), `deepstack` (Qwen3-VL's:
+concat's splice, the shallower levels added in the first decoder layers at the image tokens) and `text` (the LLM
+on the text alone: the floor every mode pays). `hive_pooled` is `hive` with every level pooled to 144
 tokens; `hive_lean` is `hive` with the lean projector (one layer to the narrow width the K/V read, every
 patch kept). All are this library's classes; `text` is the bare `LlamaForCausalLM`.
 """
@@ -17,7 +18,8 @@ from hive_adapter.training.stages import STAGES, apply_stage
 
 from .configs import IMAGE_TOKEN_ID, ModelPair
 
-MODES = ("hive", "hive_pooled", "hive_lean", "cascaded", "concat", "text")
+MODES = ("hive", "hive_pooled", "hive_lean", "cascaded", "concat", "deepstack", "text")
+SPLICING = ("concat", "deepstack")  # image tokens enter the LLM sequence
 HIVE_VARIANTS = {"hive_pooled": dict(tokens_per_level=144), "hive_lean": dict(projector_type="lean")}
 POOLED_TOKENS = HIVE_VARIANTS["hive_pooled"]["tokens_per_level"]  # a 12x12 grid per level, before its projector
 
@@ -75,8 +77,8 @@ def set_stage(model, mode: str, stage: int) -> None:
 
 
 def sequence_length(pair: ModelPair, mode: str, text_tokens: int, image_size: int | None = None) -> int:
-    """Tokens the LLM's self-attention runs over: concat replaces the marker by the image's patches."""
-    if mode == "concat":
+    """Tokens the LLM's self-attention runs over: concat and deepstack replace the marker by the image's patches."""
+    if mode in SPLICING:
         return text_tokens - 1 + pair.vision_tokens(image_size)
     return text_tokens
 

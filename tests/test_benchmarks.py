@@ -234,3 +234,59 @@ def test_the_real_lm_breakdown_table_gives_each_part_its_share():
     parts = dict(zip(BREAKDOWN_PARTS, [0.1, 0.1, 0.4, 0.2, 1.2], strict=True))
     table = breakdown_table({"batch_size": 16, "hive stage 2": {"step": 2.0, "parts": parts}})
     assert "| hive stage 2 | 2.00 | 0.10 s (5%) | 0.10 s (5%) | 0.40 s (20%) | 0.20 s (10%) | 1.20 s (60%) |" in table
+
+
+def _instruct_result(own: float, swapped: float) -> dict:
+    return {
+        "own": {"colour": own, "shape": 25.0, "all": own},
+        "swapped": {"colour": swapped, "shape": 25.0, "all": swapped},
+        "count": {"colour": 40, "shape": 30},
+    }
+
+
+def test_the_instruct_table_gives_mean_and_sd_over_seeds_beside_the_seed_count(capsys):
+    from benchmarks import instruct
+
+    settings = instruct.parse(["--seeds", "0,1"])
+    record = instruct.merge(None, settings, {0: {"hive": _instruct_result(50.0, 20.0)}})
+    record = instruct.merge(record, settings, {1: {"hive": _instruct_result(70.0, 10.0)}})
+    record = json.loads(json.dumps(record))  # as read back from instruct.json: seeds become strings
+    variant = instruct.parse(["--seeds", "0", "--connectors", "hive", "--hive_initializer_range", "0.1"])
+    assert instruct.run_label("hive", variant) == "hive (init 0.1)"
+    record = instruct.merge(record, variant, {0: {"hive (init 0.1)": _instruct_result(90.0, 15.0)}})
+    table = instruct.markdown(record)
+    hive_row = next(line for line in table.splitlines() if line.startswith("| hive |"))
+    assert hive_row.startswith("| hive | 2 | 60.0% ± 14.1 / 15.0% ± 7.1 | 60.0% ± 14.1 / 15.0% ± 7.1 |")
+    variant_row = next(line for line in table.splitlines() if line.startswith("| hive (init 0.1) |"))
+    assert variant_row.startswith("| hive (init 0.1) | 1 | 90.0% / 15.0% |")  # one seed: no sd invented
+    assert "| hive | 50.0% / 20.0% | 70.0% / 10.0% |" in table  # the per-seed 'all' row
+    assert "--hive_initializer_range 0.1" in table  # every command that made the table is named
+    assert "seed 0: colour 40, shape 30; seed 1: colour 40, shape 30" in table  # how many questions each figure is
+    other = instruct.parse(["--seeds", "2", "--epochs", "1"])
+    with pytest.raises(SystemExit, match="epochs 1.*epochs 3.*--output"):
+        instruct.merge(record, other, {2: {"hive": _instruct_result(1.0, 1.0)}})
+    assert instruct.parse(["--connectors", "deepstack"]).connectors == "deepstack"
+    with pytest.raises(SystemExit):
+        instruct.parse(["--connectors", "hive,mlp"])
+    assert "--connectors 'hive,mlp': mlp unknown" in capsys.readouterr().err
+
+
+def test_deepstack_pays_concats_sequence_plus_one_projector_per_level():
+    import dataclasses
+
+    from benchmarks import flops
+
+    pair = dataclasses.replace(TINY, hive_layers={"vision_layers": [1, 3]})  # TINY's default spread is one level
+    model = build(pair, "deepstack")
+    model.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        model(**training_batch(pair, "deepstack", batch=1, text_tokens=20, device="meta"))
+    counted = counter.get_total_flops() - vision_tower_flops(pair, stage=1, batch=1)
+    analytic = hive_forward_flops(pair, "deepstack", text_tokens=20)
+    assert abs(counted - analytic) <= TOLERANCE * analytic, (counted, analytic)
+    spliced = flops.llm_forward_flops(pair, 20 - 1 + pair.vision_tokens())
+    projector = hive_forward_flops(pair, "concat", text_tokens=20) - spliced
+    assert analytic == spliced + 2 * projector  # concat's sequence, and a projector for each of the two levels
+    table = flops.flops_table(pair, ["concat", "deepstack"], stages=(2,))
+    deepstack_row = next(line for line in table.splitlines() if line.startswith("| 2 | deepstack |"))
+    assert float(deepstack_row.split("|")[5]) > 1.0  # LLM side over concat's

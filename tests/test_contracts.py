@@ -174,7 +174,7 @@ def marker_batch():
     return ids
 
 
-@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat"])
+@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat", "deepstack"])
 def test_forward_with_inputs_embeds_equals_forward_with_input_ids(connector):
     model = compose("clip", image_token_id=IMAGE_TOKEN, connector=connector)
     set_gates(model, 0.5)
@@ -203,7 +203,7 @@ def test_captioning_takes_inputs_embeds():
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat"])
+@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat", "deepstack"])
 def test_generate_with_inputs_embeds_gives_the_new_tokens_of_generate_with_input_ids(connector):
     model = compose("clip", image_token_id=IMAGE_TOKEN, connector=connector)
     set_gates(model, 0.5)

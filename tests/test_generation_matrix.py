@@ -14,7 +14,7 @@ from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, vision
 
 import hive_adapter as hive
 
-CONNECTORS = ("hive", "cascaded", "concat")
+CONNECTORS = ("hive", "cascaded", "concat", "deepstack")
 NEW_TOKENS = 5
 
 MODES = {

@@ -214,7 +214,7 @@ def test_wrapping_twice_is_refused():
         hive.get_hive_model(model, hive.HiveConfig(**CONFIG))
 
 
-def test_cascaded_and_concat_run_through_the_same_class():
+def test_cascaded_concat_and_deepstack_run_through_the_same_class():
     ids = text_ids(2, 10, marker_at=3)
     pixels = vision_inputs("clip", 2)
     cascaded = wrapped(connector="cascaded")
@@ -225,6 +225,12 @@ def test_cascaded_and_concat_run_through_the_same_class():
     assert out.logits.shape[1] == 10 - 1 + 4  # marker replaced by the 4 pooled image tokens
     out.loss.backward()
     assert all(p.grad is not None for _, p in concat.hive_named_parameters())
+    deepstack = wrapped(connector="deepstack")  # on a llava-hf base too: every level trains
+    assert len(deepstack.hive_levels.projectors) == 4 and not deepstack.hive_blocks  # 3 added, 1 spliced
+    out = deepstack(input_ids=ids, **pixels, labels=ids)
+    assert out.logits.shape[1] == 10 - 1 + 4
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in deepstack.hive_named_parameters())
 
 
 def test_marker_count_must_match_images():

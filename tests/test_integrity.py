@@ -442,3 +442,18 @@ def test_layer_flags_are_compared_as_the_models_connector_places_them_even_under
     assert "--hive_llm_layers [2, 3] (the model: [0, 1])" in found
     same = HiveArguments(vision_connector="hive", hive_vision_layers="1,3", hive_llm_layers="0,1")
     assert contradictions(config, same, {"vision_connector", "hive_vision_layers", "hive_llm_layers"}) == []
+
+
+def test_the_initializer_range_flag_reaches_the_config_and_a_contradicting_one_is_named():
+    """`--hive_initializer_range` sets the std of HIVE's new weights (the instruct benchmark's init study); left
+    out, HiveConfig's default stays; given against a model built with another, it is named."""
+    from hive_adapter.training.hive_flags import HiveArguments, hive_config_from
+    from hive_adapter.training.plan import contradictions
+
+    assert hive_config_from(HiveArguments()).initializer_range == hive.HiveConfig().initializer_range
+    asked = HiveArguments(hive_initializer_range=0.1)
+    assert hive_config_from(asked).initializer_range == 0.1
+    found = contradictions(hive.HiveConfig(), asked, {"hive_initializer_range"})
+    assert found == ["--hive_initializer_range 0.1 (the model: initializer_range=0.02)"]
+    with pytest.raises(ValueError, match="initializer_range"):
+        hive_config_from(HiveArguments(hive_initializer_range=-1.0))

@@ -29,7 +29,7 @@ def train(model, data: dict[str, torch.Tensor]) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat"])
+@pytest.mark.parametrize("connector", ["hive", "cascaded", "concat", "deepstack"])
 @pytest.mark.parametrize("task", ["colour", "position"])
 def test_a_tiny_model_learns_what_is_in_the_picture_and_a_swapped_image_undoes_it(task, connector):
     model = tiny_model(connector, seed=0)
@@ -40,7 +40,7 @@ def test_a_tiny_model_learns_what_is_in_the_picture_and_a_swapped_image_undoes_i
     real, control = answer_accuracy(model, held_out), answer_accuracy(model, swapped)
     assert real >= 0.9, f"{connector} learned {task} to {real:.1%} only (chance {chance:.1%})"
     assert control <= chance + 0.1, f"{connector} answers {control:.1%} with another sample's image: not reading it"
-    if connector != "concat":
+    if connector not in ("concat", "deepstack"):
         gates = [p for name, p in model.named_parameters() if name.endswith("hive_attn_gate")]
         assert gates
         with torch.no_grad():  # the image arrives through the gates: closed again, the answer is at chance

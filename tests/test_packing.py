@@ -22,14 +22,15 @@ from hive_adapter.model.packing import packed_segments
 from hive_adapter.model.splice import IGNORE_INDEX
 
 LENGTHS = [5, 9, 3, 7, 6]  # five samples of different lengths
-CONNECTORS = ["hive", "cascaded", "concat"]
+CONNECTORS = ["hive", "cascaded", "concat", "deepstack"]
+SPLICING = ("concat", "deepstack")  # image tokens enter the sequence: the rows get longer
 
 
 def model_for(connector: str, *, image_token_id: int | None = None, media_attention: str = "previous", seed=0):
     config = hive.HiveConfig(
         connector=connector,
         vision_layers=[1, 3],
-        **({} if connector == "concat" else {"llm_layers": [1, 3]}),
+        **({} if connector in SPLICING else {"llm_layers": [1, 3]}),
         tokens_per_level=4,
         use_ffn=True,
         image_token_id=image_token_id,
@@ -84,7 +85,7 @@ def test_packed_equals_padded_loss_and_gradients(connector):
     assert packed["input_ids"].shape[0] < len(encoded) and "attention_mask" not in packed  # really packed
     assert sorted(order) == list(range(len(encoded)))
     spans = None
-    if connector != "concat":  # token by token: each packed sample's logits are its padded row's
+    if connector not in SPLICING:  # token by token: each packed sample's logits are its padded row's
         rows = segment_spans(packed["position_ids"], len(encoded), order)
         spans = {sample: (row, start, len(encoded[sample][0])) for sample, (row, start) in rows.items()}
     assert_packed_equals_padded(model_for(connector), packed, reference, spans=spans)
@@ -131,8 +132,8 @@ def test_swapping_one_samples_image_changes_only_that_samples_tokens(connector):
     swapped["pixel_values"][target] = vision_inputs("clip", 1, seed=9)["pixel_values"][0]
     with torch.no_grad():
         before, after = model(**packed).logits[0], model(**swapped).logits[0]
-    # concat: the image tokens sit in front of each sample's text, so find the samples by their position ids
-    positions = packed["position_ids"][0] if connector != "concat" else spliced_position_ids(model, packed)[0]
+    # concat, deepstack: the image tokens sit in front of each sample's text, so find the samples by their position ids
+    positions = packed["position_ids"][0] if connector not in SPLICING else spliced_position_ids(model, packed)[0]
     starts = (positions == 0).nonzero().flatten().tolist()
     ends = starts[1:] + [len(positions)]
     changed = (before - after).abs().amax(-1)

@@ -111,7 +111,7 @@ def set_gates(model: torch.nn.Module, value: float) -> None:
 
 
 def spliced_position_ids(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """concat: the position ids of the spliced rows its language model runs on (packed rows: the image tokens
+    """concat, deepstack: the position ids of the spliced rows its language model runs on (packed rows: the image tokens
     inside each sample, the positions restarting at each sample)."""
     seen = {}
     handle = model.language_model.register_forward_pre_hook(

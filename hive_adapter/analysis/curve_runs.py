@@ -15,6 +15,7 @@ CONNECTOR_SETTINGS = {
     "hive_lean": {"connector": "hive", "projector_type": "lean"},
     "cascaded": {"connector": "cascaded"},
     "concat": {"connector": "concat"},
+    "deepstack": {"connector": "deepstack"},  # level 1 added after decoder layer 0, level 3 spliced
 }
 CONNECTORS = tuple(CONNECTOR_SETTINGS)
 

@@ -12,7 +12,7 @@ Image-only tasks where one answer token is decided by the picture alone (a text 
 - `digits`: one of scikit-learn's handwritten digits (real scans) at a random spot; train and held-out
   pictures are different scans.
 
-Each connector (hive, hive_lean, cascaded, concat) is the real `HiveForConditionalGeneration` over a tiny
+Each connector (hive, hive_lean, cascaded, concat, deepstack) is the real `HiveForConditionalGeneration` over a tiny
 SigLIP tower (4 layers x 64) and a tiny Llama (2 layers x 64), trained whole (AdamW, lr 1e-3, batch 32)
 from the same seeded start; every `eval_every` steps its held-out accuracy is measured with each sample's
 own picture and with the next sample's (the control). A curve's steps-to-X% is the first evaluation at or

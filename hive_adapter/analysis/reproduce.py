@@ -11,6 +11,8 @@ contrastive: `hive_adapter.tools.toy_pretraining`), then pre-trained with HIVE's
 - `hive`: levels from layers 2, 4, 6, 8 feed decoder layers 1-4 through gated cross-attention;
 - `cascaded`: the same cross-attention, every decoder layer fed the deepest level only;
 - `concat`: the deepest level's tokens spliced into the LM's input (the self-attention baseline).
+- `deepstack` (by `--connectors`): concat's splice, and the shallower levels added to the first decoder layers'
+  hidden states at the image tokens (Qwen3-VL's DeepStack).
 
 Then, for each connector (mean and spread over the seeds):
 - image reading: held-out caption-token accuracy on content words (colour, texture, shape, position)

@@ -12,6 +12,7 @@ CONNECTORS = ("hive", "cascaded", "concat")  # the default comparison
 # What --connectors may name: a connector, or a variant of one (the hive-train flags it adds).
 VARIANTS = {
     "hive": ("hive", []), "cascaded": ("cascaded", []), "concat": ("concat", []),
+    "deepstack": ("deepstack", []),  # Qwen3-VL's DeepStack: concat's splice + shallower levels added in layers 0-2
     "hive_lean": ("hive", ["--hive_projector_type", "lean"]),  # issue 19's leaner projector, same levels
 }  # fmt: skip
 CROSS_ATTENTION = ("hive", "cascaded", "hive_lean")

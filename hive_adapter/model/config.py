@@ -58,7 +58,9 @@ class HiveConfig(PretrainedConfig):
             `"hive"`: multi-level cross-attention. `"cascaded"`: the same cross-attention depths, all fed
             by the deepest selected level only (the paper's cascaded baseline). `"concat"`: the
             self-attention baseline: the deepest selected level is projected and spliced into the LLM
-            input at the image marker, as LLaVA does.
+            input at the image marker, as LLaVA does. `"deepstack"`: Qwen3-VL's DeepStack: concat's splice, and
+            each shallower selected level added to the output of decoder layer k (k = 0, 1, ...) at the image
+            tokens' positions (`llm_layers` is not read).
         tokens_per_level (`int`, *optional*):
             Pool each level to this many tokens (a square number: 2-D average pooling on the patch
             grid). `None` keeps every patch.

@@ -5,7 +5,8 @@ A connector decides three things, and nothing outside this module branches on it
 - which vision levels feed which decoder layers (`resolve_layers`, from the config's layer lists);
 - which modules HIVE builds for it (a level embedding when every block reads every level);
 - the data flow of a forward and of `generate` (`forward`, `generate`): cross-attention from hooked decoder
-  layers (`hive`, `cascaded`), or image tokens spliced into the input (`concat`, the self-attention baseline).
+  layers (`hive`, `cascaded`), or image tokens spliced into the input (`concat`, the self-attention baseline;
+  `deepstack`, Qwen3-VL's, also adds the shallower levels in the first decoder layers: `deepstack.py`).
 
 Adding one is a class and a `register_connector` call (CONTRIBUTING, "A new connector"; a toy one plugs in
 in `tests/test_connectors.py`). Peers keep such a table too: PEFT's tuner registry, LLaVA's projector factory.
@@ -18,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .deepstack import added_after_layers
 from .layer_choice import DEFAULT_LEVEL_FRACTION, LayerRequest, ResolvedLayers, normalise_layers, spread_layers
 from .packing import check_packed_language_model, flash_packing_kwargs, packed_segments
 from .runtime import past_length_of
@@ -211,7 +213,9 @@ class CascadedConnector(CrossAttentionConnector):
 
 class ConcatConnector(Connector):
     """The self-attention baseline: the deepest selected level projected and spliced into the LLM input at the
-    image marker, as LLaVA does (`splice.py`). No decoder layer is hooked."""
+    image marker, as LLaVA does (`splice.py`). No cross-attention. Every resolved level before the deepest (none
+    for concat; `DeepStackConnector`'s) is spliced likewise into zeros and added after decoder layer k
+    (`deepstack.py`)."""
 
     name = "concat"
     uses_cross_attention = False
@@ -219,8 +223,8 @@ class ConcatConnector(Connector):
     def validate(self, config: LayerRequest) -> None:
         if config.projector_type == "lean":
             raise ValueError(
-                "projector_type='lean' with connector='concat': concat splices the projected tokens into the LLM "
-                "input at its width; use 'mlp2x_gelu' or 'linear' for concat"
+                f"projector_type='lean' with connector={self.name!r}: {self.name} splices the projected tokens into "
+                f"the LLM input at its width; use 'mlp2x_gelu' or 'linear' for {self.name}"
             )
 
     def check_base(self, base_model: torch.nn.Module) -> None:
@@ -229,8 +233,8 @@ class ConcatConnector(Connector):
         prepare = getattr(base_model, "prepare_inputs_for_generation", None)
         if prepare is not None and "inputs_embeds" not in inspect.signature(prepare).parameters:
             raise ValueError(
-                f"connector='concat' cannot drive {name}: its generate takes no inputs_embeds, and concat splices the "
-                "image tokens into the input embeddings; use connector='hive' or 'cascaded' on this model"
+                f"connector={self.name!r} cannot drive {name}: its generate takes no inputs_embeds, and {self.name} "
+                "splices the image tokens into the input embeddings; use connector='hive' or 'cascaded' on this model"
             )
 
     def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
@@ -244,11 +248,13 @@ class ConcatConnector(Connector):
         )
         if segments is not None:
             check_packed_language_model(language_model, kwargs)
-            embeddings, kwargs["position_ids"], labels = self.packed_embeddings(
+            embeddings, kwargs["position_ids"], labels, additions = self.packed_embeddings(
                 model, input_ids, inputs_embeds, pixel_values, segments, kwargs["position_ids"], labels, vision_inputs
             )
             kwargs.update(flash_packing_kwargs(language_model, kwargs["position_ids"]))
-            return language_model(inputs_embeds=embeddings, labels=labels, **kwargs)
+            with added_after_layers(model, additions):
+                return language_model(inputs_embeds=embeddings, labels=labels, **kwargs)
+        additions = []
         if pixel_values is not None or (model.training and torch.is_grad_enabled()):
             # (A training step without images still runs every projector: ZeRO-3 must see each parameter.)
             if past_length_of(past_key_values) > 0:
@@ -257,7 +263,7 @@ class ConcatConnector(Connector):
                     f"{past_length_of(past_key_values)} tokens); images are spliced into the prompt, pass them "
                     "with it"
                 )
-            embeddings, attention_mask, labels = self.embeddings(
+            embeddings, attention_mask, labels, additions = self.embeddings(
                 model,
                 input_ids,
                 inputs_embeds,
@@ -269,9 +275,10 @@ class ConcatConnector(Connector):
             )
             text = {"inputs_embeds": embeddings}
         # else text alone: a decoding step, or embeddings `generate` already spliced
-        return language_model(
-            **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
-        )
+        with added_after_layers(model, additions):
+            return language_model(
+                **text, attention_mask=attention_mask, labels=labels, past_key_values=past_key_values, **kwargs
+            )
 
     def hidden_states(self, model, decoder, *, input_ids, pixel_values, attention_mask, inputs_embeds,
                       past_key_values, vision_inputs, **kwargs):  # fmt: skip
@@ -285,13 +292,14 @@ class ConcatConnector(Connector):
             )  # fmt: skip
         if past_length_of(past_key_values) > 0:
             raise ValueError("connector='concat': a backbone forward takes whole prompts, not decoding steps")
-        embeddings, spliced_mask, _, *positions = self.embeddings(
+        embeddings, spliced_mask, _, *positions, additions = self.embeddings(
             model, input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs,
             padding_side="right", return_positions=True,
         )  # fmt: skip
-        output = decoder(
-            inputs_embeds=embeddings, attention_mask=spliced_mask, past_key_values=past_key_values, **kwargs
-        )
+        with added_after_layers(model, additions):
+            output = decoder(
+                inputs_embeds=embeddings, attention_mask=spliced_mask, past_key_values=past_key_values, **kwargs
+            )
         if positions:  # images were spliced in (without images the columns are the input's)
             hidden = output.last_hidden_state
             index = positions[0].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -300,10 +308,11 @@ class ConcatConnector(Connector):
 
     def generate(self, model, generate, *, input_ids, pixel_values, attention_mask, inputs_embeds, vision_inputs,
                  **kwargs):  # fmt: skip
-        embeddings, attention_mask, _ = self.embeddings(
+        embeddings, attention_mask, _, additions = self.embeddings(
             model, input_ids, inputs_embeds, pixel_values, attention_mask, None, vision_inputs, padding_side="left"
         )
-        output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
+        with added_after_layers(model, additions):
+            output = generate(inputs_embeds=embeddings, attention_mask=attention_mask, **kwargs)
         if input_ids is None:
             return output  # from embeddings alone: the new tokens only, as transformers returns them
         # From token ids: the prompt in front of the new tokens, in the tensor and in `sequences` alike.
@@ -317,62 +326,94 @@ class ConcatConnector(Connector):
 
     @staticmethod
     def images_to_splice(model, input_ids, inputs_embeds, pixel_values, vision_inputs):
-        """(input embeddings, each image's deepest-level tokens to splice: (images, tokens, hidden), or a list of
-        (tokens_i, hidden) for NaFlex grids). Without images the tokens are None and every projector still runs
-        (ZeRO-3 must see every parameter), adding exactly zero to the embeddings."""
+        """(input embeddings, per resolved level, shallow to deep, each image's tokens to splice: (images, tokens,
+        hidden), or a list of (tokens_i, hidden) for NaFlex grids). Without images the levels are None and every
+        projector still runs (ZeRO-3 must see every parameter), adding exactly zero to the embeddings."""
         embeddings = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
         vision = model.hive_vision
         if pixel_values is None:
             levels, _ = vision.encode(**vision.dummy_inputs(embeddings.device))
-            return embeddings + 0.0 * levels[-1].sum().to(embeddings.dtype), None
+            return embeddings + 0.0 * sum(level.sum() for level in levels).to(embeddings.dtype), None
         pixel_values, _ = vision.usable(pixel_values, vision_inputs, training=model.training)  # left out: blank
         levels, token_mask = vision.encode(pixel_values, **vision_inputs)
-        images = levels[-1].to(embeddings.dtype)
+        levels = [level.to(embeddings.dtype) for level in levels]
         if token_mask is not None:  # NaFlex: each image's real tokens only
-            images = [image[real] for image, real in zip(images, token_mask, strict=True)]
-        return embeddings, images
+            levels = [[image[real] for image, real in zip(level, token_mask, strict=True)] for level in levels]
+        return embeddings, levels
 
     @staticmethod
     def packed_embeddings(model, input_ids, inputs_embeds, pixel_values, segments, position_ids, labels,
                           vision_inputs):  # fmt: skip
-        """Input embeddings of packed rows with each image's tokens inside its own sample (`splice_packed`), and
-        the position ids and labels of the spliced rows."""
-        embeddings, images = ConcatConnector.images_to_splice(
+        """Input embeddings of packed rows with each image's tokens inside its own sample (`splice_packed`), the
+        position ids and labels of the spliced rows, and the shallower levels' additions (spliced into zeros)."""
+        embeddings, levels = ConcatConnector.images_to_splice(
             model, input_ids, inputs_embeds, pixel_values, vision_inputs
         )
-        if images is None:
-            return embeddings, position_ids, labels
-        return splice_packed(
-            markers=model.hive_markers(input_ids, inputs_embeds),
-            segments=segments,
-            embeddings=embeddings,
-            images=images,
-            labels=labels,
+        if levels is None:
+            return embeddings, position_ids, labels, []
+        markers = model.hive_markers(input_ids, inputs_embeds)
+        spliced = splice_packed(
+            markers=markers, segments=segments, embeddings=embeddings, images=levels[-1], labels=labels
         )
+        zeros = torch.zeros_like(embeddings)
+        additions = [
+            splice_packed(markers=markers, segments=segments, embeddings=zeros, images=level, labels=None)[0]
+            for level in levels[:-1]
+        ]
+        return *spliced, additions
 
     @staticmethod
     def embeddings(model, input_ids, inputs_embeds, pixel_values, attention_mask, labels, vision_inputs, *,
                    padding_side: str, return_positions: bool = False):  # fmt: skip
-        """Input embeddings with each image's tokens spliced in at its marker (and, with `return_positions`,
-        where each input column landed: `splice_image_tokens`; nothing more without images).
+        """Input embeddings with each image's deepest-level tokens spliced in at its marker, mask, labels (and, with
+        `return_positions`, where each input column landed: `splice_image_tokens`; not without images), then the
+        shallower levels' additions: each spliced likewise into zeros (none for concat, none without images).
 
         Without images every projector still runs (ZeRO-3 must see every parameter) and adds exactly zero.
         """
-        embeddings, images = ConcatConnector.images_to_splice(
+        embeddings, levels = ConcatConnector.images_to_splice(
             model, input_ids, inputs_embeds, pixel_values, vision_inputs
         )
-        if images is None:
-            return embeddings, attention_mask, labels
-        return splice_image_tokens(
-            markers=model.hive_markers(input_ids, inputs_embeds),
+        if levels is None:
+            return embeddings, attention_mask, labels, []
+        markers = model.hive_markers(input_ids, inputs_embeds)
+        spliced = splice_image_tokens(
+            markers=markers,
             embeddings=embeddings,
-            images=images,
+            images=levels[-1],
             attention_mask=attention_mask,
             labels=labels,
             padding_side=padding_side,
             return_positions=return_positions,
         )
+        zeros = torch.zeros_like(embeddings)
+        additions = [
+            splice_image_tokens(
+                markers=markers, embeddings=zeros, images=level, attention_mask=attention_mask, labels=None,
+                padding_side=padding_side,
+            )[0]
+            for level in levels[:-1]
+        ]  # fmt: skip
+        return *spliced, additions
 
 
-for _connector in (CrossAttentionConnector, CascadedConnector, ConcatConnector):
+class DeepStackConnector(ConcatConnector):
+    """Qwen3-VL's DeepStack as a baseline: the deepest selected level spliced in as image tokens (as `concat`), and
+    each shallower level k, projected by its own projector, added to the output of decoder layer k at those image
+    tokens' positions (Qwen3-VL's `deepstack_visual_indexes` into its first decoder layers). `llm_layers` is not
+    read: the levels go to the first decoder layers, in order, as in Qwen3-VL. One level is concat exactly."""
+
+    name = "deepstack"
+
+    def resolve_layers(self, config: LayerRequest, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
+        levels = self.vision_levels(config, num_vision_layers)
+        if len(levels) - 1 > num_llm_layers:
+            raise ValueError(
+                f"vision_layers={levels}: connector='deepstack' adds the {len(levels) - 1} levels before the deepest "
+                f"to as many first decoder layers, the language model has {num_llm_layers}; select fewer levels"
+            )
+        return ResolvedLayers(tuple(levels), (), ())
+
+
+for _connector in (CrossAttentionConnector, CascadedConnector, ConcatConnector, DeepStackConnector):
     register_connector(_connector)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .architectures import TextShape, VisionShape, find_decoder_layers, text_shape_of
-from .attach import HiveAttachment, attach_hive_hooks
+from .attach import HiveAttachment, attach_hive_hooks, find_layer_owner
 from .builders import block_factory, build_level_encoder, cross_attention_kernel
 from .config import HiveConfig
 from .connectors import Connector, connector_for
@@ -148,6 +148,13 @@ class HiveMixin:
             if isinstance(module, HiveCrossAttention):
                 module.implementation = kernel
         return kernel
+
+    @property
+    def hive_decoder_stack(self) -> tuple[nn.Module, nn.ModuleList]:
+        """(the module that runs the decoder layers, e.g. `LlamaModel`; the layers), where the connectors that
+        add to a layer's output hook in (`deepstack`)."""
+        layers = self._hive_attachment.layers
+        return find_layer_owner(self, layers), layers
 
     @property
     def hive_image_token_id(self) -> int | None:

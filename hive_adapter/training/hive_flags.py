@@ -16,7 +16,8 @@ class HiveArguments:
     vision_connector: str = field(
         default="hive",
         metadata={
-            "help": "hive | cascaded | concat (LLaVA-style self-attention baseline): rerun the paper's comparison."
+            "help": "hive | cascaded | concat (LLaVA-style self-attention baseline) | deepstack (Qwen3-VL's): "
+            "rerun the paper's comparison."
         },
     )
     hive_vision_layers: str | None = field(
@@ -36,6 +37,9 @@ class HiveArguments:
     )
     hive_use_ffn: bool = field(default=False, metadata={"help": "Add a gated FFN after each cross-attention."})
     hive_placement: str = field(default="before", metadata={"help": "before | after the wrapped decoder layer."})
+    hive_initializer_range: float | None = field(
+        default=None, metadata={"help": "Std of HIVE's new weights at composition (default: HiveConfig's, 0.02)."}
+    )
 
 
 def parse_layer_list(value: str | None, name: str) -> list[int] | None:
@@ -61,5 +65,7 @@ def hive_config_from(hive_args: HiveArguments, **overrides) -> HiveConfig:
         "use_ffn": hive_args.hive_use_ffn,
         "placement": hive_args.hive_placement,
     }
+    if hive_args.hive_initializer_range is not None:
+        settings["initializer_range"] = hive_args.hive_initializer_range
     settings.update(overrides)
     return HiveConfig(**settings)

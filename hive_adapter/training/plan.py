@@ -32,6 +32,7 @@ FLAG_FIELDS = {
     "hive_media_width": "media_width",
     "hive_use_ffn": "use_ffn",
     "hive_placement": "placement",
+    "hive_initializer_range": "initializer_range",
 }
 LAYER_FLAGS = {"hive_vision_layers": "vision_layers", "hive_llm_layers": "llm_layers"}
 
