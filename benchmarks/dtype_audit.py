@@ -12,12 +12,13 @@ both (`tanh(gate.float())`, `HiveLayerNorm` in float32).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 from torch import nn
+
+from hive_adapter.utils.flags import FullFlagParser
 
 SENSITIVE = ("hive_attn_gate", "hive_ffn_gate", "hive_attn_norm", "hive_media_norm", "hive_ffn_norm")
 
@@ -106,7 +107,7 @@ def _master_copy(optimizer, param: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.dtype_audit", description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog="benchmarks.dtype_audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(json.dumps({"deepspeed_zero2_bf16": deepspeed_zero2_bf16(args.device)}))

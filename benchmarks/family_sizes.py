@@ -20,7 +20,6 @@ Parameter counts are checked against the model card's figure (`published_paramet
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import transformers
 
 from hive_adapter import get_hive_model
 from hive_adapter.utils.console import say
+from hive_adapter.utils.flags import FullFlagParser
 
 from .configs import TEXT_TOKENS
 from .family_size_configs import FAMILIES, NOT_MEASURED, FamilySize
@@ -174,7 +174,7 @@ def render_markdown(rows: list[dict], skipped: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=OUTPUT)
     parser.add_argument("--families", nargs="*", default=None, help="family names (default: all)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 
 from hive_adapter import HiveConfig
+from hive_adapter.utils.flags import FullFlagParser
 
 from .configs import TEXT_TOKENS, ModelPair
 from .models import HIVE_VARIANTS, POOLED_TOKENS, build, set_stage, training_batch, training_step
@@ -179,13 +180,12 @@ def flops_table(pair: ModelPair, modes: list[str], stages=(1, 2, 3)) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
     from pathlib import Path
 
     from .configs import PAPER_1B, PAPER_7B
     from .models import MODES
 
-    parser = argparse.ArgumentParser(description="Training-step FLOPs of the compared modes at a paper shape.")
+    parser = FullFlagParser(description="Training-step FLOPs of the compared modes at a paper shape.")
     parser.add_argument("--pair", choices=("1B", "7B"), default="1B")
     parser.add_argument("--modes", default="hive,cascaded,concat,deepstack", help="comma-separated modes")
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this .md file")

@@ -21,7 +21,6 @@ ZeRO-2 audit (each is reported as skipped, with the reason, where it does not im
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -32,6 +31,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from hive_adapter.utils.flags import FullFlagParser
 
 from . import kernel_checks
 from .configs import PAPER_1B, TINY
@@ -182,7 +183,7 @@ def failed(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog="benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry_run", action="store_true", help="everything but CUDA: CPU, tiny, reference flash")
     parser.add_argument("--pair", choices=sorted(PAIRS), default=None, help="figures' shape (default 1B; tiny dry)")
     parser.add_argument("--batch", type=int, default=None, help="figures' batch (default 8; 2 dry)")

@@ -30,6 +30,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from hive_adapter.utils.flags import FullFlagParser
+
 OUTPUT = Path(__file__).parent / "results" / "instruct"
 CONNECTORS = ("hive", "concat")  # the default rows
 OTHER_CONNECTORS = ("cascaded", "deepstack")  # by --connectors
@@ -225,7 +227,7 @@ def markdown(record: dict) -> str:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument(
         "--connectors", default=",".join(CONNECTORS),

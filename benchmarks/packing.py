@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import hive_adapter
 from hive_adapter.data.collator import pack_rows
 from hive_adapter.model.splice import IGNORE_INDEX
+from hive_adapter.utils.flags import FullFlagParser
 
 from .configs import CPU_SMALL, IMAGE_TOKEN_ID, PAPER_1B, ModelPair
 from .flops import vision_tower_flops
@@ -329,7 +330,7 @@ def markdown(results: dict, env: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32, help="samples per step (both layouts)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
     parser.add_argument("--packing_factor", type=int, default=1, help="packing length = max length x this")

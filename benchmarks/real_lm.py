@@ -51,6 +51,7 @@ from hive_adapter.data.synthetic import SyntheticShapes
 from hive_adapter.model.loading import load_hive
 from hive_adapter.tools.real_lm import SMOLLM2, cache_root, smollm2_directory
 from hive_adapter.utils.console import quiet_progress_bars
+from hive_adapter.utils.flags import FullFlagParser
 
 from .real_lm_settings import (
     CAPTION_TOKENS,
@@ -282,7 +283,7 @@ def summary(output: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="python -m benchmarks.real_lm", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

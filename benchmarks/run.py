@@ -13,7 +13,6 @@ the README shows) and PNG plots next to them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from hive_adapter.utils.console import on_a_terminal, progress
+from hive_adapter.utils.flags import FullFlagParser
 
 from . import gpu_check
 from .configs import CPU_SMALL, PAPER_1B, PAPER_1B_SHALLOW, PAPER_7B, TEXT_TOKENS, ModelPair
@@ -320,10 +320,7 @@ def markdown(results: dict) -> str:
 
 
 def plots(results: dict, directory: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hive_adapter.analysis.plots import subplots
 
     written = []
     scaling_1b = results["scaling_1B"]
@@ -331,7 +328,7 @@ def plots(results: dict, directory: Path) -> list[Path]:
         ("vision", "vision tokens per image", "flops_vs_vision_tokens.png"),
         ("text", "text tokens", "flops_vs_text_tokens.png"),
     ):
-        figure, ax = plt.subplots(figsize=(5.5, 4))
+        figure, ax = subplots(figsize=(5.5, 4))
         x = scaling_1b[f"{key}_tokens"]
         for mode, values in scaling_1b[f"llm_side_flops_by_{key}_tokens"].items():
             ax.plot(x, [v / 1e12 for v in values], marker="o", label=mode)
@@ -346,10 +343,9 @@ def plots(results: dict, directory: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         figure.tight_layout()
         figure.savefig(directory / name, dpi=120)
-        plt.close(figure)
         written.append(directory / name)
     timing = results["cpu_time_scaling"]
-    figure, ax = plt.subplots(figsize=(5.5, 4))
+    figure, ax = subplots(figsize=(5.5, 4))
     for mode, values in timing["median_s"].items():
         ax.plot(timing["vision_tokens"], values, marker="o", label=mode)
     ax.set(xlabel="vision tokens per image", ylabel="seconds per training step", title="CPU-small, stage 2, batch 1")
@@ -357,13 +353,12 @@ def plots(results: dict, directory: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(directory / "cpu_time_vs_vision_tokens.png", dpi=120)
-    plt.close(figure)
     written.append(directory / "cpu_time_vs_vision_tokens.png")
     return written
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser = FullFlagParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per mode (after one warm-up round)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)

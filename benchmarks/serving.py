@@ -27,7 +27,6 @@ add the same table at that size.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -39,6 +38,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from hive_adapter.utils.flags import FullFlagParser
 
 OUTPUT = Path(__file__).parent / "results" / "serving"
 CONNECTORS = ("hive", "concat")
@@ -302,7 +303,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=16, help="requests per setting (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the models (default 3)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"results directory (default {OUTPUT})")

@@ -21,11 +21,12 @@ picture) and the mean time to first token (vLLM's per-request metric). float32, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
+
+from hive_adapter.utils.flags import FullFlagParser
 
 QUESTION = "USER: <image>\nwhat is in the picture ? ASSISTANT:"
 
@@ -148,7 +149,7 @@ def render(results: dict[str, list[dict]], command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.vllm_serving", description=__doc__.split("\n")[0])
+    parser = FullFlagParser(prog="python -m benchmarks.vllm_serving", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default="benchmarks/results/vllm")
     parser.add_argument("--models_dir", default="outputs/vllm_serving_models")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])

@@ -121,7 +121,7 @@ def test_layer_change_lands_on_the_layer_that_moved(models, tmp_path):
     assert change["embeddings"] == 0.0 and 0 < change["total"] < 0.1
 
 
-def test_gains_are_paired_per_seed_and_the_verdict_needs_more_than_the_spread():
+def test_gains_are_paired_per_seed_and_the_verdict_is_a_paired_test():
     def probes(*accuracies):
         return [{"digits": {"layers": [a, a], encoder_quality.OUTPUT: a}} for a in accuracies]
 
@@ -133,10 +133,10 @@ def test_gains_are_paired_per_seed_and_the_verdict_needs_more_than_the_spread():
     assert hive["tasks"]["digits"]["gain"]["sd"] == pytest.approx(0.0, abs=1e-12)  # paired: the seeds agree
     budgets = {"Table 3": {"hive": hive, "concat": concat}}
     (verdict,) = encoder_quality.verdicts(budgets, ["digits"])
-    assert "exceeds concat by more than the seeds' spread" in verdict
+    assert "greater than concat at p < 0.05" in verdict and "own gain" not in verdict
     noisy = encoder_quality.summarise(start, probes(0.60, 0.60, 0.75), change)  # +10, 0, +5: spread 5
     (verdict,) = encoder_quality.verdicts({"Table 3": {"hive": noisy, "concat": concat}}, ["digits"])
-    assert "does not exceed" in verdict
+    assert "not shown greater than concat" in verdict and "paired t-test over 3 seeds, one-sided p 0.15" in verdict
     table = encoder_quality.markdown(encoder_quality.summarise_start(start), budgets)
     assert "| Table 3 | hive | 10% | 65.0% ± 10.0 (+5.0 ± 0.0) |" in table
 

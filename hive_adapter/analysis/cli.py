@@ -10,7 +10,6 @@ next to it.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image
 from ..data.collator import IGNORE_INDEX
 from ..model.loading import load_hive
 from ..utils.console import quiet_progress_bars
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import OutputRefused, output_file, write_file
 from .attention import cross_attention_maps
 from .captioning import caption_batch
@@ -110,7 +110,7 @@ def run_attention(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars(reloads_models=True)
-    parser = argparse.ArgumentParser(prog="hive-analyze", description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog="hive-analyze", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (
         ("gradients", "per-layer gradient maps of the caption loss at the vision encoder (PNG + JSON)"),

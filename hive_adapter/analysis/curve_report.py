@@ -87,12 +87,11 @@ def ratio_to_concat(table: dict, limit: int, key: str = "90%") -> dict:
 def plot_curves(results: list[dict], path: Path) -> Path:
     """One panel per task: held-out accuracy (own picture solid, swapped dashed) vs step, one line per connector
     (mean over seeds), default variant only."""
-    from .plots import _pyplot, _save
+    from .plots import _save, subplots
 
-    plt = _pyplot()
     chosen = [r for r in results if r["run"]["variant"] == "default"]
     tasks = [task for task in TASKS if any(r["run"]["task"] == task for r in chosen)]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False, sharey=True)
+    figure, axes = subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks, strict=True):
         for index, connector in enumerate(CONNECTORS):
             runs = [r for r in chosen if r["run"]["task"] == task and r["run"]["connector"] == connector]

@@ -15,6 +15,7 @@ from pathlib import Path
 from .probe import ProbeConfig, probe_layers
 from .probe_data import LabelledImages
 from .probe_features import encoder_depth, load_frozen_encoder
+from .seed_statistics import SIGNIFICANCE, mean_and_spread, paired_greater
 
 OUTPUT = "output"  # the encoder's own output (after its final norm), beside layers 1..L
 
@@ -58,14 +59,6 @@ def layer_change(before: Path, after: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- summaries over seeds
-def _mean_sd(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
-
-
 def summarise(start: list[dict], exported: list[dict], changes: list[dict]) -> dict:
     """Per task: the exported encoder's accuracy and its gain over the start (paired by seed), at the output and
     per layer; and the weight change per layer (mean over seeds). `start`, `exported`, `changes`: one per seed."""
@@ -75,16 +68,18 @@ def summarise(start: list[dict], exported: list[dict], changes: list[dict]) -> d
     for task in tasks:
         gains = [e[task][OUTPUT] - s[task][OUTPUT] for s, e in zip(start, exported, strict=True)]
         out["tasks"][task] = {
-            OUTPUT: _mean_sd([e[task][OUTPUT] for e in exported]),
-            "gain": _mean_sd(gains),
-            "layers": [_mean_sd([e[task]["layers"][k] for e in exported]) for k in range(depth)],
+            OUTPUT: mean_and_spread([e[task][OUTPUT] for e in exported]),
+            "gain": mean_and_spread(gains),
+            "layers": [mean_and_spread([e[task]["layers"][k] for e in exported]) for k in range(depth)],
             "layer_gains": [
-                _mean_sd([e[task]["layers"][k] - s[task]["layers"][k] for s, e in zip(start, exported, strict=True)])
+                mean_and_spread(
+                    [e[task]["layers"][k] - s[task]["layers"][k] for s, e in zip(start, exported, strict=True)]
+                )
                 for k in range(depth)
             ],
         }
     out["change"] = {
-        "total": _mean_sd([c["total"] for c in changes]),
+        "total": mean_and_spread([c["total"] for c in changes]),
         "layers": [statistics.fmean(c["layers"][k] for c in changes) for k in range(depth)],
         "embeddings": statistics.fmean(c["embeddings"] for c in changes),
     }
@@ -96,8 +91,8 @@ def summarise_start(start: list[dict]) -> dict:
     depth = len(start[0][tasks[0]]["layers"])
     return {
         task: {
-            OUTPUT: _mean_sd([s[task][OUTPUT] for s in start]),
-            "layers": [_mean_sd([s[task]["layers"][k] for s in start]) for k in range(depth)],
+            OUTPUT: mean_and_spread([s[task][OUTPUT] for s in start]),
+            "layers": [mean_and_spread([s[task]["layers"][k] for s in start]) for k in range(depth)],
         }
         for task in tasks
     }
@@ -109,8 +104,8 @@ def _pm(summary: dict, *, signed: bool = False) -> str:
 
 
 def exceeds(mine: dict, other: dict) -> bool:
-    """Whether `mine`'s mean gain beats `other`'s by more than the larger of the two seed spreads."""
-    return mine["mean"] - other["mean"] > max(mine["sd"], other["sd"])
+    """Whether `mine`'s gain beats `other`'s on the same seeds (a one-sided paired t-test at `SIGNIFICANCE`)."""
+    return paired_greater(mine["values"], other["values"]).greater
 
 
 def markdown(start: dict, budgets: dict[str, dict[str, dict]]) -> str:
@@ -171,8 +166,8 @@ def markdown(start: dict, budgets: dict[str, dict[str, dict]]) -> str:
 
 
 def verdicts(budgets: dict[str, dict[str, dict]], tasks: list[str]) -> list[str]:
-    """One sentence per budget and task: does HIVE's output-probe gain exceed concat's and cascaded's by more
-    than the seeds' spread?"""
+    """One sentence per budget and task: is HIVE's output-probe gain greater than concat's and cascaded's on the
+    same seeds (one-sided paired t-test, p < SIGNIFICANCE), and is it above zero at all?"""
     out = []
     for label, connectors in budgets.items():
         if "hive" not in connectors:
@@ -180,20 +175,25 @@ def verdicts(budgets: dict[str, dict[str, dict]], tasks: list[str]) -> list[str]
         for task in tasks:
             hive = connectors["hive"]["tasks"][task]["gain"]
             beaten = [c for c in ("concat", "cascaded") if c in connectors]
-            wins = [c for c in beaten if exceeds(hive, connectors[c]["tasks"][task]["gain"])]
             others = ", ".join(f"{c} {_pm(connectors[c]['tasks'][task]['gain'], signed=True)}" for c in beaten)
             if len(hive["values"]) < 2:
                 out.append(f"{label}, {task}: hive's gain {_pm(hive, signed=True)} points vs {others} (one seed: no "
-                           "spread to judge a difference by)")  # fmt: skip
+                           "test can judge a difference)")  # fmt: skip
                 continue
+            tests = {c: paired_greater(hive["values"], connectors[c]["tasks"][task]["gain"]["values"]) for c in beaten}
+            wins = [c for c, test in tests.items() if test.greater]
+            above_zero = paired_greater(hive["values"], [0.0] * len(hive["values"]))
             out.append(
                 f"{label}, {task}: hive's gain {_pm(hive, signed=True)} points vs {others}: "
+                + (f"greater than {' and '.join(wins)}" if wins else f"not shown greater than {' or '.join(beaten)}")
+                + f" at p < {SIGNIFICANCE} ("
+                + "; ".join(f"vs {c}: {test.describe()}" for c, test in tests.items())
+                + ")"
                 + (
-                    f"exceeds {' and '.join(wins)} by more than the seeds' spread"
-                    if wins
-                    else "does not exceed them by more than the seeds' spread"
+                    ""
+                    if above_zero.greater
+                    else f"; hive's own gain is not shown above zero (p {above_zero.p_value:.2g})"
                 )
-                + ("; hive's own gain is within its seeds' spread of zero" if abs(hive["mean"]) <= hive["sd"] else "")
             )
     return out
 
@@ -201,12 +201,11 @@ def verdicts(budgets: dict[str, dict[str, dict]], tasks: list[str]) -> list[str]
 def plot_layer_gains(study: dict, path: Path) -> Path:
     """One panel per (stage-3 budget, task): each exported encoder's probe gain over its start at every layer
     (points, mean over seeds; bars: the seeds' sd)."""
-    from .plots import _pyplot, _save
+    from .plots import _save, subplots
 
-    plt = _pyplot()
     budgets = study["budgets"]
     tasks = list(study["start"])
-    figure, axes = plt.subplots(
+    figure, axes = subplots(
         len(budgets), len(tasks), figsize=(3.3 * len(tasks), 2.8 * len(budgets)), squeeze=False, sharex=True
     )
     for row, (label, connectors) in zip(axes, budgets.items(), strict=True):

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..utils.console import say as console_say
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import write_file
 from .curve_report import markdown, plot_curves, ratio_to_concat, summarise
 from .curve_runs import (
@@ -209,7 +210,7 @@ def _names(value: str, allowed, flag: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     import os
 
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog=COMMAND, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Figures in the style of the paper's §9: the image, then one heat-map panel per layer.
 
-matplotlib is imported lazily (the `analysis` extra); everything here writes a PNG and returns its path.
+matplotlib is imported lazily (the `analysis` extra) and used through its object API (`subplots`): the user's
+backend is never switched. Everything here writes a PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from PIL import Image
 from ..utils.outputs import write_file
 
 
-def _pyplot():
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **options):
+    """`(figure, axes)` like `pyplot.subplots`, through matplotlib's object API: the figure belongs to no
+    backend and to no pyplot state, so plotting never switches the user's backend (a notebook's) nor leaves
+    figures open in it."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'hive-adapter[analysis]'") from error
-    return plt
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(nrows, ncols, **options)
 
 
 def _overlay(
@@ -63,11 +65,8 @@ def plot_gradient_maps(
 
     rows: label -> (patch_maps (layers, grid_h, grid_w), layer_norms (layers,)).
     """
-    plt = _pyplot()
     layers = max(maps.shape[0] for maps, _ in rows.values())
-    figure, axes = plt.subplots(
-        len(rows), layers + 1, figsize=(1.3 * (layers + 1), 1.45 * len(rows) + 0.4), squeeze=False
-    )
+    figure, axes = subplots(len(rows), layers + 1, figsize=(1.3 * (layers + 1), 1.45 * len(rows) + 0.4), squeeze=False)
     for row, (label, (maps, norms)) in enumerate(rows.items()):
         _image_panel(axes[row, 0], image, label)
         for layer in range(layers):
@@ -91,10 +90,9 @@ def plot_attention_maps(
     maps: (tokens, blocks, grid_h, grid_w). One colour scale for the whole figure (0 to the largest
     weight), so a block that spreads its attention evenly stays dark and a focused one lights up.
     """
-    plt = _pyplot()
     rows, blocks = maps.shape[:2]
     scale = (0.0, float(maps.max()))
-    figure, axes = plt.subplots(rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.35 * rows + 0.4), squeeze=False)
+    figure, axes = subplots(rows, blocks + 1, figsize=(1.3 * (blocks + 1), 1.35 * rows + 0.4), squeeze=False)
     for row in range(rows):
         _image_panel(axes[row, 0], image, row_labels[row])
         for block in range(blocks):
@@ -114,8 +112,7 @@ def plot_layer_curves(
     xlabel: str = "vision encoder layer",
 ) -> Path:
     """Lines over layers (1..L), one per model."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.2, 3.4))
+    figure, ax = subplots(figsize=(5.2, 3.4))
     for label, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
     ax.set_xticks(np.arange(1, max(len(values) for values in curves.values()) + 1))
@@ -133,8 +130,7 @@ def plot_layer_curves(
 def plot_image_reading(readings: dict[str, dict], path: str | Path, *, title: str) -> Path:
     """Bars of content-token accuracy with each sample's own image and with another sample's, per model, with
     one dot per seed. readings: label -> `{"real"|"swapped": {"content": {"mean", "values"}}}`."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(5.2, 3.4))
+    figure, ax = subplots(figsize=(5.2, 3.4))
     width = 0.38
     for offset, (kind, label, colour) in enumerate(
         (("real", "own image", "tab:blue"), ("swapped", "swapped image (control)", "tab:gray"))
@@ -155,9 +151,4 @@ def plot_image_reading(readings: dict[str, dict], path: str | Path, *, title: st
 
 
 def _save(figure, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        return write_file(path, lambda tmp: figure.savefig(tmp, dpi=150))
-    finally:
-        plt.close(figure)
+    return write_file(path, lambda tmp: figure.savefig(tmp, dpi=150))

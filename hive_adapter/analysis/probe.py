@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils.console import on_a_terminal, quiet_progress_bars
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import OutputRefused, output_file, write_file
 from .augment import Table4Augment
 from .probe_data import BUILT_IN, LabelledImages, built_in, image_folder
@@ -250,7 +251,7 @@ class StackedLinearProbes(nn.Module):
 
 def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars(reloads_models=True)
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="hive-probe", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -53,6 +53,7 @@ from ..model.loading import load_hive
 from ..tools.toy_models import ToySizes
 from ..utils.console import quiet_progress_bars
 from ..utils.console import say as console_say
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import write_file
 from . import encoder_quality, learning_curves
 from .probe import ProbeConfig
@@ -105,7 +106,7 @@ def report_only(out: Path) -> None:
 
 # ---------------------------------------------------------------------- main
 def parse_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, Budget, list[str]]:
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="hive-reproduce", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

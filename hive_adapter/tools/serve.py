@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils.console import say as console_say
+from ..utils.flags import FullFlagParser
 from .serve_media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_MEDIA_BYTES, DEFAULT_MAX_PIXELS, MediaPolicy
 from .serve_requests import DEFAULT_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 
@@ -128,7 +129,7 @@ def _guarded(build_server, settings: ServeSettings):
 
 def hive_options() -> argparse.ArgumentParser:
     """hive-serve's own options (vLLM's names where vLLM has one); the rest are transformers serve's."""
-    parser = argparse.ArgumentParser(prog=COMMAND, add_help=False)
+    parser = FullFlagParser(prog=COMMAND, add_help=False)
     parser.add_argument(
         "--allowed-local-media-path",
         default=None,

@@ -114,12 +114,11 @@ def _write_toy_models(directory: Path, words: list[str], *, sizes: ToySizes, see
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m hive_adapter.tools.toy_models DIR`: tiny stand-ins for a vision encoder and an LM checkpoint."""
-    import argparse
-
     from ..data.synthetic import caption_vocabulary
+    from ..utils.flags import FullFlagParser
     from .toy_pretraining import ToyPretraining
 
-    parser = argparse.ArgumentParser(prog="python -m hive_adapter.tools.toy_models", description=main.__doc__)
+    parser = FullFlagParser(prog="python -m hive_adapter.tools.toy_models", description=main.__doc__)
     parser.add_argument("directory", help="writes DIR/vision and DIR/language")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

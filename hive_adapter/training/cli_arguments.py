@@ -2,7 +2,8 @@
 TrainingArguments, and what `--deepspeed` may name.
 
 Every flag is a dataclass field with its help text, so `hive-train --help` and the dataclasses are one source.
-`explicit_flags` records what the user typed: a stage's Table 3 defaults apply only where no flag was given.
+`explicit_flags` records what the user typed: a stage's Table 3 defaults apply only where no flag was given. So
+flags are given in full: an abbreviation (`--learning_r`) is refused, naming the flag (`hive_adapter.utils.flags`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..data.synthetic import ATTRIBUTES
+from ..utils.flags import refuse_abbreviations
 from .hive_flags import HiveArguments
 
 COMMAND = "hive-train"
@@ -76,7 +78,18 @@ class DataArguments:
         },
     )
     skip_bad_images: bool = field(
-        default=False, metadata={"help": "Skip (and count) unreadable images instead of stopping with an error."}
+        default=False,
+        metadata={
+            "help": "Skip (and count) unreadable images instead of stopping with an error. For --stage sft every "
+            "image is checked before step 1: without this flag the run stops naming every bad entry."
+        },
+    )
+    drop_cut_conversations: bool = field(
+        default=False,
+        metadata={
+            "help": "--stage sft: drop a conversation that --max_text_length would cut (losing later answers) whole, "
+            "instead of training on its first part (counted and named either way)."
+        },
     )
     packing: bool = field(
         default=False,
@@ -159,6 +172,13 @@ def resolve_deepspeed(value: str | None) -> str | None:
 
 
 def parse_arguments(argv: list[str]):
+    parser = HfArgumentParser(
+        (ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments), allow_abbrev=False
+    )
+    parser.prog = COMMAND
+    # An abbreviation (`--learning_r`) would set its flag unseen by explicit_flags, and the stage's default would
+    # overwrite it: refused, naming the full flag, before anything reads the typed flags.
+    refuse_abbreviations(parser, argv)
     # `--deepspeed` is applied per stage, after stage 0 is composed without ZeRO-3 partitioning.
     argv = list(argv)
     deepspeed = None
@@ -171,8 +191,6 @@ def parse_arguments(argv: list[str]):
             deepspeed = arg.split("=", 1)[1]
             del argv[index]
             break
-    parser = HfArgumentParser((ModelArguments, HiveArguments, DataArguments, StageArguments, TrainingArguments))
-    parser.prog = COMMAND
     model_args, hive_args, data_args, stage_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return (
         model_args,

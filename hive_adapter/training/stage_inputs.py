@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from ..data.collator import HiveCaptionCollator, with_pad_token
 from ..data.conversations import ConversationDataset, SyntheticConversations, read_llava_instruct
 from ..data.datasets import ImageCaptionDataset, read_records
+from ..data.image_checks import check_images
 from ..data.supervision import supervision_report
 from ..data.synthetic import SyntheticShapes, checked_attributes
 from ..model.loading import load_vision_encoder
@@ -118,7 +119,10 @@ def build_dataset(data_args: DataArguments, *, image_size: int, instruct: bool =
         if not Path(data_args.data_path).is_file():
             raise FileNotFoundError(f"--data_path {data_args.data_path}: no such file")
         folder = data_args.image_folder or str(Path(data_args.data_path).parent)
-        return ConversationDataset(read_llava_instruct(data_args.data_path), folder)
+        # Every image opened and checked now, in parallel: a bad file stops the run before step 1 with every
+        # entry that uses one named (or, with --skip_bad_images, those entries are left out and counted).
+        dataset = ConversationDataset(read_llava_instruct(data_args.data_path), folder)
+        return check_images(dataset, skip_bad_images=data_args.skip_bad_images)
     if data_args.data_format == "llava_instruct":
         raise ValueError(
             "--data_format llava_instruct is instruction data: it trains --stage sft, after the pre-training stages"

@@ -115,7 +115,9 @@ def run_stage(
     config = AutoConfig.from_pretrained(previous)
     if instruct:
         processor, config = marker_mode(processor, config)
-        dataset = drop_cut_images(dataset, processor, data_args.max_text_length)
+        dataset = drop_cut_images(
+            dataset, processor, data_args.max_text_length, drop_cut_conversations=data_args.drop_cut_conversations
+        )
     args = stage_arguments(
         base_args,
         stage,
@@ -189,6 +191,7 @@ def run_stage(
         "hive_learning_rate": hive_learning_rate,
         "vision_learning_rate": vision_learning_rate,
         "skipped_images": getattr(dataset, "skipped", 0),
+        "cut_conversations": list(getattr(dataset, "cut", [])),
         "world_size": world_size(),
         "deepspeed": deepspeed,
         "packing_length": packing_length,
@@ -221,7 +224,12 @@ def run_stage(
         (tmp / STAGE_REPORT).write_text(json.dumps(report, indent=2))
         install(tmp, final, command=COMMAND)
         if report["skipped_images"]:
-            say(f"stage {stage.number}: skipped {report['skipped_images']} unreadable images")
+            say(f"stage {stage.number}: skipped {report['skipped_images']} samples with unreadable images")
+        if report["cut_conversations"]:
+            say(
+                f"stage {stage.number}: {len(report['cut_conversations'])} conversations were cut by "
+                f"--max_text_length {data_args.max_text_length} (named in {STAGE_REPORT})"
+            )
     barrier()
     del trainer, model
     return report

@@ -3,8 +3,10 @@
 Every command that writes a directory (hive-export-vision, hive-train's stages, hive-eval-tasks, the toy
 writers, hive-reproduce, the examples) goes through here:
 
-- the directory is built in a temporary sibling (`.NAME.partial`) and renamed into place, so a kill at any
-  moment leaves the old state or the new one at the target, never a half-written directory;
+- the directory is built in a temporary sibling (`.NAME.partial`), `fsync`ed, and renamed into place (an existing
+  one swapped atomically, `install`), so a kill or a power loss at any moment leaves the old state or the new one
+  at the target, never a half-written directory (without an atomic swap, the one moment the target is missing is
+  put right by the command's next run: `recover_install`);
 - it carries an ownership file (`.hive-adapter.json`: which command wrote it), so a later run tells its own
   output from anybody else's;
 - an existing target is replaced only when it is empty, or when the same command wrote it and the caller
@@ -14,10 +16,13 @@ writers, hive-reproduce, the examples) goes through here:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +63,7 @@ def check_target(
         raise OutputRefused(f"{target} is a symbolic link; give the directory it points to, or a new path")
     if target.exists() and not target.is_dir():
         raise OutputRefused(f"{target} is a file, not a directory; give a directory path for the output")
+    recover_install(target, command=command)
     for path in protect:
         if target.exists() and _inside(Path(path), target):
             raise OutputRefused(f"{target} holds {path}, which this command reads; write the output somewhere else")
@@ -81,8 +87,12 @@ def partial_path(target: Path) -> Path:
 
 
 def clear_partial(target: Path, *, command: str) -> Path:
-    """Remove what a killed run of `command` left in `partial_path(target)` (only if it is ours); return the path."""
+    """Remove what a killed run of `command` left in `partial_path(target)` (only if it is ours; an install cut
+    short is recovered first); return the path."""
+    recover_install(target, command=command)
     partial = partial_path(target)
+    if partial.is_dir() and not partial.is_symlink() and not any(partial.iterdir()):
+        partial.rmdir()  # an empty target an install swapped out before it was killed
     if partial.exists():
         if not partial.is_dir() or owner_of(partial) != command:
             raise OutputRefused(
@@ -101,25 +111,116 @@ def start_partial(target: Path, *, command: str) -> Path:
     return partial
 
 
+def sync_tree(directory: Path) -> None:
+    """`fsync` every file and directory under `directory` (itself included): after a power loss the renamed
+    directory holds what was written, not empty files."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_directory(Path(root))
+
+
+def sync_directory(directory: Path) -> None:
+    """`fsync` a directory's entries (a rename in it is durable afterwards); a no-op where directories cannot be
+    opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the platform
+    or filesystem has no such call (the caller falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(error, f"cannot exchange {first} and {second}: {os.strerror(error)}")
+
+
+def previous_path(target: Path) -> Path:
+    """Where the two-rename fallback of `install` keeps the old target while the new one is renamed in."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.previous")
+
+
+def recover_install(target: Path, *, command: str) -> None:
+    """Finish what an install killed between its two renames (the fallback without an atomic exchange) left:
+    the target missing and its old content, ours, in `.NAME.previous`. The old content goes back; the
+    new output, unfinished as far as anyone can tell, is cleared with the partial directory. Every write of
+    `command` to `target` runs this first."""
+    target = Path(target)
+    if not target.name:  # "." or "/": an existing directory, never one an install put in place
+        return
+    previous = previous_path(target)
+    if not previous.is_dir() or owner_of(previous) != command:
+        return
+    if target.exists() or target.is_symlink():
+        logger.info("removing %s, the old output an interrupted install left", previous)
+        shutil.rmtree(previous)
+        return
+    logger.warning("%s was missing (an install was interrupted); putting its earlier output back", target)
+    os.replace(previous, target)
+    sync_directory(target.parent)
+
+
 def install(partial: Path, target: Path, *, command: str) -> None:
-    """Rename a finished `partial` to `target`; an existing target (empty, or ours: checked before) goes."""
+    """Rename a finished `partial` to `target`; an existing target (empty, or ours: checked before) goes.
+
+    Everything under `partial` is `fsync`ed first, and the parent after the rename. An existing target is swapped
+    with `partial` in one atomic step where the platform has one (Linux `renameat2(RENAME_EXCHANGE)`): at every
+    moment `target` holds the old output or the new one, and a kill after the swap leaves the old one in
+    `partial`, which the next run clears. Elsewhere the old target is renamed to `.NAME.previous` first; a kill
+    between that and the second rename leaves `target` missing until the next run of `command` puts the old
+    output back (`recover_install`)."""
     target = Path(target)
     if target.is_symlink():
         raise OutputRefused(f"{target} is a symbolic link; give the directory it points to, or a new path")
+    sync_tree(partial)
     if not target.exists():
         os.replace(partial, target)
+        sync_directory(target.parent)
         return
-    if not any(target.iterdir()):
-        target.rmdir()
-        os.replace(partial, target)
-        return
-    if owner_of(target) != command:  # checked by the caller already; never delete anybody else's files
+    if any(target.iterdir()) and owner_of(target) != command:  # checked by the caller; never delete others' files
         raise OutputRefused(f"{target} appeared while {command} was writing it; {partial} holds the new output")
-    previous = target.with_name(f".{target.name}.previous")
+    if exchange(partial, target):
+        sync_directory(target.parent)
+        shutil.rmtree(partial)  # the old output, now at the partial path
+        return
+    previous = previous_path(target)
     if previous.exists() and owner_of(previous) == command:
         shutil.rmtree(previous)
     os.replace(target, previous)
     os.replace(partial, target)
+    sync_directory(target.parent)
     shutil.rmtree(previous)
 
 

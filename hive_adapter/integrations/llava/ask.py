@@ -8,13 +8,11 @@ answer.
 
 from __future__ import annotations
 
-import argparse
+from ...utils.flags import FullFlagParser
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        prog="python -m hive_adapter.integrations.llava.ask", description=__doc__.split("\n")[0]
-    )
+    parser = FullFlagParser(prog="python -m hive_adapter.integrations.llava.ask", description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--image-file", required=True)

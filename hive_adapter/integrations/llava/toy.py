@@ -11,7 +11,6 @@ Nothing is downloaded; the same commands then run on the real checkpoints.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from ...data.datasets import llava_entry
 from ...data.synthetic import COLOURS, POSITIONS, SHAPES, TEXTURES, SyntheticShapes
+from ...utils.flags import FullFlagParser
 from ...utils.outputs import OutputRefused, staged_directory
 
 PRETRAIN_PROMPT = "Give a short description of the image."
@@ -163,9 +163,7 @@ def _write_llava_toy(directory: Path, *, samples: int, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m hive_adapter.integrations.llava.toy", description=__doc__.split("\n")[0]
-    )
+    parser = FullFlagParser(prog="python -m hive_adapter.integrations.llava.toy", description=__doc__.split("\n")[0])
     parser.add_argument("directory", help="writes DIR/clip, DIR/vicuna and DIR/data")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

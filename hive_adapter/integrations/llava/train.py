@@ -37,6 +37,23 @@ def translate_renamed_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def refuse_abbreviated_flags(argv: list[str]) -> None:
+    """LLaVA's `HfArgumentParser` accepts abbreviations (`--deeps` for `--deepspeed`), which the `--deepspeed`
+    check below would not see: an abbreviated flag ends the command (status 2) naming the full one."""
+    import llava.train.train as llava_train
+    from transformers import HfArgumentParser
+
+    from hive_adapter.utils.flags import abbreviation_error
+
+    parser = HfArgumentParser(
+        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments), allow_abbrev=False
+    )
+    message = abbreviation_error(parser, argv)
+    if message is not None:
+        print(f"[hive-llava] error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def init_cpu_distributed() -> None:
     """Without CUDA, DeepSpeed needs the gloo backend up before LLaVA's `from_pretrained` (ZeRO-3 builds the
     model partitioned); on GPUs the Trainer starts NCCL itself."""
@@ -57,6 +74,7 @@ def main(attn_implementation: str | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     apply_patch()
     sys.argv = [sys.argv[0], *translate_renamed_flags(sys.argv[1:])]
+    refuse_abbreviated_flags(sys.argv[1:])
     if any(arg.split("=")[0] == "--deepspeed" for arg in sys.argv):
         init_cpu_distributed()
     from llava.train.train import train
