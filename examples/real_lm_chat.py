@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--sft_learning_rate", type=float, default=1e-4)
     parser.add_argument("--pictures", type=int, default=PICTURES, help="held-out pictures asked about")
     args = parser.parse_args()
-    from hive_adapter.analysis.reproduce import prepare_models
+    from hive_adapter.analysis.reproduce_work import prepare_models
     from hive_adapter.utils.console import quiet_progress_bars
 
     quiet_progress_bars(reloads_models=True)

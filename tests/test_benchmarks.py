@@ -229,7 +229,7 @@ def test_the_real_lm_commands_for_stages_one_and_two_pass_hive_train_checks(caps
 
 
 def test_the_real_lm_breakdown_table_gives_each_part_its_share():
-    from benchmarks.real_lm import BREAKDOWN_PARTS, breakdown_table
+    from benchmarks.real_lm_timing import BREAKDOWN_PARTS, breakdown_table
 
     parts = dict(zip(BREAKDOWN_PARTS, [0.1, 0.1, 0.4, 0.2, 1.2], strict=True))
     table = breakdown_table({"batch_size": 16, "hive stage 2": {"step": 2.0, "parts": parts}})

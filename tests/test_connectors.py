@@ -10,13 +10,13 @@ import torch
 from tiny_models import IMAGE_TOKEN, build_text, build_vision, set_gates, text_ids, vision_inputs
 
 import hive_adapter as hive
-from hive_adapter.model.config import ResolvedLayers
 from hive_adapter.model.connectors import (
     CrossAttentionConnector,
     connector_for,
     connector_names,
     register_connector,
 )
+from hive_adapter.model.layer_choice import ResolvedLayers
 
 
 class ShallowestConnector(CrossAttentionConnector):

@@ -13,7 +13,7 @@ import torch
 from hive_checkpoints import toy_models
 from torch import nn
 
-from hive_adapter.analysis import encoder_quality, learning_curves
+from hive_adapter.analysis import curve_runs, encoder_quality, learning_curves
 from hive_adapter.analysis.probe import (
     ProbeConfig,
     StackedLinearProbes,
@@ -169,7 +169,7 @@ def test_each_task_is_decided_by_its_picture_and_not_by_another(task):
     answers = learning_curves.ANSWERS[task]
     flat = {name: picture_features(data["pixel_values"]) for name, data in (("train", train), ("held", held_out))}
     target = {name: data["input_ids"][:, 2].numpy() for name, data in (("train", train), ("held", held_out))}
-    assert set(target["train"]) == set((learning_curves.FIRST_ANSWER + torch.arange(answers)).tolist())
+    assert set(target["train"]) == set((curve_runs.FIRST_ANSWER + torch.arange(answers)).tolist())
     assert (train["labels"][:, :2] == -100).all() and (train["labels"][:, 2] == train["input_ids"][:, 2]).all()
     reader = LogisticRegression(max_iter=300).fit(flat["train"], target["train"])
     own = reader.score(flat["held"], target["held"])
@@ -179,8 +179,8 @@ def test_each_task_is_decided_by_its_picture_and_not_by_another(task):
 
 
 def test_held_out_digits_are_other_scans():
-    train_scans, _ = learning_curves._digit_images(held_out=False)
-    held_scans, _ = learning_curves._digit_images(held_out=True)
+    train_scans, _ = curve_runs._digit_images(held_out=False)
+    held_scans, _ = curve_runs._digit_images(held_out=True)
     seen = {scan.numpy().tobytes() for scan in train_scans}
     assert len(train_scans) + len(held_scans) == 1797
     assert sum(scan.numpy().tobytes() in seen for scan in held_scans) < 5  # (a few scans are duplicates in sklearn)

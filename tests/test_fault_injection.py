@@ -34,7 +34,7 @@ KILLED = 9
 DRIVER = """
 import os, sys
 import transformers
-from hive_adapter.training import checkpoints, train
+from hive_adapter.training import checkpoints, stage_inputs, stage_run, train
 from hive_adapter.utils import outputs
 owner, name, nth = {owner}, {name!r}, {nth}
 original, calls = getattr(owner, name), [0]
@@ -45,8 +45,10 @@ def dying(*args, **kwargs):
         os._exit({killed})
     return original(*args, **kwargs)
 setattr(owner, name, dying)
-if owner is outputs:
-    setattr(train, name, dying)  # hive_adapter.training.train imported the name
+if owner is outputs:  # hive-train's modules imported the name
+    for user in (stage_inputs, stage_run):
+        if hasattr(user, name):
+            setattr(user, name, dying)
 train.main(sys.argv[1:])
 """
 

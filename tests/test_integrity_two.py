@@ -172,8 +172,9 @@ def test_hive_reproduce_refuses_results_it_did_not_write_before_any_work(tmp_pat
 
 
 def test_hive_reproduce_refuses_a_work_dir_built_with_another_budget(tmp_path):
-    from hive_adapter.analysis.reproduce import WORK_RECORD, parse_arguments, work_settings
     from hive_adapter.analysis.reproduce import main as reproduce_main
+    from hive_adapter.analysis.reproduce import parse_arguments, work_settings
+    from hive_adapter.analysis.reproduce_settings import WORK_RECORD
 
     work = tmp_path / "work"
     work.mkdir()

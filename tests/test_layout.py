@@ -145,25 +145,28 @@ def test_the_public_api_is_unchanged():
         assert getattr(hive_adapter, name) is not None
 
 
-def readme_imports() -> list[str]:
-    """Every import of hive_adapter in the README's code blocks, one statement each."""
-    text = (ROOT / "README.md").read_text()
+def documented_imports() -> list[str]:
+    """Every import of hive_adapter in the documentation's code blocks (the README and the site's pages), one
+    statement each."""
+    from doc_blocks import README, python_blocks, site_pages
+
+    documents = [README, *site_pages()]
+    text = "\n".join(path.read_text() for path in documents)
     statements = []
-    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+    for block in (block for path in documents for block in python_blocks(path)):
         for node in ast.walk(ast.parse(block)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hive_adapter"):
                 statements.append(f"from {node.module} import {', '.join(alias.name for alias in node.names)}")
             elif isinstance(node, ast.Import):
                 statements += [f"import {a.name}" for a in node.names if a.name.startswith("hive_adapter")]
     statements += [f"import {module}" for module in sorted(set(re.findall(r"-m (hive_adapter(?:\.\w+)+)", text)))]
-    return statements
+    used = sorted(set(re.findall(r"\bhive\.([A-Za-z_]\w*)", text)))
+    return [*statements, "import hive_adapter as hive", *(f"hive.{name}" for name in used)]
 
 
-def test_every_name_the_readme_imports_still_imports_without_warnings():
-    statements = readme_imports()
-    assert len(statements) >= 5, statements  # the README's python blocks and `python -m` commands
-    used = sorted(set(re.findall(r"\bhive\.([A-Za-z_]\w*)", (ROOT / "README.md").read_text())))
-    check = [*statements, "import hive_adapter as hive", *(f"hive.{name}" for name in used)]
+def test_every_name_the_documentation_imports_still_imports_without_warnings():
+    check = documented_imports()
+    assert len(check) >= 10, check  # the python blocks' imports, the `python -m` commands, the hive.* names
     result = python("-W", "error::DeprecationWarning", "-c", "\n".join(check))
     assert result.returncode == 0, result.stderr
 
@@ -245,3 +248,101 @@ def test_setup_py_entry_points_name_the_new_paths():
     for name, module, attribute in entries:
         assert module not in MOVED, f"{name} names the old path {module}"
         assert callable(getattr(importlib.import_module(module), attribute)), name
+
+
+def module_of(name: str, root: Path = ROOT) -> str | None:
+    """The module file an imported name lives in: `hive_adapter.model.config.HiveConfig` -> `...model.config`."""
+    parts = name.split(".")
+    while parts:
+        path = root.joinpath(*parts)
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return ".".join(parts)
+        parts.pop()
+    return None
+
+
+def import_graph(packages: tuple[str, ...] = ("hive_adapter", "benchmarks"), root: Path = ROOT) -> dict[str, set]:
+    """File -> the files it imports (anywhere in it, TYPE_CHECKING blocks too), within `packages`."""
+    graph = {}
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            package_of = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = node.module or ""
+                    if node.level:
+                        parts = package_of.split(".")
+                        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                    names = [f"{base}.{alias.name}" for alias in node.names]
+                for name in names:
+                    if name.split(".")[0] in packages and (target := module_of(name, root)) not in (None, module):
+                        targets.add(target)
+            graph[module] = targets
+    return graph
+
+
+def import_circles(graph: dict[str, set]) -> list[list[str]]:
+    """The strongly connected groups of more than one file (Tarjan): each is an import circle."""
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_import_circle_between_files():
+    """Issue 40: a file imports another only if that one does not import it back, however indirectly (package
+    __init__ files included: `import hive_adapter` is an import of hive_adapter/__init__.py)."""
+    circles = import_circles(import_graph())
+    assert not circles, "import circles:\n" + "\n".join(" <-> ".join(circle) for circle in circles)
+
+
+def test_the_circle_check_sees_a_circle_through_a_late_import(tmp_path):
+    package = tmp_path / "hive_adapter"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .b import B\n")
+    (package / "b.py").write_text("def f():\n    from hive_adapter.c import C\n")
+    (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import A\n")
+    assert import_circles(import_graph(("hive_adapter",), tmp_path)) == [
+        ["hive_adapter.a", "hive_adapter.b", "hive_adapter.c"]
+    ]
+
+
+def test_no_file_over_400_lines():
+    """Issue 40: files are split by role (what runs, what it measures, what it writes) before they grow past 400
+    lines (CONTRIBUTING.md)."""
+    long = {
+        str(path.relative_to(ROOT)): count
+        for package in ("hive_adapter", "benchmarks")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (count := len(path.read_text().splitlines())) > 400
+    }
+    assert not long, long

@@ -1,4 +1,4 @@
-"""The package as installed: one version string, the console scripts the README names."""
+"""The package as installed: one version string, the console scripts the documentation names."""
 
 from importlib.metadata import entry_points, version
 

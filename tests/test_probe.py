@@ -10,8 +10,8 @@ from PIL import Image
 
 from hive_adapter.analysis import ProbeConfig, built_in, image_folder, linear_probe, load_frozen_encoder
 from hive_adapter.analysis.augment import Table4Augment
-from hive_adapter.analysis.probe import encode
 from hive_adapter.analysis.probe import main as probe_main
+from hive_adapter.analysis.probe_features import encode
 
 
 @pytest.fixture(scope="module")

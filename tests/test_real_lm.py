@@ -39,7 +39,7 @@ from hive_adapter.utils.outputs import OWNER_FILE, OutputRefused, partial_path, 
 QUESTION = "What colour is the sky on a clear day?"
 GREEDY = dict(max_new_tokens=16, do_sample=False)
 # The toy SigLIP has 8 layers: four levels, shallow to deep. llm_layers is left to HIVE's default spread of as
-# many depths over SmolLM2's 30 layers, from layer 0 (config.spread_layers: i * 30 // 4) -> [0, 7, 15, 22].
+# many depths over SmolLM2's 30 layers, from layer 0 (layer_choice.spread_layers: i * 30 // 4) -> [0, 7, 15, 22].
 VISION_LAYERS = [1, 3, 5, 7]
 SPREAD_OVER_30 = ["0", "7", "15", "22"]
 # SmolLM2 has no <image> token; llava-hf checkpoints add one and resize the embeddings, which would change the

@@ -17,8 +17,8 @@ from hive_adapter.data.datasets import BadImageError, ImageCaptionDataset, read_
 from hive_adapter.data.synthetic import SyntheticShapes, caption_vocabulary
 from hive_adapter.tools.toy_models import ToySizes, word_tokenizer, write_toy_models
 from hive_adapter.training.checkpoints import CHECKPOINT_COMPLETE, choose_resume_checkpoint
+from hive_adapter.training.stage_run import stage_arguments
 from hive_adapter.training.stages import STAGES, apply_stage, parse_stages
-from hive_adapter.training.train import stage_arguments
 
 SMALL = ToySizes(image_size=32, patch_size=8, vision_width=32, vision_layers=4, text_width=64, text_layers=2)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

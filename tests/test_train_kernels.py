@@ -12,7 +12,7 @@ from hive_adapter.data.synthetic import caption_vocabulary
 from hive_adapter.model.modeling_hive import HiveForConditionalGeneration
 from hive_adapter.tools.toy_models import write_toy_models
 from hive_adapter.training.cli_arguments import HiveArguments, ModelArguments
-from hive_adapter.training.train import compose_stage0
+from hive_adapter.training.stage_inputs import compose_stage0
 
 COMMON = ["--data_format", "synthetic", "--synthetic_size", 16, "--stage", "1", "--max_steps", 1,
           "--global_batch_size", 4, "--per_device_train_batch_size", 4, "--report_to", "none",

@@ -192,7 +192,7 @@ def test_trls_fused_lm_head_gives_the_models_own_loss(toy, tmp_path, connector, 
 
 # ---------------------------------------------------------------------- training, saving, reloading
 def test_sft_trainer_trains_saves_and_reloads_a_hive_model(toy, tmp_path):
-    """From a saved HIVE directory with its processor (what every hive-train stage writes), as the README shows."""
+    """From a saved HIVE directory with its processor (what every hive-train stage writes), as the instruction-tuning guide (docs/guides/instruction-tune.md) shows."""
     composed, composed_processor = fresh_model_and_processor(toy)
     composed.save_pretrained(tmp_path / "start")
     composed_processor.save_pretrained(tmp_path / "start")

@@ -15,8 +15,9 @@ from .attention import AttentionMaps, attention_entropy, cross_attention_maps
 from .captioning import aligned_logits, caption_accuracy, caption_batch
 from .gradients import GradientFlow, gradient_flow
 from .image_reading import ImageReading, checkpoint_image_reading, image_reading, token_groups
-from .probe import ProbeConfig, ProbeResult, linear_probe, load_frozen_encoder
+from .probe import ProbeConfig, ProbeResult, linear_probe
 from .probe_data import LabelledImages, built_in, image_folder
+from .probe_features import load_frozen_encoder
 
 __all__ = [
     "AttentionMaps",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .probe import ProbeConfig, encoder_depth, load_frozen_encoder, probe_layers
+from .probe import ProbeConfig, probe_layers
 from .probe_data import LabelledImages
+from .probe_features import encoder_depth, load_frozen_encoder
 from .seed_statistics import SIGNIFICANCE, mean_and_spread, paired_greater
 
 OUTPUT = "output"  # the encoder's own output (after its final norm), beside layers 1..L

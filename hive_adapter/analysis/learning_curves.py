@@ -31,7 +31,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,145 +39,25 @@ import torch
 from ..utils.console import say as console_say
 from ..utils.flags import FullFlagParser
 from ..utils.outputs import write_file
+from .curve_report import markdown, plot_curves, ratio_to_concat, summarise
+from .curve_runs import (
+    ANSWERS,
+    BOS,
+    CONNECTOR_SETTINGS,
+    CONNECTORS,
+    IMAGE,
+    PAD,
+    PATCH,
+    TASKS,
+    THRESHOLDS,
+    VARIANTS,
+    VOCAB,
+    CurveRun,
+    Variant,
+    image_task,
+)
 
 COMMAND = "hive-learning-curves"
-IMAGE, PATCH = 32, 8
-# What each compared model is: a connector, or a variant of one (hive_lean: HIVE with the lean projector).
-CONNECTOR_SETTINGS = {
-    "hive": {"connector": "hive"},
-    "hive_lean": {"connector": "hive", "projector_type": "lean"},
-    "cascaded": {"connector": "cascaded"},
-    "concat": {"connector": "concat"},
-    "deepstack": {"connector": "deepstack"},  # level 1 added after decoder layer 0, level 3 spliced
-}
-CONNECTORS = tuple(CONNECTOR_SETTINGS)
-TASKS = ("colour", "position", "shape", "texture", "digits")
-THRESHOLDS = (0.9, 0.95)
-PAD, BOS = 0, 1
-QUESTION = {task: 2 + index for index, task in enumerate(TASKS)}  # one question token per task
-ANSWERS = {"colour": 8, "position": 4, "shape": 4, "texture": 4, "digits": 10}
-FIRST_ANSWER = 2 + len(TASKS)
-VOCAB = FIRST_ANSWER + max(ANSWERS.values())  # answers share token ids across tasks: one task per run
-PALETTE = torch.tensor(
-    [[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, -1], [1, -1, 1], [-1, 1, 1], [1, 1, 1], [-1, -1, -1]],
-    dtype=torch.float32,
-)  # 8 colours in the processor's [-1, 1] range; the background is 0 (grey)
-OBJECT = 10  # side of the square box an object is drawn in (pixels)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One change against the default recipe: HiveConfig fields, and HIVE modules' learning-rate factor."""
-
-    config: dict = field(default_factory=dict)
-    hive_lr_factor: float = 1.0
-    description: str = "the library's defaults"
-
-
-VARIANTS = {
-    "default": Variant(),
-    "gate0.1": Variant(config={"gate_init": 0.1}, description="gates start at 0.1 instead of 0 (no identity at init)"),
-    "init0.1": Variant(config={"initializer_range": 0.1}, description="HIVE's new weights N(0, 0.1) instead of 0.02"),
-    "hive_lr3": Variant(hive_lr_factor=3.0, description="HIVE's modules at 3x the learning rate (3e-3)"),
-    "ffn": Variant(config={"use_ffn": True}, description="a gated feed-forward after each cross-attention (Flamingo)"),
-}
-
-
-@dataclass(frozen=True)
-class CurveRun:
-    """What one curve is trained with."""
-
-    task: str
-    connector: str
-    seed: int
-    variant: str = "default"
-    steps: int = 600
-    eval_every: int = 25
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    train_size: int = 2048
-    held_out_size: int = 256
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}-{self.task}-{self.connector}-seed{self.seed}"
-
-
-# ---------------------------------------------------------------------- the tasks
-def _shape_masks() -> torch.Tensor:
-    """(4, OBJECT, OBJECT) masks of a square, circle, triangle and cross."""
-    grid = torch.arange(OBJECT, dtype=torch.float32) + 0.5
-    y, x = torch.meshgrid(grid, grid, indexing="ij")
-    centre, radius = OBJECT / 2, OBJECT / 2
-    square = torch.ones(OBJECT, OBJECT)
-    circle = ((x - centre) ** 2 + (y - centre) ** 2 <= radius**2).float()
-    triangle = ((x - centre).abs() <= y / 2).float()  # apex at the top, base at the bottom
-    arm = OBJECT // 5
-    cross = torch.zeros(OBJECT, OBJECT)
-    cross[:, OBJECT // 2 - arm : OBJECT // 2 + arm] = 1
-    cross[OBJECT // 2 - arm : OBJECT // 2 + arm, :] = 1
-    return torch.stack([square, circle, triangle, cross])
-
-
-def _texture_masks() -> torch.Tensor:
-    """(4, OBJECT, OBJECT) fill patterns: solid, striped, dotted, checked (1: coloured, 0: background)."""
-    index = torch.arange(OBJECT)
-    solid = torch.ones(OBJECT, OBJECT)
-    striped = ((index // 2) % 2 == 0).float()[None, :].expand(OBJECT, OBJECT).clone()
-    dotted = torch.zeros(OBJECT, OBJECT)
-    dotted[1::3, 1::3] = 1
-    checked = (((index[:, None] // 2) + (index[None, :] // 2)) % 2 == 0).float()
-    return torch.stack([solid, striped, dotted, checked])
-
-
-def _digit_images(held_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scans, 16, 16) ink in [0, 1] and (scans,) labels: scikit-learn's digits, 4 of 5 scans for training, the
-    fifth held out (so no held-out picture was seen in training)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32) / 16  # (1797, 8, 8)
-    labels = torch.tensor(digits.target)
-    keep = (torch.arange(len(labels)) % 5 == 4) if held_out else (torch.arange(len(labels)) % 5 != 4)
-    images = images[keep].repeat_interleave(2, 1).repeat_interleave(2, 2)  # (scans, 16, 16)
-    return images, labels[keep]
-
-
-def image_task(task: str, count: int, *, seed: int, held_out: bool = False) -> dict[str, torch.Tensor]:
-    """`count` pictures and [BOS, question, answer] texts whose loss is on the answer only."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: choose from {', '.join(TASKS)}")
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.randint(0, len(PALETTE), (count,), generator=generator)
-    side = 16 if task == "digits" else OBJECT
-    quadrants = torch.randint(0, 4, (count,), generator=generator)
-    offsets = torch.randint(0, IMAGE // 2 - side + 1, (count, 2), generator=generator)  # inside one quadrant
-    tops = (quadrants // 2) * (IMAGE // 2) + offsets[:, 0]
-    lefts = (quadrants % 2) * (IMAGE // 2) + offsets[:, 1]
-    if task == "digits":
-        scans, scan_labels = _digit_images(held_out)
-        pick = torch.randint(0, len(scan_labels), (count,), generator=generator)
-        masks, answers = scans[pick], scan_labels[pick]
-        colours = torch.full((count,), len(PALETTE) - 1)  # black ink
-    elif task in ("shape", "texture"):
-        kinds = torch.randint(0, 4, (count,), generator=generator)
-        masks = (_shape_masks() if task == "shape" else _texture_masks())[kinds]
-        answers = kinds
-    else:
-        masks = torch.ones(count, side, side)
-        answers = colours if task == "colour" else quadrants
-    pixels = torch.zeros(count, 3, IMAGE, IMAGE)
-    for index in range(count):
-        top, left = int(tops[index]), int(lefts[index])
-        patch = pixels[index, :, top : top + side, left : left + side]  # (3, side, side), a view
-        mask = masks[index]  # (side, side) in [0, 1]
-        patch.copy_(mask * PALETTE[colours[index]][:, None, None] + (1 - mask) * patch)
-    input_ids = torch.stack(
-        [torch.full((count,), BOS), torch.full((count,), QUESTION[task]), FIRST_ANSWER + answers], 1
-    )  # (count, 3)
-    labels = input_ids.clone()
-    labels[:, :2] = -100
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels}
 
 
 # ---------------------------------------------------------------------- the model and its training
@@ -275,108 +155,6 @@ def train_curve(run: CurveRun) -> dict:
         "steps_to": {f"{threshold:.0%}": steps_to(own, threshold) for threshold in THRESHOLDS},
         "seconds": time.time() - started,
     }
-
-
-# ---------------------------------------------------------------------- summary
-def summarise(results: list[dict]) -> dict:
-    """{variant: {task: {connector: {steps_to_90/95 per seed, final own / swapped mean}}}}."""
-    table: dict = {}
-    for result in results:
-        run = result["run"]
-        row = (
-            table.setdefault(run["variant"], {})
-            .setdefault(run["task"], {})
-            .setdefault(
-                run["connector"],
-                {"seeds": [], "steps_to": {key: [] for key in ("90%", "95%")}, "own": [], "swapped": []},
-            )
-        )
-        row["seeds"].append(run["seed"])
-        for key in ("90%", "95%"):
-            row["steps_to"][key].append(result["steps_to"][key])
-        row["own"].append(result["own"][-1][1])
-        row["swapped"].append(result["swapped"][-1][1])
-    return table
-
-
-def _steps_text(values: list[int | None], limit: int) -> str:
-    """`150 (125, 150, 175)`: the median over seeds (a seed that never got there counts as more than `limit`)."""
-    reached = [value if value is not None else limit + 1 for value in values]
-    median = statistics.median(reached)
-    head = f">{limit}" if median > limit else f"{median:.0f}"
-    return f"{head} ({', '.join('–' if v is None else str(v) for v in values)})"
-
-
-def markdown(table: dict, limit: int) -> str:
-    lines = []
-    for variant, tasks in table.items():
-        lines += [
-            f"### {variant}: {VARIANTS[variant].description}" if variant in VARIANTS else f"### {variant}",
-            "",
-            "Steps to 90% / 95% held-out accuracy with the own picture: median over seeds (each seed's step; – never "
-            f"within {limit} steps). Final accuracy own / swapped picture (mean over seeds).",
-            "",
-            "| task | connector | steps to 90% | steps to 95% | final own / swapped |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for task, connectors in tasks.items():
-            for connector, row in connectors.items():
-                lines.append(
-                    f"| {task} | {connector} | {_steps_text(row['steps_to']['90%'], limit)} | "
-                    f"{_steps_text(row['steps_to']['95%'], limit)} | {statistics.fmean(row['own']):.1%} / "
-                    f"{statistics.fmean(row['swapped']):.1%} |"
-                )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _median_steps(row: dict, key: str) -> float | None:
-    """Median over seeds of the steps to `key`, or None when a seed never got there."""
-    values = row["steps_to"][key]
-    return None if any(value is None for value in values) else statistics.median(values)
-
-
-def ratio_to_concat(table: dict, limit: int, key: str = "90%") -> dict:
-    """{variant: {task: {connector: median steps / concat's median steps}}} (None where either never got there)."""
-    out: dict = {}
-    for variant, tasks in table.items():
-        for task, connectors in tasks.items():
-            if "concat" not in connectors:
-                continue
-
-            base = _median_steps(connectors["concat"], key)
-            for connector, row in connectors.items():
-                mine = _median_steps(row, key)
-                out.setdefault(variant, {}).setdefault(task, {})[connector] = (
-                    mine / base if mine is not None and base else None
-                )
-    return out
-
-
-def plot_curves(results: list[dict], path: Path) -> Path:
-    """One panel per task: held-out accuracy (own picture solid, swapped dashed) vs step, one line per connector
-    (mean over seeds), default variant only."""
-    from .plots import _save, subplots
-
-    chosen = [r for r in results if r["run"]["variant"] == "default"]
-    tasks = [task for task in TASKS if any(r["run"]["task"] == task for r in chosen)]
-    figure, axes = subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False, sharey=True)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for index, connector in enumerate(CONNECTORS):
-            runs = [r for r in chosen if r["run"]["task"] == task and r["run"]["connector"] == connector]
-            if not runs:
-                continue
-            steps = [step for step, _ in runs[0]["own"]]
-            for kind, style in (("own", "-"), ("swapped", "--")):
-                mean = [statistics.fmean(r[kind][i][1] for r in runs) for i in range(len(steps))]
-                ax.plot(steps, mean, style, color=f"C{index}", label=connector if kind == "own" else None)
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (own —, swapped --)")
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    return _save(figure, path)
 
 
 # ---------------------------------------------------------------------- command line

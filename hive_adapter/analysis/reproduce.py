@@ -39,218 +39,52 @@ import dataclasses
 import json
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..data.collator import HiveCaptionCollator
-from ..data.synthetic import SyntheticShapes, caption_vocabulary
+from ..data.synthetic import SyntheticShapes
 from ..model.loading import load_hive
-from ..tools.toy_models import PRETRAINING_RECORD, ToySizes, write_toy_models
-from ..tools.toy_pretraining import ToyPretraining
+from ..tools.toy_models import ToySizes
 from ..utils.console import quiet_progress_bars
 from ..utils.console import say as console_say
 from ..utils.flags import FullFlagParser
 from ..utils.outputs import write_file
 from . import encoder_quality, learning_curves
-from .image_reading import checkpoint_image_reading
 from .probe import ProbeConfig
-from .probe_data import built_in
-from .reproduce_measures import cross_attention_profile, gradient_profile, step_costs
+from .reproduce_measures import measure_encoders, measure_reading, step_costs
 from .reproduce_report import (
     CURVES_DIR,
-    elementwise_mean,
     markdown_tables,
     moving_label,
     render_markdown,
-    summarise_readings,
     write_figures,
 )
-from .seed_statistics import mean_and_spread
+from .reproduce_settings import (
+    COMMAND,
+    CONNECTORS,
+    FULL,
+    HELD_OUT_SEED_OFFSET,
+    PROBE,
+    PROBE_TASKS,
+    QUICK,
+    VARIANTS,
+    Budget,
+)
+from .reproduce_work import (
+    check_output_dir,
+    claim_work_dir,
+    hive_train,
+    prepare_models,
+    work_settings,
+)
 
-CONNECTORS = ("hive", "cascaded", "concat")  # the default comparison
-# What --connectors may name: a connector, or a variant of one (the hive-train flags it adds).
-VARIANTS = {
-    "hive": ("hive", []), "cascaded": ("cascaded", []), "concat": ("concat", []),
-    "deepstack": ("deepstack", []),  # Qwen3-VL's DeepStack: concat's splice + shallower levels added in layers 0-2
-    "hive_lean": ("hive", ["--hive_projector_type", "lean"]),  # issue 19's leaner projector, same levels
-}  # fmt: skip
-CROSS_ATTENTION = ("hive", "cascaded", "hive_lean")
-HIVE_FLAGS = ["--hive_vision_layers", "1,3,5,7", "--hive_llm_layers", "0,1,2,3", "--hive_tokens_per_level", "16"]
-# Table 4's optimiser; on these small sets its batch 512 would give a handful of steps, so the probe
-# uses batch 64 on features encoded once (no augmentation: re-encoding every epoch triples the time).
-PROBE = dict(batch_size=64, augment=False)
-HELD_OUT_SEED_OFFSET = 10_000  # held-out synthetic seeds: apart from hive-train's (the run's seed) and pre-training's
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How big a run is; `--quick` is the small one. Pre-training steps of 0 leave a stand-in random."""
-
-    seeds: tuple[int, ...]
-    train_size: int
-    held_out_size: int
-    gradient_samples: int
-    probe_size: int
-    probe_epochs: int
-    language_pretraining_steps: int
-    vision_pretraining_steps: int
-    # the stage-3 budget that moves the encoder: stage 3 rerun from stage 2 with this encoder rate and epochs
-    moving_vision_learning_rate: float
-    moving_stage3_epochs: float
-    curve_steps: int  # learning curves: steps of each run (0: no learning curves)
-    curve_tasks: tuple[str, ...]
-
-
-FULL = Budget(
-    seeds=(0, 1, 2), train_size=4000, held_out_size=256, gradient_samples=32, probe_size=2000, probe_epochs=200,
-    language_pretraining_steps=300, vision_pretraining_steps=600, moving_vision_learning_rate=2e-4,
-    moving_stage3_epochs=2, curve_steps=1000, curve_tasks=learning_curves.TASKS,
-)  # fmt: skip
-QUICK = Budget(
-    seeds=(0,), train_size=2000, held_out_size=128, gradient_samples=16, probe_size=500, probe_epochs=50,
-    language_pretraining_steps=200, vision_pretraining_steps=300, moving_vision_learning_rate=2e-4,
-    moving_stage3_epochs=1, curve_steps=100, curve_tasks=("colour",),
-)  # fmt: skip
-PROBE_TASKS = ("shapes", "digits", "shades")
-
-
-COMMAND = "hive-reproduce"
 say = partial(console_say, COMMAND)
-# What one run writes into --output_dir: replaced only when an earlier hive-reproduce wrote them.
-REPORT_FILES = ("reproduce.json", "reproduce.md")
-FIGURE_FILES = ("image_reading.png", "gradient_norms.png", "gradient_object_share.png", "gradient_maps.png",
-                "attention_entropy.png", "attention_maps.png", "encoder_probe_layers.png")  # fmt: skip
-# Beside the checkpoints in --work_dir: the settings they were trained with, so a rerun never reuses models
-# and stages of another budget under a report that claims this one.
-WORK_RECORD = "hive-reproduce-work.json"
-
-
-# ---------------------------------------------------------------------- what may be written and reused
-def check_output_dir(out: Path) -> None:
-    """Refuse, before any work, an --output_dir whose report or figures were not written by hive-reproduce
-    (its reproduce.json names the command); an earlier run's are replaced, and said so."""
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"[{COMMAND}] error: --output_dir {out} is a file; give a directory")
-    present = [name for name in (*REPORT_FILES, *FIGURE_FILES) if (out / name).exists()]
-    if not present:
-        return
-    try:
-        ours = str(json.loads((out / "reproduce.json").read_text()).get("command", "")).startswith(COMMAND)
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise SystemExit(
-            f"[{COMMAND}] error: --output_dir {out} holds {', '.join(present)}, not written by {COMMAND} (no "
-            "reproduce.json naming it); choose a new or empty directory, nothing was changed"
-        )
-    say(f"{out} holds an earlier {COMMAND} report: its {', '.join(present)} will be replaced")
-
-
-def work_settings(args: argparse.Namespace, budget: Budget) -> dict:
-    """What the models and stages in --work_dir depend on (seeds and connectors have directories of their own)."""
-    return {
-        "language_pretraining_steps": budget.language_pretraining_steps,
-        "vision_pretraining_steps": budget.vision_pretraining_steps,
-        "train_size": budget.train_size,
-        "batch_size": args.batch_size,
-        "hive_learning_rate": args.hive_learning_rate,
-        "hive_flags": " ".join(HIVE_FLAGS),
-        "moving_vision_learning_rate": budget.moving_vision_learning_rate,
-        "moving_stage3_epochs": budget.moving_stage3_epochs,
-    }
-
-
-def claim_work_dir(work: Path, settings: dict) -> None:
-    """Use `work` for checkpoints: new or empty (the settings are recorded), or an earlier run's with the same
-    settings (its models and stages are reused); anything else is refused naming the difference."""
-    if work.exists() and not work.is_dir():
-        raise SystemExit(f"[{COMMAND}] error: --work_dir {work} is a file; give a directory")
-    record = work / WORK_RECORD
-    if work.is_dir() and any(work.iterdir()):
-        try:
-            recorded = json.loads(record.read_text())
-        except (OSError, ValueError):
-            raise SystemExit(
-                f"[{COMMAND}] error: --work_dir {work} is not empty and was not written by {COMMAND} (no "
-                f"{WORK_RECORD}); give a new or empty directory"
-            ) from None
-        changed = [
-            f"{key}: {recorded.get(key)} there, {value} asked"
-            for key, value in settings.items()
-            if recorded.get(key) != value
-        ]
-        if changed:
-            raise SystemExit(
-                f"[{COMMAND}] error: --work_dir {work} holds models and stages trained with other settings ("
-                f"{'; '.join(changed)}); reusing them would report one budget under another. Give a new --work_dir, "
-                "or the settings it was run with"
-            )
-        say(f"reusing the models and finished stages in {work} (same settings)")
-        return
-    work.mkdir(parents=True, exist_ok=True)
-    write_file(record, lambda path: path.write_text(json.dumps(settings, indent=2)))
-
-
-# ---------------------------------------------------------------------- models and training
-def prepare_models(directory: Path, *, seed: int, language_steps: int, vision_steps: int) -> Path:
-    """Tiny stand-ins for the two checkpoints (seeded), pre-trained as asked; reused when already written."""
-    if (directory / PRETRAINING_RECORD).is_file():
-        return directory
-    settings = ToyPretraining(language_steps=language_steps, vision_steps=vision_steps)
-    write_toy_models(directory, caption_vocabulary(), seed=seed, pretraining=settings)
-    return directory
-
-
-def hive_train(
-    connector: str,
-    models: Path,
-    run: Path,
-    *,
-    seed: int,
-    train_size: int,
-    batch_size: int,
-    flags: list[str] = (),
-    stages: str = "all",
-    start: Path | None = None,
-    label: str | None = None,
-) -> Path:
-    """`hive-train` of one connector (the three stages by default) from the stand-ins in `models`, or from the
-    HIVE checkpoint `start`; returns the stage-3 directory (finished stages are reused)."""
-    source = ["--model_name_or_path", str(start)] if start is not None else [
-        "--vision_model", str(models / "vision"), "--language_model", str(models / "language"),
-        "--vision_connector", connector, *HIVE_FLAGS,
-    ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "hive_adapter.training.train", *source,
-        "--data_format", "synthetic", "--synthetic_size", str(train_size), "--synthetic_seed", str(seed),
-        "--stage", stages, "--output_dir", str(run), "--global_batch_size", str(batch_size),
-        "--per_device_train_batch_size", str(batch_size), "--save_strategy", "no", "--report_to", "none",
-        "--seed", str(seed), "--disable_tqdm", "True", *flags,
-    ]  # fmt: skip
-    started = time.time()
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"hive-train failed for connector {label or connector!r} (exit {completed.returncode})")
-    say(f"  {label or connector}: stages {stages} trained in {time.time() - started:.0f} s")
-    return run / "stage3"
-
-
-def stage_report(run: Path, stage: int) -> dict:
-    return json.loads((run / f"stage{stage}" / "hive_stage.json").read_text())
-
-
-def seconds_per_step(report: dict) -> float:
-    runtime = next(entry["train_runtime"] for entry in reversed(report["log_history"]) if "train_runtime" in entry)
-    return runtime / max(1, report["global_steps"])
 
 
 def report_only(out: Path) -> None:
@@ -431,37 +265,9 @@ def main(argv: list[str] | None = None) -> None:
             f"3/7 the encoder: linear probes at every layer ({', '.join(PROBE_TASKS)}) of each exported encoder and "
             "the encoder it started from; weight change per layer"
         )
-        probe_sets = {
-            seed: {name: built_in(name, seed=seed, size=budget.probe_size) for name in PROBE_TASKS} for seed in seeds
-        }
-        start_probes = [
-            encoder_quality.probe_encoder(runs[seed][connectors[0]] / "stage0", probe_sets[seed], probe_config)
-            for seed in seeds
-        ]
-        start_probe = {n: mean_and_spread([p[n][encoder_quality.OUTPUT] for p in start_probes]) for n in PROBE_TASKS}
-        encoder_budgets: dict[str, dict] = {"Table 3": {}, moving: {}}
-        results = {}
-        for connector in connectors:
-            for label, final in (("Table 3", runs), (moving, moved)):
-                exported = [
-                    encoder_quality.probe_encoder(final[s][connector] / "stage3", probe_sets[s], probe_config)
-                    for s in seeds
-                ]
-                changes = [
-                    encoder_quality.layer_change(runs[s][connector] / "stage0", final[s][connector] / "stage3")
-                    for s in seeds
-                ]
-                encoder_budgets[label][connector] = encoder_quality.summarise(start_probes, exported, changes)
-            table3 = encoder_budgets["Table 3"][connector]
-            results[connector] = {
-                "probe": {n: table3["tasks"][n][encoder_quality.OUTPUT] for n in PROBE_TASKS},
-                "encoder_change_stage3": table3["change"]["total"]["mean"],
-            }
-        encoder_study = {
-            "start": encoder_quality.summarise_start(start_probes),
-            "budgets": encoder_budgets,
-            "verdicts": encoder_quality.verdicts(encoder_budgets, list(PROBE_TASKS)),
-        }
+        results, start_probe, encoder_study = measure_encoders(
+            runs, moved, connectors, seeds, budget=budget, probe_config=probe_config, moving=moving
+        )
         clock = phase("probes", clock)
 
         say("4/7 image reading (own vs swapped image), gradients into the encoder, attention entropy")
@@ -469,46 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             seed: SyntheticShapes(budget.held_out_size, seed=HELD_OUT_SEED_OFFSET + seed, image_size=image_size)
             for seed in seeds
         }
-        profiles = {}
-        for connector in connectors:
-            row = results[connector]
-            by_stage = {
-                stage: [
-                    checkpoint_image_reading(runs[s][connector] / f"stage{stage}", held_out[s]).to_dict() for s in seeds
-                ]
-                for stage in (1, 2, 3)
-            }
-            row["image_reading"] = summarise_readings(by_stage[3])
-            row["image_reading_by_stage"] = {
-                stage: summarise_readings(readings) for stage, readings in by_stage.items()
-            }
-            # the signal the encoder trains on in stage 3: gradients at the stage-2 checkpoints
-            per_seed = [
-                gradient_profile(runs[s][connector] / "stage2", held_out[s], budget.gradient_samples) for s in seeds
-            ]
-            profiles[connector] = per_seed[0]  # sample maps of the first seed
-            row["gradients"] = {
-                key: elementwise_mean([p[key] for p in per_seed])
-                for key in ("grad_norm", "relative_grad_norm", "object_share")
-            } | {"text_input_grad_norm": statistics.fmean(p["text_input_grad_norm"] for p in per_seed)}
-            row["object_area"] = per_seed[0]["object_area"]
-            if connector in CROSS_ATTENTION:
-                attention = [
-                    cross_attention_profile(runs[s][connector] / "stage3", held_out[s], budget.gradient_samples)
-                    for s in seeds
-                ]
-                row["cross_attention"] = {
-                    "attention_entropy": elementwise_mean([a["attention_entropy"] for a in attention]),
-                    "tanh_gate": elementwise_mean([a["tanh_gate"] for a in attention]),
-                    "uniform_entropy": attention[0]["uniform_entropy"],
-                    "per_seed": attention,
-                }
-            row["train_seconds_per_step"] = statistics.fmean(
-                seconds_per_step(stage_report(runs[s][connector], 3)) for s in seeds
-            )
-            row["final_losses"] = {
-                stage: [stage_report(runs[s][connector], stage)["losses"][-1] for s in seeds] for stage in (1, 2, 3)
-            }
+        profiles = measure_reading(runs, connectors, held_out, budget, results)
         clock = phase("evaluation", clock)
 
         say("5/7 FLOPs and time of one training step (all parameters training)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,10 +13,8 @@ from . import encoder_quality, learning_curves
 from .attention import cross_attention_maps
 from .captioning import caption_batch
 from .plots import plot_attention_maps, plot_gradient_maps, plot_image_reading, plot_layer_curves
+from .reproduce_settings import Budget
 from .seed_statistics import mean_and_spread
-
-if TYPE_CHECKING:
-    from .reproduce import Budget
 
 CURVES_DIR = "learning_curves"  # under --output_dir: one JSON per finished curve (reused on a rerun), tables, plot
 
@@ -177,8 +174,6 @@ def write_figures(
 
 def render_markdown(report: dict) -> str:
     """reproduce.md from what reproduce.json holds (`--report_only` re-renders a finished run this way)."""
-    from .reproduce import Budget
-
     budget = Budget(**{key: tuple(v) if isinstance(v, list) else v for key, v in report["budget"].items()})
     tables = markdown_tables(report["results"], report["start_probe"])
     markdown = report_markdown(

@@ -39,7 +39,22 @@ ADAPTER_WEIGHTS_NAME = "hive_adapter.safetensors"
 
 
 class HiveModel(HiveMixin, nn.Module):
-    """A base vision-language model with HIVE cross-attention inserted; see the module docstring."""
+    """A base vision-language model with HIVE cross-attention inserted (the PEFT-style adapter).
+
+    Attribute access falls through to the base model (`model.config`, `model.language_model`, ...); the base's
+    decoder layers keep their names, HIVE's modules live beside them (`hive_levels.*`, `hive_blocks.*`). Build it
+    with `get_hive_model`; reload a saved adapter with `HiveModel.from_pretrained(base, directory)`.
+
+    Args:
+        base_model (`nn.Module`): a vision-language model whose vision tower and decoder layers HIVE can find
+            (llava-hf's `LlavaForConditionalGeneration` and the families in the guide's table).
+        config (`HiveConfig`): which encoder layers feed which decoder layers, and how.
+        freeze_base (`bool`, defaults to `True`): freeze every base parameter (`unload()` restores the flags).
+
+    Raises:
+        ValueError: `base_model` is already a `HiveModel`, or `config` does not fit the base (a layer out of
+            range, a width the cross-attention cannot take), named with what to change.
+    """
 
     def __init__(self, base_model: nn.Module, config: HiveConfig, *, freeze_base: bool = True):
         super().__init__()
@@ -91,7 +106,22 @@ class HiveModel(HiveMixin, nn.Module):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """Same arguments as the base model; images go to HIVE, never into the token sequence."""
+        """The base model's forward with the images seen through HIVE, never spliced into the token sequence.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, text)`): the text, with one image marker per image in
+                marker mode (`image_token_id`), none in captioning mode.
+            pixel_values (`torch.Tensor`, *optional*): the images in the base's own pixel format, in marker order.
+            attention_mask (`torch.Tensor`, *optional*): as for the base.
+            labels (`torch.LongTensor`, *optional*): as for the base; the loss is the base's.
+            **kwargs: every other argument of the base's forward (`inputs_embeds`, `past_key_values`, ...).
+
+        Returns:
+            `ModelOutput`: the base model's output (`loss`, `logits`, ...).
+
+        Raises:
+            ValueError: the markers and the images do not match (named, with the counts per sample).
+        """
         return self._hive_forward(
             self.base_model,
             input_ids=input_ids,
@@ -109,7 +139,17 @@ class HiveModel(HiveMixin, nn.Module):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """`base.generate` with the images seen through HIVE (vision K/V computed once per prompt)."""
+        """`base.generate` with the images seen through HIVE (vision K/V computed once per prompt).
+
+        Args:
+            input_ids (`torch.LongTensor`, *optional*): the prompts (left-padded for a batch).
+            pixel_values (`torch.Tensor`, *optional*): their images, in marker order.
+            attention_mask (`torch.Tensor`, *optional*): as for the base.
+            **kwargs: every `generate` argument (`max_new_tokens`, `do_sample`, `num_beams`, ...).
+
+        Returns:
+            `torch.LongTensor`: the generated token ids, as the base's `generate` returns them.
+        """
         return self._hive_generate(
             self.base_model.generate,
             input_ids=input_ids,
@@ -130,9 +170,11 @@ class HiveModel(HiveMixin, nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, total)` parameter counts (ZeRO-3 partitions counted whole), as PEFT's method of the name."""
         return count_parameters(self.named_parameters())
 
     def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts and HIVE's own, as PEFT's method of the name does."""
         trainable, total = count_parameters(self.named_parameters())
         hive = sum(numel(p) for _, p in self.hive_named_parameters())
         print(
@@ -146,6 +188,13 @@ class HiveModel(HiveMixin, nn.Module):
 
         Under ZeRO-3 pass the gathered `state_dict` (e.g. from `deepspeed.zero.GatheredParameters`), or the
         partitioned (empty) tensors are refused rather than written.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the adapter's directory (created if missing).
+            state_dict (`dict`, *optional*): the tensors to write instead of the model's own HIVE tensors.
+
+        Raises:
+            ValueError: `save_directory` is a file, or a HIVE tensor is empty (ZeRO-3 partitioned).
         """
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
@@ -169,7 +218,26 @@ class HiveModel(HiveMixin, nn.Module):
     def from_pretrained(
         cls, base_model: nn.Module, adapter_directory: str | os.PathLike, *, is_trainable: bool = False
     ) -> HiveModel:
-        """Wrap `base_model` with the adapter saved in `adapter_directory` (strict: every key must match)."""
+        """Wrap `base_model` with the adapter saved in `adapter_directory` (strict: every key must match).
+
+        Args:
+            base_model (`nn.Module`): the base the adapter was trained on (same widths and depths).
+            adapter_directory (`str` or `os.PathLike`): what `save_pretrained` wrote.
+            is_trainable (`bool`, defaults to `False`): keep HIVE's parameters trainable (to go on training).
+
+        Returns:
+            `HiveModel`: the wrapped base with the adapter's weights.
+
+        Raises:
+            FileNotFoundError: the directory holds no `hive_config.json` or `hive_adapter.safetensors`.
+            ValueError: the adapter was trained on a base of another depth or width, a key is missing or
+                unexpected, or a tensor holds NaN or inf (named).
+
+        Example:
+            ```python
+            model = HiveModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(...), "adapter/")
+            ```
+        """
         directory = Path(adapter_directory)
         config = load_adapter_config(directory)
         model = cls(base_model, config)
@@ -188,6 +256,12 @@ class HiveModel(HiveMixin, nn.Module):
         }
 
     def load_adapter_weights(self, path: str | os.PathLike) -> None:
+        """Load a `hive_adapter.safetensors` into this model, strictly.
+
+        Raises:
+            FileNotFoundError: no file at `path`.
+            ValueError: the file was written for a base of another depth or width, or its keys do not match.
+        """
         if not Path(path).is_file():
             raise FileNotFoundError(f"no HIVE adapter weights at {path}")
         with safe_open(str(path), framework="pt") as weights:
@@ -208,7 +282,12 @@ class HiveModel(HiveMixin, nn.Module):
 
     # ------------------------------------------------------------------ unload
     def unload(self) -> nn.Module:
-        """Remove HIVE and return the base model with its original modules and `requires_grad` flags."""
+        """Remove HIVE and return the base model with its original modules and `requires_grad` flags.
+
+        Returns:
+            `nn.Module`: the base model, computing bit for bit what it computed before it was wrapped (or, after
+            a PEFT merge, with exactly the merged weights).
+        """
         self._remove_hive()
         base = self.base_model
         for name, param in base.named_parameters():
@@ -217,7 +296,31 @@ class HiveModel(HiveMixin, nn.Module):
 
 
 def get_hive_model(base_model: nn.Module, config: HiveConfig | None = None, **overrides: Any) -> HiveModel:
-    """Insert zero-gated HIVE cross-attention into `base_model`; the base is frozen, HIVE trains."""
+    """Insert zero-gated HIVE cross-attention into `base_model`; the base is frozen, HIVE trains.
+
+    The gates start at 0, so the wrapped model computes exactly what the base computed until HIVE has trained.
+
+    Args:
+        base_model (`nn.Module`): a vision-language model (llava-hf's `LlavaForConditionalGeneration`, Qwen2.5-VL,
+            SmolVLM, ...): HIVE finds its vision tower and decoder layers.
+        config (`HiveConfig`, *optional*): the HIVE settings; by default every field's default.
+        **overrides: `HiveConfig` fields instead of `config` (`get_hive_model(base, vision_layers=[1, 3])`).
+
+    Returns:
+        `HiveModel`: the wrapped model; `save_pretrained` writes the adapter only, `unload()` gives the base back.
+
+    Raises:
+        ValueError: both `config` and `overrides` given, a `HiveConfig` field that does not exist or has a bad
+            value, or settings that do not fit the base (each named, with what to do).
+
+    Example:
+        ```python
+        import hive_adapter as hive
+
+        model = hive.get_hive_model(base, hive.HiveConfig(vision_layers=[1, 3, 5, 7], llm_layers=[0, 2, 4, 6]))
+        model.print_trainable_parameters()
+        ```
+    """
     if config is None:
         config = HiveConfig(**overrides)
     elif overrides:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .architectures import TextShape, VisionShape
-from .config import HiveConfig, ResolvedLayers
+from .config import HiveConfig
 from .connectors import connector_for
 from .cross_attention import HiveCrossAttention, HiveCrossAttentionBlock, HiveLayerNorm
+from .layer_choice import ResolvedLayers
 from .levels import HiveLevelEncoder
 
 

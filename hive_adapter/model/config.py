@@ -20,10 +20,17 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+from .connectors import connector_for
+
+# The layer arithmetic lived here until 0.3; its home is layer_choice (the registry reads it without this module).
+from .layer_choice import DEFAULT_LEVEL_FRACTION as DEFAULT_LEVEL_FRACTION
+from .layer_choice import ResolvedLayers
+from .layer_choice import normalise_layers as normalise_layers
+from .layer_choice import spread_layers as spread_layers
 
 LEVEL_MAPPINGS = ("paired", "all")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "lean")
@@ -31,50 +38,6 @@ PLACEMENTS = ("before", "after")
 MEDIA_ATTENTION = ("previous", "all_previous")
 FEATURE_SELECT = ("patch", "full")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
-# Share of vision layers HIVE selects when the user leaves `vision_layers` out (paper §8: 25%).
-DEFAULT_LEVEL_FRACTION = 0.25
-
-
-@dataclass(frozen=True)
-class ResolvedLayers:
-    """Absolute, validated layer indices for one (vision encoder, language model) pair.
-
-    `level_of_block[k]` is the index into `vision_layers` that LLM depth `llm_layers[k]` attends to,
-    or `None` when it attends to every level (`level_mapping="all"`).
-    """
-
-    vision_layers: tuple[int, ...]
-    llm_layers: tuple[int, ...]
-    level_of_block: tuple[int | None, ...]
-
-
-def spread_layers(count: int, num_layers: int, *, end_at_last: bool) -> list[int]:
-    """`count` indices spread evenly over `num_layers`, shallow to deep.
-
-    Vision levels end at the last encoder layer (the deepest features are always used); LLM depths
-    start at layer 0 so the shallowest level meets the shallowest decoder layer.
-    """
-    if end_at_last:
-        return [round((i + 1) * num_layers / count) - 1 for i in range(count)]
-    return [(i * num_layers) // count for i in range(count)]
-
-
-def normalise_layers(indices: list[int], num_layers: int, name: str, what: str) -> list[int]:
-    out = []
-    for index in indices:
-        if not -num_layers <= index < num_layers:
-            raise ValueError(
-                f"{name}={list(indices)}: index {index} is out of range, the {what} has {num_layers} layers"
-            )
-        out.append(index % num_layers)
-    if len(set(out)) != len(out):
-        raise ValueError(
-            f"{name}={list(indices)}: the same layer is listed twice (after resolving negative indices: {out})"
-        )
-    if out != sorted(out):
-        raise ValueError(f"{name}={list(indices)}: list layers shallow to deep (ascending), HIVE pairs them in order")
-    return out
 
 
 class HiveConfig(PretrainedConfig):
@@ -113,9 +76,11 @@ class HiveConfig(PretrainedConfig):
             `mlp2x_gelu`); for `"lean"`, no wider than either side carries: the vision width and twice the
             grouped K/V width (keys and values), e.g. 512 for SigLIP-so400m + TinyLlama, 1024 for CLIP-L +
             Vicuna-7B.
-        num_attention_heads / num_key_value_heads / head_dim (`int`, *optional*):
-            Cross-attention shape; default to the language model's own (grouped K/V width included,
-            which keeps the cross-attention cost at the paper's ~0.12-0.14x of concat).
+        num_attention_heads (`int`, *optional*):
+            Query heads of the cross-attention. Default: the language model's own; with the two below, they
+            keep the grouped K/V width, and the cross-attention cost at the paper's ~0.12-0.14x of concat.
+        num_key_value_heads (`int`, *optional*): key/value heads of the cross-attention (default: the LLM's).
+        head_dim (`int`, *optional*): width of one head (default: the LLM's).
         use_ffn (`bool`, defaults to `False`):
             Add a tanh-gated feed-forward after each cross-attention (Flamingo style).
         ffn_mult (`int`, defaults to 4): hidden width of that FFN as a multiple of the LLM width.
@@ -136,11 +101,12 @@ class HiveConfig(PretrainedConfig):
             Initial value of the tanh gates. 0 makes a freshly wrapped model compute exactly what the
             base computed.
         initializer_range (`float`, defaults to 0.02): std of the new linear weights.
-        layers_path / vision_tower_path (`str`, *optional*):
-            Dotted attribute paths to the decoder layer list and the vision tower, for models the
-            built-in table does not place.
-        vision_config / text_config (*optional*):
-            Sub-configs of the full model (`HiveForConditionalGeneration`).
+        layers_path (`str`, *optional*):
+            Dotted attribute path to the decoder layer list, for models the built-in table does not place.
+        vision_tower_path (`str`, *optional*): dotted attribute path to the vision tower, likewise.
+        vision_config (`PretrainedConfig` or `dict`, *optional*):
+            The vision encoder's config, in a full model (`HiveForConditionalGeneration`).
+        text_config (`PretrainedConfig` or `dict`, *optional*): the language model's config, likewise.
     """
 
     model_type = "hive"
@@ -204,8 +170,6 @@ class HiveConfig(PretrainedConfig):
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check every value that can be checked without a model; raise `ValueError` naming it."""
-        from .connectors import connector_for  # the registry imports this module
-
         connector = connector_for(self.connector)  # an unknown name is refused, naming the registered ones
         for name, allowed in (
             ("level_mapping", LEVEL_MAPPINGS),
@@ -275,8 +239,6 @@ class HiveConfig(PretrainedConfig):
     def resolve_layers(self, *, num_vision_layers: int, num_llm_layers: int) -> ResolvedLayers:
         """Defaults filled in, negative indices resolved and ranges checked for one model pair (the connector
         decides how levels map to decoder layers: `hive_adapter.model.connectors`)."""
-        from .connectors import connector_for
-
         return connector_for(self.connector).resolve_layers(
             self, num_vision_layers=num_vision_layers, num_llm_layers=num_llm_layers
         )

@@ -147,7 +147,19 @@ def find_markers(
 
 
 def image_token_id_from_tokenizer(tokenizer, image_token: str = "<image>") -> int:
-    """The id of the image marker in `tokenizer`, or a `ValueError` that says how to add it."""
+    """The id of the image marker in `tokenizer` (what `HiveConfig(image_token_id=...)` takes in marker mode).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): a transformers tokenizer.
+        image_token (`str`, defaults to `"<image>"`): the marker's text.
+
+    Returns:
+        `int`: the marker's token id.
+
+    Raises:
+        ValueError: the tokenizer has no such single token; the message says how to add it
+            (`tokenizer.add_tokens`, then `resize_token_embeddings`).
+    """
     vocab = tokenizer.get_vocab()
     if image_token not in vocab:
         raise ValueError(

@@ -27,10 +27,11 @@ from torch import nn
 from .architectures import TextShape, VisionShape, find_decoder_layers, text_shape_of
 from .attach import HiveAttachment, attach_hive_hooks, find_layer_owner
 from .builders import block_factory, build_level_encoder, cross_attention_kernel
-from .config import HiveConfig, ResolvedLayers
+from .config import HiveConfig
 from .connectors import Connector, connector_for
 from .context import HiveVisionContext
 from .cross_attention import HiveCrossAttention
+from .layer_choice import ResolvedLayers
 from .layout import find_markers, marker_slots, one_image_per_sample
 from .levels import HiveLevelEncoder
 from .packing import PackedLayout, refuse_packed_generation

@@ -70,7 +70,17 @@ class HivePreTrainedModel(PreTrainedModel):
 
 
 class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMixin):
-    """Vision encoder + causal LM + HIVE; `forward` takes `input_ids`, `pixel_values`, `labels`, ..."""
+    """Vision encoder + causal LM + HIVE, one Hugging Face model (`model_type="hive"`).
+
+    `AutoModel`, `AutoModelForImageTextToText` and `pipeline("image-text-to-text")` load a saved one (after
+    `import hive_adapter`, no `trust_remote_code`). Compose one from existing models with `from_vision_text`.
+
+    Args:
+        config (`HiveConfig`): with `vision_config` and `text_config` set (the two models' configs).
+        vision_model (`PreTrainedModel`, *optional*): the encoder to use instead of one built from `vision_config`.
+        language_model (`PreTrainedModel`, *optional*): the causal LM to use instead of one built from
+            `text_config`.
+    """
 
     def __init__(
         self,
@@ -145,7 +155,27 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         config: HiveConfig | None = None,
         **overrides: Any,
     ) -> HiveForConditionalGeneration:
-        """Compose existing (e.g. pretrained) models; their weights are kept, only HIVE's are new."""
+        """Compose existing (e.g. pretrained) models; their weights are kept, only HIVE's are new.
+
+        Args:
+            vision_model (`PreTrainedModel`): a vision encoder (CLIP, SigLIP, SigLIP2, DINOv2, Qwen2.5-VL's ViT, ...).
+            language_model (`PreTrainedModel`): a decoder-only causal LM (Llama, Qwen2/3, Mistral, Gemma-2, ...).
+            config (`HiveConfig`, *optional*): the HIVE settings (copied; its sub-configs are set from the models).
+            **overrides: `HiveConfig` fields instead of `config`.
+
+        Returns:
+            `HiveForConditionalGeneration`: the composed model on the language model's device and dtype; with the
+            gates at 0 it computes exactly what `language_model` computes.
+
+        Raises:
+            ValueError: both `config` and `overrides`, or settings that do not fit the two models (named).
+
+        Example:
+            ```python
+            model = HiveForConditionalGeneration.from_vision_text(encoder, llm, HiveConfig(vision_layers=[1, 3, 5, 7]))
+            model.save_pretrained("my-hive")  # AutoModel.from_pretrained("my-hive") loads it back
+            ```
+        """
         if config is None:
             config = HiveConfig(**overrides)
         elif overrides:
@@ -195,7 +225,25 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """Returns the language model's output (`loss`, `logits`, `past_key_values`, ...)."""
+        """The language model's forward, with the images seen through HIVE's cross-attention.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, text)`, *optional*): the text; one marker per image in
+                marker mode, none in captioning mode (one image per sample).
+            pixel_values (`torch.Tensor`, *optional*): the images, `(images, 3, H, W)` in marker order.
+            attention_mask (`torch.Tensor`, *optional*): 1 for real tokens.
+            labels (`torch.LongTensor`, *optional*): targets for the LM loss (-100 ignored).
+            past_key_values (*optional*): the cache of earlier steps (generation).
+            inputs_embeds (`torch.Tensor`, *optional*): instead of `input_ids`; the markers are then found where an
+                embedding row equals the marker token's.
+            **kwargs: the language model's other arguments (`position_ids`, `use_cache`, ...).
+
+        Returns:
+            `CausalLMOutputWithPast`: the language model's output (`loss`, `logits`, `past_key_values`, ...).
+
+        Raises:
+            ValueError: the markers and the images do not match (named, with the counts per sample).
+        """
         return self._hive_forward(
             self.language_model,
             input_ids=input_ids,
@@ -215,7 +263,17 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ):
-        """`GenerationMixin.generate` with the vision context built once per prompt."""
+        """`GenerationMixin.generate` with the vision context built once per prompt.
+
+        Args:
+            input_ids (`torch.LongTensor`, *optional*): the prompts (left-padded for a batch).
+            pixel_values (`torch.Tensor`, *optional*): their images, in marker order.
+            attention_mask (`torch.Tensor`, *optional*): 1 for real tokens.
+            **kwargs: every `generate` argument (greedy, sampling, beams, several sequences, the static cache).
+
+        Returns:
+            `torch.LongTensor`: the generated token ids (prompt included), as `GenerationMixin.generate` returns.
+        """
         return self._hive_generate(
             super().generate,
             input_ids=input_ids,
@@ -225,7 +283,11 @@ class HiveForConditionalGeneration(HiveMixin, HivePreTrainedModel, GenerationMix
         )
 
     def export_vision_model(self) -> PreTrainedModel:
-        """The vision encoder as the plain HF model it is (what `hive-export-vision` writes)."""
+        """The vision encoder as the plain HF model it is (what `hive-export-vision` writes).
+
+        Returns:
+            `PreTrainedModel`: the encoder itself (not a copy), with the weights stage 3 trained.
+        """
         return self.vision_model
 
 

@@ -17,6 +17,15 @@ HIVE_PREFIX = "hive_"
 
 
 def is_hive_parameter(name: str) -> bool:
+    """Whether a parameter (or buffer) name belongs to HIVE's modules.
+
+    Args:
+        name (`str`): a name from `named_parameters()` / `state_dict()`, at any wrapper depth
+            (`base_model.model.hive_blocks.3.hive_q_proj.weight` under PEFT).
+
+    Returns:
+        `bool`: True for HIVE's tensors (`hive_levels.*`, `hive_blocks.*`), False for the base model's.
+    """
     return HIVE_PREFIX in name
 
 
@@ -36,7 +45,15 @@ def count_parameters(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, in
 
 def mark_hive_trainable(model: nn.Module, requires_grad: bool = True) -> int:
     """Set `requires_grad` on every HIVE parameter of `model` (any wrapper around it, e.g. a PeftModel, which
-    freezes everything but LoRA). Returns how many parameters were set."""
+    freezes everything but LoRA).
+
+    Args:
+        model (`nn.Module`): a HIVE model, or any wrapper around one.
+        requires_grad (`bool`, defaults to `True`): the flag to set.
+
+    Returns:
+        `int`: how many parameters were set.
+    """
     count = 0
     for name, param in model.named_parameters():
         if is_hive_parameter(name):

@@ -68,8 +68,8 @@ class HiveProcessor(ProcessorMixin):
     """Image processor + tokenizer + chat template for a HIVE model.
 
     Args:
-        image_processor: the vision encoder's image processor.
-        tokenizer: the language model's tokenizer.
+        image_processor (`BaseImageProcessor`): the vision encoder's image processor.
+        tokenizer (`PreTrainedTokenizerBase`): the language model's tokenizer.
         chat_template (`str`, *optional*): a Jinja chat template; LLaVA-1.5's layout when not given.
         image_token (`str` or `None`): the marker written where each image goes; `None` for a captioning-mode model
             (one image per sample, no marker). Must be a single token of `tokenizer`.

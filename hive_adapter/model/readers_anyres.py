@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .readers import ReadImages, VisionReader, crops_as_keys, register_reader
+from .reader_base import ReadImages, VisionReader, crops_as_keys, register_reader
 
 SIZES_INPUT = "image_sizes"
 

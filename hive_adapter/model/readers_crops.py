@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .readers import ReadImages, VisionReader, register_reader
+from .reader_base import ReadImages, VisionReader, register_reader
 
 
 def crops_of_images(rows: Any, cols: Any) -> list[int]:

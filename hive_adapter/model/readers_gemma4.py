@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .architectures import VisionShape
-from .readers import ReadImages, VisionReader, register_reader
+from .reader_base import ReadImages, VisionReader, register_reader
 
 POSITIONS_INPUT = "image_position_ids"
 

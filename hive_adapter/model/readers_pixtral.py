@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .readers import ReadImages, VisionReader, register_reader
+from .reader_base import ReadImages, VisionReader, register_reader
 
 SIZES_INPUT = "image_sizes"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import VisionShape
-from .readers import ReadImages, VisionReader, register_reader
+from .reader_base import ReadImages, VisionReader, register_reader
 
 GRID_INPUT = "image_grid_thw"
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .architectures import VisionShape
-from .readers import ReadImages, VisionReader, crops_as_keys, register_reader
+from .reader_base import ReadImages, VisionReader, crops_as_keys, register_reader
 
 TILES_INPUT = "num_patches"
 

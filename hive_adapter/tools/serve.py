@@ -83,7 +83,7 @@ def check_model_directory(path: str) -> Path:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What hive-serve adds to `transformers serve`'s options (README, "Serve it")."""
+    """What hive-serve adds to `transformers serve`'s options (docs/guides/use-and-serve.md, "Serve it")."""
 
     media: MediaPolicy = MediaPolicy()
     limits: RequestLimits = RequestLimits()

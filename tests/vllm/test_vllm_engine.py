@@ -98,7 +98,7 @@ def test_after_an_aborted_request_answers_still_equal_generate(engine, marker_re
 
 
 def test_two_images_in_one_prompt_are_refused_by_name(engine, marker_reference):
-    """Not served yet (README, "Serve at scale: vLLM"): vLLM's encoder-decoder scheduler takes one encoder input
+    """Not served yet (docs/guides/vllm.md, "Serve at scale: vLLM"): vLLM's encoder-decoder scheduler takes one encoder input
     per request, at the start of the encoder prompt."""
     from vllm.exceptions import VLLMValidationError
 

@@ -4,7 +4,7 @@ vLLM loads every `vllm.general_plugins` entry point in each of its processes; `r
 `config.json` says `"architectures": ["HiveForConditionalGeneration"]` (what `hive-train` and `save_pretrained`
 write) load through `LLM(model=DIR)` and `vllm serve DIR`. vLLM is imported only inside this package.
 
-How HIVE maps onto vLLM (docs: README, "Serve at scale: vLLM"):
+How HIVE maps onto vLLM (docs/guides/vllm.md, "Serve at scale: vLLM"):
 
 - the language model's decoder layers are vLLM's own (`LlamaForCausalLM`, ...); HIVE's gated cross-attention
   blocks run between them, at the decoder layers the checkpoint names;
