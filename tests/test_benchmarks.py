@@ -18,6 +18,7 @@ from benchmarks.flops import count_step, hive_forward_flops, vision_tower_flops
 from benchmarks.measure import generation_costs, saved_activation_bytes, step_times
 from benchmarks.memory import training_memory
 from benchmarks.models import MODES, build, training_batch
+from benchmarks.serving import free_port
 from hive_adapter.model import cross_attention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +109,8 @@ def test_gpu_suite_says_it_needs_cuda():
 def test_the_gpu_check_dry_run_passes_on_cpu_from_a_checkout(tmp_path):
     """`make gpu-check --dry_run`: every check and figure of the GPU run but CUDA, from a checkout (`PYTHONPATH=.`, no
     install), flash-attn replaced by the reference kernel, DeepSpeed's ZeRO-2 audit on gloo."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # its DeepSpeed audit opens a gloo rendezvous: a free port, not a fixed one another run may hold
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--dry_run", "--output_dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

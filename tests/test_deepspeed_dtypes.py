@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
+from benchmarks.serving import free_port
 from hive_adapter.model.cross_attention import HiveCrossAttention, HiveCrossAttentionBlock
 
 pytest.importorskip("deepspeed")
 
 
 def test_deepspeed_bf16_keeps_the_model_bf16_with_a_float32_master_copy_of_the_gates():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29631"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.dtype_audit", "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=600,
