@@ -45,6 +45,16 @@ class VisionReader:
         self.family_config = family_config  # the whole VLM's config (LLaVA-NeXT's grid pinpoints), or None
         self.shape = self.shape_of(tower.config)
 
+    def required_input(self, inputs: dict[str, Any], name: str, meaning: str, *, owner: str | None = None) -> Any:
+        """`inputs[name]`, an input the family's tower needs beside `pixel_values`; missing, a `ValueError` saying
+        what it is (`meaning`) and that the family's image processor returns it. `owner`: who needs it (the
+        tower's class by default)."""
+        value = inputs.get(name)
+        if value is None:
+            owner = owner or type(self.tower).__name__
+            raise ValueError(f"pixel_values of a {owner} come with {name} {meaning}")
+        return value
+
     @classmethod
     def accepts(cls, tower: nn.Module, family_config: Any = None) -> bool:
         """Is `tower` (inside a VLM of config `family_config`, None for a composed model) of this reader's family?"""

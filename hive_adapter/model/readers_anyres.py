@@ -40,12 +40,12 @@ class AnyresReader(VisionReader):
     def crops_per_image(self, pixel_values: torch.Tensor | None, inputs: dict[str, Any]) -> list[int]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        sizes = inputs.get(SIZES_INPUT)
-        if sizes is None:
-            raise ValueError(
-                f"pixel_values of a {type(self.family_config).__name__} model come with {SIZES_INPUT} (images, 2), "
-                "each image's height and width before cropping, as the family's image processor returns them"
-            )
+        sizes = self.required_input(
+            inputs,
+            SIZES_INPUT,
+            "(images, 2), each image's height and width before cropping, as the family's image processor returns them",
+            owner=f"{type(self.family_config).__name__} model",
+        )
         sizes = sizes.tolist() if hasattr(sizes, "tolist") else list(sizes)
         pinpoints = self.family_config.image_grid_pinpoints
         crops = [image_size_to_num_patches(list(size), pinpoints, self.shape.image_size) for size in sizes]

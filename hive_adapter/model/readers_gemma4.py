@@ -40,13 +40,12 @@ class PositionedPatchReader(VisionReader):
         return VisionShape(config.num_hidden_layers, config.hidden_size, config.patch_size, image_size=0)
 
     def _positions(self, inputs: dict[str, Any]) -> torch.Tensor:
-        positions = inputs.get(POSITIONS_INPUT)
-        if positions is None:
-            raise ValueError(
-                f"pixel_values of a {type(self.tower).__name__} come with {POSITIONS_INPUT} (images, patches, 2), "
-                "each patch's column and row, as the family's image processor returns them; pass it too"
-            )
-        return positions
+        return self.required_input(
+            inputs,
+            POSITIONS_INPUT,
+            "(images, patches, 2), each patch's column and row, as the family's image processor returns them; "
+            "pass it too",
+        )
 
     def check(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> None:
         positions = self._positions(inputs)

@@ -57,13 +57,12 @@ class QwenPackedPatchReader(VisionReader):
         return config.in_channels * config.temporal_patch_size * config.patch_size**2
 
     def _grid(self, inputs: dict[str, Any]) -> torch.Tensor:
-        grid = inputs.get(GRID_INPUT)
-        if grid is None:
-            raise ValueError(
-                f"pixel_values of a {type(self.tower).__name__} come with {GRID_INPUT} (images, 3): the frames, rows "
-                "and columns of patches of each image, as the family's image processor returns them; pass it too"
-            )
-        return grid
+        return self.required_input(
+            inputs,
+            GRID_INPUT,
+            "(images, 3): the frames, rows and columns of patches of each image, as the family's image processor "
+            "returns them; pass it too",
+        )
 
     def num_images(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> int:
         return self._grid(inputs).shape[0]
