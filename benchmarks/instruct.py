@@ -235,7 +235,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--hive_initializer_range", type=float, default=None,
-        help="HIVE's new weights ~ N(0, this) (default: the library's 0.02); its rows are labelled 'hive (init x)'",
+        help="HIVE's new weights ~ N(0, this) (default: the library's, 1/sqrt(fan_in)); rows labelled 'hive (init x)'",
     )  # fmt: skip
     parser.add_argument("--caption_size", type=int, default=1000, help="synthetic captions for stages 1-3")
     parser.add_argument("--conversations", type=int, default=2000, help="synthetic conversations for sft")

@@ -85,9 +85,13 @@ def hive_train_arguments(
     train_size: int,
     batch_size: int,
     stages: tuple[int, ...] = STAGES,
+    initializer_range: float | None = None,
 ) -> list[str]:
-    """hive-train's arguments for `stages` of `connector` (stage 0, the composed model, is written on the way)."""
+    """hive-train's arguments for `stages` of `connector` (stage 0, the composed model, is written on the way);
+    `initializer_range`: HIVE's start (None: the library's default, scaled to each layer's width)."""
     epochs = ["--num_train_epochs", "1"] if 2 in stages else []  # Table 3's stage 2 has 2 epochs; one fits the budget
+    if initializer_range is not None:
+        epochs += ["--hive_initializer_range", repr(initializer_range)]
     return [
         "--vision_model", str(vision), "--language_model", str(language), "--vision_connector", connector,
         "--hive_vision_layers", VISION_LAYERS, "--hive_llm_layers", LLM_LAYERS,
@@ -134,17 +138,25 @@ def greedy_captions(checkpoint: Path, samples: SyntheticShapes, count: int = CAP
     return rows
 
 
+def run_label(connector: str, initializer_range: float | None) -> tuple[str, str]:
+    """The table's label and the file stem of one setting: `hive`, or `hive (init 0.02)` / `hive-init0.02`."""
+    if initializer_range is None:
+        return connector, connector
+    return f"{connector} (init {initializer_range:g})", f"{connector}-init{initializer_range:g}"
+
+
 def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> None:
-    result_path = args.output_dir / "runs" / f"{connector}-seed{seed}.json"
+    label, stem = run_label(connector, args.hive_initializer_range)
+    result_path = args.output_dir / "runs" / f"{stem}-seed{seed}.json"
     if result_path.is_file():
         say(f"{result_path.name}: done before, kept")
         return
     started = time.time()
     vision = vision_encoder(args.work_dir / f"encoder-{args.encoder_steps}-steps", seed, args.encoder_steps)
-    directory = args.work_dir / "runs" / f"{connector}-seed{seed}"
+    directory = args.work_dir / "runs" / f"{stem}-seed{seed}"
     arguments = hive_train_arguments(
         connector, vision, language, directory, seed=seed, train_size=args.train_size, batch_size=args.batch_size,
-        stages=args.stages,
+        stages=args.stages, initializer_range=args.hive_initializer_range,
     )  # fmt: skip
     completed = subprocess.run(
         [sys.executable, "-m", "hive_adapter.training.train", *arguments], capture_output=True, text=True
@@ -168,6 +180,7 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
         }
     result = {
         "connector": connector,
+        "label": label,
         "seed": seed,
         "settings": {
             "train_size": args.train_size,
@@ -178,6 +191,7 @@ def run(connector: str, seed: int, args: argparse.Namespace, language: Path) -> 
             "tokens_per_level": TOKENS_PER_LEVEL,
             "encoder_pretraining_steps": args.encoder_steps,
             "stages": list(args.stages),
+            "initializer_range": args.hive_initializer_range,  # None: the library's default
         },  # fmt: skip
         "image_reading": {
             str(stage): checkpoint_image_reading(directory / f"stage{stage}", held_out).to_dict()
@@ -216,6 +230,19 @@ def _stages_of(result: dict) -> dict[str, dict]:
     return {"1": {key: result.get(key) for key in keys}}
 
 
+LOSS_THRESHOLD = 1.0  # stage 1's pace: the first logged step (every 10) whose training loss is below it
+
+
+def steps_to_loss(results: list[dict], below: float = LOSS_THRESHOLD) -> str:
+    """Per seed, the first logged stage-1 step whose loss is below `below` (– never): how fast stage 1 learns."""
+    cells = []
+    for result in results:
+        losses = _stages_of(result).get("1", {}).get("losses") or []
+        step = next((10 * (index + 1) for index, loss in enumerate(losses) if loss < below), None)
+        cells.append("–" if step is None else str(step))
+    return ", ".join(cells)
+
+
 def _runs(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
 
@@ -226,13 +253,12 @@ def _table(runs: list[dict]) -> list[str]:
     header = " | ".join(f"after stage {stage}" for stage in stages)
     lines = [
         f"| connector | seeds | content, own / swapped image, before | {header} | final loss per stage | "
-        "s per step per stage |",
-        "| --- | --- | --- | " + "--- | " * len(stages) + "--- | --- |",
+        f"stage-1 steps to loss < {LOSS_THRESHOLD:g} | s per step per stage |",
+        "| --- | --- | --- | " + "--- | " * len(stages) + "--- | --- | --- |",
     ]
-    for connector in CONNECTORS:
-        results = [r for r in runs if r["connector"] == connector]
-        if not results:
-            continue
+    order = sorted(runs, key=lambda r: (CONNECTORS.index(r["connector"]), r.get("label", r["connector"])))
+    for label in dict.fromkeys(r.get("label", r["connector"]) for r in order):
+        results = [r for r in runs if r.get("label", r["connector"]) == label]
 
         def reading(stage: int, results: list[dict] = results) -> str:
             done = [r["image_reading"][str(stage)] for r in results if str(stage) in r["image_reading"]]
@@ -246,9 +272,9 @@ def _table(runs: list[dict]) -> list[str]:
             return " / ".join(cells)
 
         lines.append(
-            f"| {connector} | {','.join(str(r['seed']) for r in results)} | {reading(0)} | "
+            f"| {label} | {','.join(str(r['seed']) for r in results)} | {reading(0)} | "
             + " | ".join(reading(stage) for stage in stages)
-            + f" | {per_stage('final_loss')} | {per_stage('seconds_per_step')} |"
+            + f" | {per_stage('final_loss')} | {steps_to_loss(results)} | {per_stage('seconds_per_step')} |"
         )
     return lines
 
@@ -295,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held_out", type=int, default=256)
     parser.add_argument("--encoder_steps", type=int, default=ENCODER_PRETRAINING_STEPS, help="contrastive pre-training")
     parser.add_argument("--work_dir", type=Path, default=Path("/tmp/hive-real-lm"), help="checkpoints (kept)")
+    parser.add_argument(
+        "--hive_initializer_range", type=float, default=None,
+        help="hive-train's option: HIVE's start std (default: the library's, 1/sqrt(fan_in)); rows labelled 'init x'",
+    )  # fmt: skip
     parser.add_argument("--output_dir", type=Path, default=OUTPUT)
     parser.add_argument("--print_commands", action="store_true", help="print and check the commands; run nothing")
     parser.add_argument("--summary", action="store_true", help="run nothing; rewrite real_lm.md from the finished runs")
@@ -317,11 +347,12 @@ def main(argv: list[str] | None = None) -> None:
                     connector,
                     args.work_dir / f"encoder-{args.encoder_steps}-steps" / f"encoder-seed{seed}" / "vision",
                     cache_root() / SMOLLM2.directory_name,
-                    args.work_dir / "runs" / f"{connector}-seed{seed}",
+                    args.work_dir / "runs" / f"{run_label(connector, args.hive_initializer_range)[1]}-seed{seed}",
                     seed=seed,
                     train_size=args.train_size,
                     batch_size=args.batch_size,
                     stages=args.stages,
+                    initializer_range=args.hive_initializer_range,
                 )
                 check_arguments(arguments)
                 print("python -m hive_adapter.training.train " + " ".join(arguments))

@@ -216,6 +216,32 @@ def test_the_real_lm_summary_reads_stage_one_runs_and_stage_two_runs(tmp_path):
     assert "a red \\| square left" in table  # a caption stays one table cell
 
 
+def test_the_real_lm_init_study_labels_its_rows_and_passes_the_start_to_hive_train(tmp_path, capsys):
+    """Issue 39: `--hive_initializer_range X` reaches hive-train, the runs are kept apart from the default's
+    (their own files and work directories) and the table gives them their own row with the steps to a loss."""
+    from benchmarks import real_lm
+
+    real_lm.main(["--print_commands", "--seeds", "0", "--connectors", "hive", "--stages", "1",
+                  "--hive_initializer_range", "0.02"])  # fmt: skip
+    (command,) = capsys.readouterr().out.strip().splitlines()
+    assert command.endswith("--hive_initializer_range 0.02") and "/runs/hive-init0.02-seed0 " in command
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for label, losses in (("hive", [1.2, 0.9, 0.4]), ("hive (init 0.02)", [2.0, 1.5, 1.1])):
+        record = _real_lm_run("hive", 0, {"0": 0.1, "1": 0.8}, stages=True)
+        record["stages"]["1"] = {**record["stages"]["1"], "losses": losses}
+        (runs / f"{label.replace(' ', '_')}-seed0.json").write_text(json.dumps({**record, "label": label}))
+    rows = {}
+    for line in summary_lines(real_lm.summary(tmp_path)):
+        rows.setdefault(line.split(" | ")[0], line)  # the results table comes before the captions
+    assert "| 20 |" in rows["| hive"]  # the loss is below 1.0 at the second logged step (every 10)
+    assert "| – |" in rows["| hive (init 0.02)"]  # never below it: said, not invented
+
+
+def summary_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| hive")]
+
+
 def test_the_real_lm_commands_for_stages_one_and_two_pass_hive_train_checks(capsys):
     from benchmarks import real_lm
 

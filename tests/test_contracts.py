@@ -17,7 +17,10 @@ from transformers import AutoModel, LlamaForCausalLM
 import hive_adapter as hive
 from hive_adapter.model.adapter_model import ADAPTER_WEIGHTS_NAME
 
-STD = 0.02
+def expected_std(name: str, tensor: torch.Tensor) -> float:
+    """The default start (`initializer_range=None`): N(0, 1/fan_in) for a linear weight (its input width is the
+    last dimension), N(0, 1/width) for the level embeddings."""
+    return 1.0 / math.sqrt(tensor.shape[-1])
 
 
 def compose(vision="siglip", text="llama", **overrides) -> hive.HiveForConditionalGeneration:
@@ -31,8 +34,9 @@ def hive_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if "hive_" in name}
 
 
-def assert_freshly_initialised(model: torch.nn.Module, *, gate_init: float = 0.0, std: float = STD) -> None:
-    """Gates at `gate_init`, norms at (1, 0), every HIVE linear weight ~ N(0, std) with zero bias."""
+def assert_freshly_initialised(model: torch.nn.Module, *, gate_init: float = 0.0, std: float | None = None) -> None:
+    """Gates at `gate_init`, norms at (1, 0), every HIVE linear weight ~ N(0, std) with zero bias; with `std`
+    None, the default: each weight divided by its own expected std (`expected_std`) is ~ N(0, 1)."""
     tensors = hive_tensors(model)
     assert tensors, "the model has no HIVE parameters"
     weights = []
@@ -45,10 +49,11 @@ def assert_freshly_initialised(model: torch.nn.Module, *, gate_init: float = 0.0
         elif name.endswith(".bias"):
             assert torch.all(tensor == 0), f"{name} is not zero"
         elif name.endswith(".weight") or name.endswith("level_embedding"):
-            weights.append(tensor.flatten())
+            weights.append((tensor / (expected_std(name, tensor) if std is None else 1.0)).flatten())
     values = torch.cat(weights)
-    assert abs(values.std().item() - std) < 0.1 * std, f"HIVE weights have std {values.std():.4f}, expected {std}"
-    assert abs(values.mean().item()) < 0.1 * std
+    target = 1.0 if std is None else std
+    assert abs(values.std().item() - target) < 0.1 * target, f"HIVE weights have std {values.std():.4f}, expected {std}"
+    assert abs(values.mean().item()) < 0.1 * target
 
 
 # ---------------------------------------------------------------------- 1. initialisation on every path
@@ -87,9 +92,42 @@ def test_a_checkpoint_missing_hive_keys_loads_them_initialised_and_keeps_the_res
     ffn = {name: tensor for name, tensor in hive_tensors(loaded).items() if "hive_ffn" in name}
     assert ffn and all(torch.isfinite(t).all() for t in ffn.values())
     assert all(torch.all(t == 0) for name, t in ffn.items() if name.endswith("hive_ffn_gate"))
-    weights = torch.cat([t.flatten() for name, t in ffn.items() if name.endswith(".weight") and "norm" not in name])
-    assert abs(weights.std().item() - STD) < 0.1 * STD
+    linear = {name: t for name, t in ffn.items() if name.endswith(".weight") and "norm" not in name}
+    weights = torch.cat([(t / expected_std(name, t)).flatten() for name, t in linear.items()])
+    assert abs(weights.std().item() - 1.0) < 0.1  # each ~ N(0, 1/fan_in)
 
+
+
+def test_a_config_saved_with_the_earlier_fixed_start_keeps_it_and_the_default_round_trips(tmp_path):
+    """Issue 39: the default start became width-scaled (`initializer_range=None`); a config saved before it holds
+    0.02, and what that model initialises later (a level or an FFN added on reload) keeps N(0, 0.02)."""
+    earlier = compose()
+    earlier.config.initializer_range = 0.02  # what every config written before the change holds
+    earlier.save_pretrained(tmp_path / "earlier")
+    assert '"initializer_range": 0.02' in (tmp_path / "earlier" / "config.json").read_text()
+    loaded = hive.HiveForConditionalGeneration.from_pretrained(tmp_path / "earlier", use_ffn=True)
+    assert loaded.config.initializer_range == 0.02
+    linear = {n: t for n, t in hive_tensors(loaded).items() if "hive_ffn" in n and n.endswith(".weight")}
+    weights = torch.cat([t.flatten() for n, t in linear.items() if "norm" not in n])
+    assert abs(weights.std().item() - 0.02) < 0.002
+    compose().save_pretrained(tmp_path / "now")
+    assert hive.HiveConfig.from_pretrained(tmp_path / "now").initializer_range is None
+
+
+def test_the_default_start_is_one_over_root_fan_in_from_the_toy_width_to_the_paper_shapes():
+    """What each tensor starts with at the learning curves' width and at the paper's 1B and 7B shapes (on meta):
+    large where the model is narrow, near the earlier 0.02 where HIVE was designed to run."""
+    from benchmarks.configs import PAPER_1B, PAPER_7B
+    from benchmarks.init_scale import TOY, starting_stds
+    from benchmarks.models import build
+
+    toy = starting_stds(build(TOY, "hive"))
+    assert {std for _, std in toy.values()} == {0.125}
+    for pair, vision, text in ((PAPER_1B, 1152, 2048), (PAPER_7B, 1024, 4096)):
+        stds = starting_stds(build(pair, "hive"))
+        assert stds["projector layers.0"] == (vision, 1 / math.sqrt(vision))
+        assert stds["hive_q_proj"] == stds["hive_k_proj"] == stds["hive_o_proj"] == (text, 1 / math.sqrt(text))
+        assert all(0.015 <= std <= 0.035 for _, std in stds.values()), stds
 
 def test_a_checkpoint_without_any_hive_weights_computes_what_its_language_model_computes(tmp_path):
     """A fresh wrap computes what the base computed, however the HIVE weights came to be missing."""

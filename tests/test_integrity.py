@@ -454,6 +454,6 @@ def test_the_initializer_range_flag_reaches_the_config_and_a_contradicting_one_i
     asked = HiveArguments(hive_initializer_range=0.1)
     assert hive_config_from(asked).initializer_range == 0.1
     found = contradictions(hive.HiveConfig(), asked, {"hive_initializer_range"})
-    assert found == ["--hive_initializer_range 0.1 (the model: initializer_range=0.02)"]
+    assert found == ["--hive_initializer_range 0.1 (the model: initializer_range=None)"]  # None: 1/sqrt(fan_in)
     with pytest.raises(ValueError, match="initializer_range"):
         hive_config_from(HiveArguments(hive_initializer_range=-1.0))

@@ -26,13 +26,27 @@ class Variant:
 
     config: dict = field(default_factory=dict)
     hive_lr_factor: float = 1.0
+    zero_output_projection: bool = False  # the cross-attention's output projection starts at 0 (LoRA's B)
     description: str = "the library's defaults"
 
 
 VARIANTS = {
     "default": Variant(),
     "gate0.1": Variant(config={"gate_init": 0.1}, description="gates start at 0.1 instead of 0 (no identity at init)"),
-    "init0.1": Variant(config={"initializer_range": 0.1}, description="HIVE's new weights N(0, 0.1) instead of 0.02"),
+    "init0.1": Variant(config={"initializer_range": 0.1}, description="HIVE's new weights N(0, 0.1)"),
+    "init0.02": Variant(
+        config={"initializer_range": 0.02}, description="HIVE's new weights N(0, 0.02) (the earlier default)"
+    ),
+    "fan_in": Variant(
+        config={"initializer_range": None},
+        description="HIVE's new weights N(0, 1/fan_in), scaled to each layer's input width (the default)",
+    ),
+    "zero_out": Variant(
+        config={"initializer_range": None, "gate_init": 1.0},
+        zero_output_projection=True,
+        description="gates at 1 and the cross-attention's output projection at 0 (identity kept by the projection, "
+        "as LoRA's B), the other new weights N(0, 1/fan_in)",
+    ),
     "hive_lr3": Variant(hive_lr_factor=3.0, description="HIVE's modules at 3x the learning rate (3e-3)"),
     "ffn": Variant(config={"use_ffn": True}, description="a gated feed-forward after each cross-attention (Flamingo)"),
 }

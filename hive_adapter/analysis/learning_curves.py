@@ -89,7 +89,13 @@ def tiny_model(connector: str, seed: int, variant: Variant = VARIANTS["default"]
         **CONNECTOR_SETTINGS[connector],
         **variant.config,
     )  # fmt: skip  (16 patch tokens a level)
-    return HiveForConditionalGeneration.from_vision_text(vision, language, config)
+    model = HiveForConditionalGeneration.from_vision_text(vision, language, config)
+    if variant.zero_output_projection:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("hive_o_proj.weight"):
+                    parameter.zero_()
+    return model
 
 
 def _rows(data: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ resolved against the language model, and the initialisation every construction p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -101,17 +102,25 @@ def _initialise(tensor: torch.Tensor, fill: Callable[[torch.Tensor], Any]) -> No
         fill(tensor)
 
 
+def initial_std(config: HiveConfig, width: int) -> float:
+    """The std a new HIVE tensor starts with: `config.initializer_range`, or where that is None, scaled to the
+    width the tensor reads (1/sqrt(fan_in), LeCun's normal: unit-variance inputs give unit-variance outputs)."""
+    if config.initializer_range is not None:
+        return config.initializer_range
+    return 1.0 / math.sqrt(width)
+
+
 @torch.no_grad()
 def init_hive_module(module: nn.Module, config: HiveConfig) -> None:
-    """Initialise the tensors a HIVE module holds itself (not its children's): linear weights and level
-    embeddings ~ N(0, `initializer_range`), zero biases, unit norms, gates at `gate_init` (0: the base's
-    computation). Tensors that `from_pretrained` already loaded are left alone, so a checkpoint missing
-    some HIVE keys gets exactly those initialised.
+    """Initialise the tensors a HIVE module holds itself (not its children's): linear weights ~ N(0, std) with
+    std from `initial_std` (the layer's input width), level embeddings likewise (their width), zero biases,
+    unit norms, gates at `gate_init` (0: the base's computation). Tensors that `from_pretrained` already
+    loaded are left alone, so a checkpoint missing some HIVE keys gets exactly those initialised.
 
     Per module, as transformers' `_init_weights` is called: it skips modules without tensors of their own.
     """
-    std = config.initializer_range
     if isinstance(module, nn.Linear):
+        std = initial_std(config, module.in_features)
         _initialise(module.weight, lambda t: t.normal_(mean=0.0, std=std))
         if module.bias is not None:
             _initialise(module.bias, torch.Tensor.zero_)
@@ -123,6 +132,7 @@ def init_hive_module(module: nn.Module, config: HiveConfig) -> None:
             if gate is not None:
                 _initialise(gate, lambda t: t.fill_(config.gate_init))
     elif isinstance(module, HiveLevelEncoder) and module.level_embedding is not None:
+        std = initial_std(config, module.level_embedding.shape[-1])
         _initialise(module.level_embedding, lambda t: t.normal_(mean=0.0, std=std))
 
 

@@ -100,7 +100,12 @@ class HiveConfig(PretrainedConfig):
         gate_init (`float`, defaults to 0.0):
             Initial value of the tanh gates. 0 makes a freshly wrapped model compute exactly what the
             base computed.
-        initializer_range (`float`, defaults to 0.02): std of the new linear weights.
+        initializer_range (`float`, *optional*):
+            Std of HIVE's new linear weights and level embeddings. `None` (the default) scales it to each
+            tensor's width: N(0, 1/fan_in) for a linear layer (LeCun's normal), N(0, 1/width) for the level
+            embeddings, so a small model starts as fast as a large one (0.125 at width 64, 0.022 at 2,048). A
+            number gives every new tensor that std (0.02, the earlier fixed default, is what configs saved
+            before keep).
         layers_path (`str`, *optional*):
             Dotted attribute path to the decoder layer list, for models the built-in table does not place.
         vision_tower_path (`str`, *optional*): dotted attribute path to the vision tower, likewise.
@@ -132,7 +137,7 @@ class HiveConfig(PretrainedConfig):
         image_token_id: int | None = None,
         cross_attn_implementation: str | None = None,
         gate_init: float = 0.0,
-        initializer_range: float = 0.02,
+        initializer_range: float | None = None,
         layers_path: str | None = None,
         vision_tower_path: str | None = None,
         vision_config: PretrainedConfig | dict | None = None,
@@ -208,6 +213,8 @@ class HiveConfig(PretrainedConfig):
             raise ValueError(f"use_ffn={self.use_ffn!r}: expected True or False")
         for name, low in (("gate_init", None), ("initializer_range", 0.0)):
             value = getattr(self, name)
+            if name == "initializer_range" and value is None:  # scaled to each tensor's width
+                continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or (low is not None and value <= low):
                 expected = "a finite number" if low is None else f"a finite number above {low}"
