@@ -17,6 +17,7 @@ from transformers import AutoModel, LlamaForCausalLM
 import hive_adapter as hive
 from hive_adapter.model.adapter_model import ADAPTER_WEIGHTS_NAME
 
+
 def expected_std(name: str, tensor: torch.Tensor) -> float:
     """The default start (`initializer_range=None`): N(0, 1/fan_in) for a linear weight (its input width is the
     last dimension), N(0, 1/width) for the level embeddings."""
@@ -97,7 +98,6 @@ def test_a_checkpoint_missing_hive_keys_loads_them_initialised_and_keeps_the_res
     assert abs(weights.std().item() - 1.0) < 0.1  # each ~ N(0, 1/fan_in)
 
 
-
 def test_a_config_saved_with_the_earlier_fixed_start_keeps_it_and_the_default_round_trips(tmp_path):
     """Issue 39: the default start became width-scaled (`initializer_range=None`); a config saved before it holds
     0.02, and what that model initialises later (a level or an FFN added on reload) keeps N(0, 0.02)."""
@@ -128,6 +128,7 @@ def test_the_default_start_is_one_over_root_fan_in_from_the_toy_width_to_the_pap
         assert stds["projector layers.0"] == (vision, 1 / math.sqrt(vision))
         assert stds["hive_q_proj"] == stds["hive_k_proj"] == stds["hive_o_proj"] == (text, 1 / math.sqrt(text))
         assert all(0.015 <= std <= 0.035 for _, std in stds.values()), stds
+
 
 def test_a_checkpoint_without_any_hive_weights_computes_what_its_language_model_computes(tmp_path):
     """A fresh wrap computes what the base computed, however the HIVE weights came to be missing."""

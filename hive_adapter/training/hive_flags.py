@@ -38,7 +38,10 @@ class HiveArguments:
     hive_use_ffn: bool = field(default=False, metadata={"help": "Add a gated FFN after each cross-attention."})
     hive_placement: str = field(default="before", metadata={"help": "before | after the wrapped decoder layer."})
     hive_initializer_range: float | None = field(
-        default=None, metadata={"help": "Std of HIVE's new weights at composition (default: HiveConfig's, 1/sqrt(fan_in) per layer)."}
+        default=None,
+        metadata={
+            "help": "Std of HIVE's new weights at composition (default: HiveConfig's, 1/sqrt(fan_in) per layer)."
+        },
     )
 
 
