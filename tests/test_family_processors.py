@@ -1,28 +1,49 @@
 """The text side of the VLM families (issue 37): `HiveProcessor.from_processor(family_processor)` writes one marker
-per image; the family processor's own expansion is refused by name, never read as N images."""
+per image; the family processor's own expansion is refused by name, never read as N images; saved with a composed
+HIVE model over the family's encoder, it comes back through `AutoProcessor` and answers in `pipeline`.
+
+Qwen2/2.5/3-VL's processors cannot be built here: they hold a video processor, and transformers' video processors
+need torchvision (`Qwen2_5_VLProcessor(...)` fails on `VIDEO_PROCESSOR_MAPPING` without it). HIVE's processor takes
+only Qwen's image processor and tokenizer, so it is built from those parts directly (what `from_processor` takes).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from family_models import IMAGE_TOKEN, open_gates
+from family_models import FAMILIES, IMAGE_TOKEN, TEXT, open_gates
+from hive_checkpoints import make_loud
 
 import hive_adapter as hive
 
 
-def tiny_tokenizer(special: dict[int, str]):
-    """A word-level tokenizer of the tiny models' vocabulary with the family's special tokens at the given ids."""
+def tiny_tokenizer(special: dict[int, str], named: dict[str, str] | None = None):
+    """A word-level tokenizer of the tiny models' vocabulary with the family's special tokens at the given ids;
+    `named`: the tokenizer attributes the family's processor reads (Gemma 3's `boi_token`, ...)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(99)} | {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, 99)}  # one word per id
     for index, token in special.items():
         vocab = {word: i for word, i in vocab.items() if i != index} | {token: index}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", extra_special_tokens=named or {}
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(special.values())})
     return tokenizer
+
+
+def chat_template(image_token: str) -> str:
+    """A family chat template in the tiny vocabulary: user turns `w7`, assistant turns `w8`, the prompt ends `w9`."""
+    return (
+        "{%- for message in messages -%}{{ 'w7' if message['role'] == 'user' else 'w8' }}"
+        "{%- for part in message['content'] -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{ ' {image_token}' }}}}"
+        "{%- elif part['type'] == 'text' -%}{{ ' ' + part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{{ ' </s> ' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ 'w9' }}{%- endif -%}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +57,25 @@ def idefics3_processor():
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
     )
     return Idefics3Processor(
-        image_processor=image_processor, tokenizer=tiny_tokenizer(special | rows_cols), image_seq_len=4
+        image_processor=image_processor,
+        tokenizer=tiny_tokenizer(special | rows_cols),
+        image_seq_len=4,
+        chat_template=chat_template("<image>"),
+    )
+
+
+@pytest.fixture(scope="module")
+def gemma3_processor():
+    """Gemma 3's processor: its image token is `<start_of_image>`, which it expands to itself + `<image_soft_token>`
+    x image_seq_length + `<end_of_image>` (no torchvision needed, unlike Pixtral's, InternVL's and Qwen's)."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tokenizer = tiny_tokenizer(dict(zip((IMAGE_TOKEN, 96, 97), named.values(), strict=True)), named=named)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return Gemma3Processor(
+        image_processor, tokenizer, image_seq_length=4, chat_template=chat_template("<start_of_image>")
     )
 
 
@@ -67,11 +106,12 @@ def test_from_processor_writes_one_marker_per_image_and_the_family_expansion_is_
 
 
 @torch.no_grad()
-def test_qwen_image_processor_output_reaches_hive_through_hive_processor(family_wrapped):
+def test_qwen_image_processor_output_reaches_hive_through_hive_processor(family_wrapped, tmp_path):
     """Qwen2.5-VL's own image processor (packed patches + image_grid_thw) behind a HiveProcessor with Qwen's image
     token: one marker per image, and the model reads the image. (Qwen's full processor also needs a video
     processor, which needs torchvision; `from_processor` takes the same parts from it.)"""
     import numpy as np
+    from transformers import AutoProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil(
@@ -83,8 +123,80 @@ def test_qwen_image_processor_output_reaches_hive_through_hive_processor(family_
     inputs = processor(images=[image], text=["w3 <|vision_start|><|image_pad|><|vision_end|> w4"], return_tensors="pt")
     assert inputs["input_ids"].tolist() == [[3, 97, IMAGE_TOKEN, 98, 4]]
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 6]]
+    processor.save_pretrained(tmp_path)  # saved and loaded back without torchvision (no video processor in it)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert type(again.image_processor) is Qwen2VLImageProcessorPil and again.image_token == "<|image_pad|>"
+    assert torch.equal(again(images=[image], text=["w3 <|image_pad|>"], return_tensors="pt")["pixel_values"],
+                       inputs["pixel_values"])  # fmt: skip
     model = family_wrapped("qwen2_5_vl")
     with open_gates(model):
         seen = model(**inputs).logits
         unseen = model(input_ids=inputs["input_ids"]).logits
     assert not torch.allclose(seen[:, 2:], unseen[:, 2:])
+
+
+def composed_over_family_encoder(name: str):
+    """A composed HIVE model: the family's vision encoder + a Llama of the tiny vocabulary, loud (gates open)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tower = FAMILIES[name].build(seed=4).get_encoder(modality="image")
+    torch.manual_seed(1)
+    language = LlamaForCausalLM(LlamaConfig(**TEXT))
+    config = hive.HiveConfig(image_token_id=IMAGE_TOKEN, vision_layers=[1, 3])
+    model = hive.HiveForConditionalGeneration.from_vision_text(tower, language, config).eval()
+    torch.manual_seed(2)
+    make_loud(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "family_processor"), [("smolvlm", "idefics3_processor"), ("gemma3", "gemma3_processor")]
+)
+def test_a_from_processor_processor_saved_with_the_model_comes_back_through_auto_processor_and_the_pipeline(
+    name, family_processor, request, tmp_path
+):
+    """The user's one line: HiveProcessor.from_processor(family_processor), saved with the HIVE model into one
+    directory; AutoProcessor gives it back (one marker per image, the family's image processor) and
+    pipeline("image-text-to-text") answers each picture as generate does, its answer depending on the picture."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    family = request.getfixturevalue(family_processor)
+    composed_over_family_encoder(name).save_pretrained(tmp_path)
+    hive.HiveProcessor.from_processor(family).save_pretrained(tmp_path)
+
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(processor, hive.HiveProcessor) and processor.image_token == family.image_token
+    assert type(processor.image_processor) is type(family.image_processor)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    assert isinstance(pipe.model, hive.HiveForConditionalGeneration)
+    generator = np.random.default_rng(0)
+    answers = []
+    for _ in range(4):
+        image = (generator.random((32, 32, 3)) * 255).astype("uint8")
+        conversation = [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "w3"}]}
+        ]
+        answer = pipe(text=conversation, max_new_tokens=4)[0]["generated_text"][-1]["content"]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 1
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer.strip() == expected.strip()  # the pipeline cuts the prompt's text off, keeping the space
+        answers.append(answer)
+    assert len(set(answers)) > 1, answers  # each request got its own picture
+
+
+def test_gemma3_pan_and_scan_is_refused_naming_the_setting(gemma3_processor):
+    """Pan-and-scan crops come as extra images that the family's processor announces in the text; HIVE reads each
+    image once, so a processor that would make them is refused, naming the setting to turn off."""
+    import copy
+
+    family = copy.deepcopy(gemma3_processor)
+    family.image_processor.do_pan_and_scan = True
+    with pytest.raises(ValueError, match=r"do_pan_and_scan=True.*do_pan_and_scan = False"):
+        hive.HiveProcessor.from_processor(family)
