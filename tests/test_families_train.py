@@ -128,6 +128,17 @@ def test_a_family_vlms_saved_directory_gives_its_own_encoder_weights(family, fam
     assert all(torch.equal(tensor, state[name]) for name, tensor in encoder.state_dict().items())
 
 
+def test_a_saved_llava_gives_its_own_clip_tower_weights(tmp_path):
+    """llava-hf's LLaVA-1.5 directory as --vision_model: its CLIP tower with its weights, not a fresh CLIPVisionModel."""
+    from tiny_models import build_llava
+
+    build_llava(seed=2).save_pretrained(tmp_path)
+    encoder = load_vision_encoder(tmp_path)
+    state = AutoModelForImageTextToText.from_pretrained(tmp_path).get_encoder(modality="image").state_dict()
+    assert encoder.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in encoder.state_dict().items())
+
+
 def test_hive_train_composes_over_a_saved_family_vlm_and_runs_stage_1(family_vlms, family_starts, tmp_path):
     """SmolVLM's own saved directory as --vision_model, a causal LM as --language_model: stage 0 holds SmolVLM's
     encoder with its weights, stage 1 moves HIVE's parameters only."""

@@ -64,6 +64,9 @@ def idefics3_processor():
     )
 
 
+GEMMA3_BOI = 96  # as tests/family_models.py's Gemma 3 config has it; its image (soft) token is IMAGE_TOKEN
+
+
 @pytest.fixture(scope="module")
 def gemma3_processor():
     """Gemma 3's processor: its image token is `<start_of_image>`, which it expands to itself + `<image_soft_token>`
@@ -72,7 +75,7 @@ def gemma3_processor():
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     named = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
-    tokenizer = tiny_tokenizer(dict(zip((IMAGE_TOKEN, 96, 97), named.values(), strict=True)), named=named)
+    tokenizer = tiny_tokenizer(dict(zip((GEMMA3_BOI, IMAGE_TOKEN, 97), named.values(), strict=True)), named=named)
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
     return Gemma3Processor(
         image_processor, tokenizer, image_seq_length=4, chat_template=chat_template("<start_of_image>")
@@ -135,14 +138,14 @@ def test_qwen_image_processor_output_reaches_hive_through_hive_processor(family_
     assert not torch.allclose(seen[:, 2:], unseen[:, 2:])
 
 
-def composed_over_family_encoder(name: str):
+def composed_over_family_encoder(name: str, image_token_id: int = IMAGE_TOKEN):
     """A composed HIVE model: the family's vision encoder + a Llama of the tiny vocabulary, loud (gates open)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tower = FAMILIES[name].build(seed=4).get_encoder(modality="image")
     torch.manual_seed(1)
     language = LlamaForCausalLM(LlamaConfig(**TEXT))
-    config = hive.HiveConfig(image_token_id=IMAGE_TOKEN, vision_layers=[1, 3])
+    config = hive.HiveConfig(image_token_id=image_token_id, vision_layers=[1, 3])
     model = hive.HiveForConditionalGeneration.from_vision_text(tower, language, config).eval()
     torch.manual_seed(2)
     make_loud(model)
@@ -162,7 +165,8 @@ def test_a_from_processor_processor_saved_with_the_model_comes_back_through_auto
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     family = request.getfixturevalue(family_processor)
-    composed_over_family_encoder(name).save_pretrained(tmp_path)
+    marker = family.tokenizer.convert_tokens_to_ids(family.image_token)  # Gemma 3's processor writes <start_of_image>
+    composed_over_family_encoder(name, marker).save_pretrained(tmp_path)
     hive.HiveProcessor.from_processor(family).save_pretrained(tmp_path)
 
     processor = AutoProcessor.from_pretrained(tmp_path)
@@ -182,7 +186,7 @@ def test_a_from_processor_processor_saved_with_the_model_comes_back_through_auto
         inputs = processor.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
-        assert int((inputs["input_ids"] == IMAGE_TOKEN).sum()) == 1
+        assert int((inputs["input_ids"] == marker).sum()) == 1
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         expected = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -200,3 +204,80 @@ def test_gemma3_pan_and_scan_is_refused_naming_the_setting(gemma3_processor):
     family.image_processor.do_pan_and_scan = True
     with pytest.raises(ValueError, match=r"do_pan_and_scan=True.*do_pan_and_scan = False"):
         hive.HiveProcessor.from_processor(family)
+
+
+# ---------------------------------------------------------------------- the families' expanded forms, refused
+@pytest.fixture(scope="module")
+def llava_next_processor():
+    """LLaVA-NeXT's processor: `<image>` x (base features + anyres crop features + newline per row)."""
+    from family_models import CROP, PINPOINTS
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
+    )
+    return LlavaNextProcessor(image_processor, tiny_tokenizer({IMAGE_TOKEN: "<image>"}), patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+
+
+def image(seed: int, height: int = 32, width: int = 32):
+    import numpy as np
+
+    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
+
+
+@torch.no_grad()
+def test_llava_next_expanded_output_is_refused_and_from_processor_output_is_read(llava_next_processor, family_wrapped):
+    family = llava_next_processor(images=[image(0, 30, 60)], text=["w3 <image> w4"], return_tensors="pt")
+    assert int((family["input_ids"] == IMAGE_TOKEN).sum()) > 16  # base + crops + newlines, one token each
+    model = family_wrapped("llava_next")
+    with pytest.raises(ValueError, match=r"expanded form.*HiveProcessor\.from_processor"):
+        model(**family)
+    inputs = hive.HiveProcessor.from_processor(llava_next_processor)(
+        images=[image(0, 30, 60)], text=["w3 <image> w4"], return_tensors="pt"
+    )
+    assert inputs["input_ids"].tolist() == [[3, IMAGE_TOKEN, 4]]
+    with open_gates(model):
+        seen, unseen = model(**inputs).logits, model(input_ids=inputs["input_ids"]).logits
+    assert not torch.allclose(seen[:, 1:], unseen[:, 1:])
+
+
+@torch.no_grad()
+def test_gemma3_expanded_output_is_refused(gemma3_processor, family_wrapped):
+    """Gemma 3's `<start_of_image>` + `<image_soft_token>` x N + `<end_of_image>`, given to the wrapped Gemma 3."""
+    family = gemma3_processor(images=[image(1)], text=["w3 <start_of_image> w4"], return_tensors="pt")
+    assert int((family["input_ids"] == IMAGE_TOKEN).sum()) == 4
+    with pytest.raises(ValueError, match=r"4 image marker tokens \(id 95\) in 1 runs.*expanded form"):
+        family_wrapped("gemma3")(input_ids=family["input_ids"], pixel_values=family["pixel_values"])
+
+
+@torch.no_grad()
+def test_qwen_expanded_output_is_refused(family_wrapped):
+    """Qwen2.5-VL's processor (which needs torchvision here) writes `<|vision_start|>` + `<|image_pad|>` x
+    (patches / merge^2) + `<|vision_end|>`: the same text, from its own image processor's grid, is refused."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, max_pixels=32 * 32)
+    pixels = image_processor(images=[image(2, 32, 24)], return_tensors="pt")
+    pads = int(pixels["image_grid_thw"].prod()) // 4
+    input_ids = torch.tensor([[3, 97, *[IMAGE_TOKEN] * pads, 98, 4]])
+    with pytest.raises(ValueError, match=rf"{pads} image marker tokens .* 1 runs .*expanded form"):
+        family_wrapped("qwen2_5_vl")(input_ids=input_ids, **pixels)
+
+
+@torch.no_grad()
+def test_a_wrapped_gemma3_reads_from_processor_output_at_start_of_image(gemma3_processor):
+    """Gemma 3's processor names `<start_of_image>` as its image token (it writes the soft tokens itself), so the
+    HiveProcessor built from it marks each image there; a wrapped Gemma 3 reads them with that marker."""
+    from family_models import build_gemma3
+
+    inputs = hive.HiveProcessor.from_processor(gemma3_processor)(
+        images=[image(1)], text=["w3 <start_of_image> w4"], return_tensors="pt"
+    )
+    assert inputs["input_ids"].tolist() == [[3, GEMMA3_BOI, 4]]
+    model = hive.get_hive_model(build_gemma3(), hive.HiveConfig(vision_layers=[1, 3], image_token_id=GEMMA3_BOI))
+    with open_gates(model):
+        seen, unseen = model(**inputs).logits, model(input_ids=inputs["input_ids"]).logits
+    assert not torch.allclose(seen[:, 1:], unseen[:, 1:])
+    torch.testing.assert_close(seen[:, :1], unseen[:, :1], rtol=0, atol=0)
