@@ -281,3 +281,28 @@ def test_a_wrapped_gemma3_reads_from_processor_output_at_start_of_image(gemma3_p
         seen, unseen = model(**inputs).logits, model(input_ids=inputs["input_ids"]).logits
     assert not torch.allclose(seen[:, 1:], unseen[:, 1:])
     torch.testing.assert_close(seen[:, :1], unseen[:, :1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_an_adapter_saved_with_its_from_processor_processor_loads_both_from_one_directory(
+    idefics3_processor, family_wrapped, tmp_path
+):
+    """The adapter route: HIVE's adapter files and the HiveProcessor in one directory; AutoProcessor gives the
+    processor back (still asking Idefics3's image processor for rows and columns), HiveModel.from_pretrained the
+    adapter, and the two compute what the saved pair computed."""
+    from family_models import build_smolvlm
+    from transformers import AutoProcessor
+
+    model = family_wrapped("smolvlm")
+    processor = hive.HiveProcessor.from_processor(idefics3_processor)
+    inputs = processor(images=[[image(0, 64, 32)]], text=["w3 <image> w4"], return_tensors="pt")
+    with open_gates(model, 0.7):
+        want = model(**inputs).logits
+        model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(again, hive.HiveProcessor) and again.image_processor.return_row_col_info
+    reloaded_inputs = again(images=[[image(0, 64, 32)]], text=["w3 <image> w4"], return_tensors="pt")
+    assert reloaded_inputs.keys() == inputs.keys()
+    loaded = hive.HiveModel.from_pretrained(build_smolvlm(), tmp_path)
+    torch.testing.assert_close(loaded(**reloaded_inputs).logits, want, rtol=0, atol=0)
