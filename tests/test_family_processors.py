@@ -152,25 +152,44 @@ def composed_over_family_encoder(name: str, image_token_id: int = IMAGE_TOKEN):
     return model
 
 
+@pytest.fixture(scope="module")
+def qwen_hive_processor():
+    """Qwen2.5-VL's processor needs torchvision to be built here: the HiveProcessor of the parts `from_processor`
+    takes from it (its image processor, tokenizer, image token and chat template)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, max_pixels=32 * 32)
+    tokenizer = tiny_tokenizer({IMAGE_TOKEN: "<|image_pad|>", 97: "<|vision_start|>", 98: "<|vision_end|>"})
+    template = chat_template("<|vision_start|><|image_pad|><|vision_end|>")
+    return hive.HiveProcessor(image_processor, tokenizer, chat_template=template, image_token="<|image_pad|>")
+
+
+def hive_processor_of(family) -> hive.HiveProcessor:
+    return family if isinstance(family, hive.HiveProcessor) else hive.HiveProcessor.from_processor(family)
+
+
 @pytest.mark.parametrize(
-    ("name", "family_processor"), [("smolvlm", "idefics3_processor"), ("gemma3", "gemma3_processor")]
+    ("name", "family_processor"),
+    [("smolvlm", "idefics3_processor"), ("gemma3", "gemma3_processor"), ("qwen2_5_vl", "qwen_hive_processor")],
 )
 def test_a_from_processor_processor_saved_with_the_model_comes_back_through_auto_processor_and_the_pipeline(
     name, family_processor, request, tmp_path
 ):
     """The user's one line: HiveProcessor.from_processor(family_processor), saved with the HIVE model into one
     directory; AutoProcessor gives it back (one marker per image, the family's image processor) and
-    pipeline("image-text-to-text") answers each picture as generate does, its answer depending on the picture."""
+    pipeline("image-text-to-text") answers each picture as generate does, its answer depending on the picture.
+    (Qwen: the HiveProcessor built from the parts from_processor takes, Qwen's processor needing torchvision.)"""
     import numpy as np
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     family = request.getfixturevalue(family_processor)
-    marker = family.tokenizer.convert_tokens_to_ids(family.image_token)  # Gemma 3's processor writes <start_of_image>
+    processor = hive_processor_of(family)
+    marker = processor.image_token_id  # Gemma 3's processor writes <start_of_image>
     composed_over_family_encoder(name, marker).save_pretrained(tmp_path)
-    hive.HiveProcessor.from_processor(family).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
 
     processor = AutoProcessor.from_pretrained(tmp_path)
-    assert isinstance(processor, hive.HiveProcessor) and processor.image_token == family.image_token
+    assert isinstance(processor, hive.HiveProcessor) and processor.image_token == hive_processor_of(family).image_token
     assert type(processor.image_processor) is type(family.image_processor)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     pipe = pipeline("image-text-to-text", model=str(tmp_path))
