@@ -128,6 +128,24 @@ def test_a_family_vlms_saved_directory_gives_its_own_encoder_weights(family, fam
     assert all(torch.equal(tensor, state[name]) for name, tensor in encoder.state_dict().items())
 
 
+def test_a_saved_base_vlm_without_an_lm_head_gives_its_encoder_and_a_missing_encoder_weight_is_refused(tmp_path):
+    """Qwen2.5-VL saved as its base model (AutoModel: no lm_head) still gives its encoder: only the encoder's own
+    weights must be in the checkpoint. One of the encoder's weights taken out of the file is refused, named."""
+    from safetensors.torch import save_file
+
+    vlm = build_qwen2_5_vl(seed=2)
+    vlm.model.save_pretrained(tmp_path)
+    state = vlm.get_encoder(modality="image").state_dict()
+    encoder = load_vision_encoder(tmp_path)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in encoder.state_dict().items())
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = next(name for name in weights if "visual.blocks.1." in name)
+    save_file({name: t for name, t in weights.items() if name != dropped}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"left 1 of its weights uninitialised .*blocks\.1\."):
+        load_vision_encoder(tmp_path)
+
+
 def test_a_saved_llava_gives_its_own_clip_tower_weights(tmp_path):
     """llava-hf's LLaVA-1.5 directory as --vision_model: its CLIP tower with its weights, not a fresh CLIPVisionModel."""
     from tiny_models import build_llava

@@ -113,6 +113,9 @@ def load_vision_encoder(path: str | Path):
         vlm, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
         encoder = vlm.get_encoder(modality="image")
         logger.info("vision encoder: %s of the %s saved in %s", type(encoder).__name__, type(vlm).__name__, path)
+        # Only the encoder's own weights must be there (a VLM saved as its base model has no lm_head).
+        prefix = next(name for name, module in vlm.named_modules() if module is encoder) + "."
+        info = {"missing_keys": [key for key in info.get("missing_keys") or [] if key.startswith(prefix)]}
     else:
         vision_class = AutoModel._model_mapping[type(vision_config)]
         encoder, info = vision_class.from_pretrained(path, output_loading_info=True)
