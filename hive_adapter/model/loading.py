@@ -98,12 +98,32 @@ def load_hive(
 
 
 def load_vision_encoder(path: str | Path):
-    """A vision encoder from a vision-only checkpoint or the vision half of a CLIP/SigLIP checkpoint."""
-    from transformers import AutoConfig, AutoModel
+    """A vision encoder from a vision-only checkpoint, the vision half of a CLIP/SigLIP checkpoint, or a saved
+    vision-language model (Qwen2.5-VL, SmolVLM, LLaVA, ...): then its own encoder, `get_encoder(modality="image")`,
+    with its weights. A checkpoint that leaves some of the encoder's weights unloaded is refused, naming them."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(path)
     vision_config = getattr(config, "vision_config", None)
     if vision_config is None:
-        return AutoModel.from_pretrained(path)
-    vision_class = AutoModel._model_mapping[type(vision_config)]
-    return vision_class.from_pretrained(path)
+        encoder, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    elif type(config) in AutoModelForImageTextToText._model_mapping:
+        # A whole VLM: its encoder class would find none of its keys (they sit under the VLM's own prefixes) and
+        # start from random weights; load the VLM and keep the encoder it says is its image encoder.
+        vlm, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+        encoder = vlm.get_encoder(modality="image")
+        logger.info("vision encoder: %s of the %s saved in %s", type(encoder).__name__, type(vlm).__name__, path)
+        # Only the encoder's own weights must be there (a VLM saved as its base model has no lm_head).
+        prefix = next(name for name, module in vlm.named_modules() if module is encoder) + "."
+        info = {"missing_keys": [key for key in info.get("missing_keys") or [] if key.startswith(prefix)]}
+    else:
+        vision_class = AutoModel._model_mapping[type(vision_config)]
+        encoder, info = vision_class.from_pretrained(path, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"loading a vision encoder from {path} left {len(missing)} of its weights uninitialised ({missing[:3]}...): "
+            f"that directory holds a {type(config).__name__}, not an encoder HIVE can read from it; give a vision "
+            "encoder's, CLIP/SigLIP's or a vision-language model's own directory"
+        )
+    return encoder

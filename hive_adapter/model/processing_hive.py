@@ -85,6 +85,19 @@ class HiveProcessor(ProcessorMixin):
             self.image_token_id = _single_token_id(tokenizer, image_token)
         if chat_template is None:
             chat_template = llava_chat_template(image_token)
+        if getattr(image_processor, "do_pan_and_scan", False):
+            raise ValueError(
+                f"{type(image_processor).__name__} has do_pan_and_scan=True: its crops come as extra images that the "
+                "family's processor announces in the text, and a HIVE model reads each image once. Set "
+                "image_processor.do_pan_and_scan = False before building the HiveProcessor"
+            )
+        if getattr(image_processor, "return_row_col_info", True) is False:
+            # Idefics3 / SmolVLM split an image into crops; the model reads which crops make one image from the
+            # rows and columns its image processor reports when asked (the family's processor writes them as text).
+            # Set here, not only in from_processor: the flag is not saved with the image processor, and a
+            # reloaded processor without it would hand the model every crop as an image.
+            image_processor = copy.deepcopy(image_processor)
+            image_processor.return_row_col_info = True
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # ------------------------------------------------------------------ construction
@@ -127,11 +140,6 @@ class HiveProcessor(ProcessorMixin):
                 "HiveProcessor(image_processor, tokenizer, image_token=...) with the marker the model uses"
             )
         template = chat_template if chat_template is not None else getattr(processor, "chat_template", None)
-        if hasattr(image_processor, "return_row_col_info"):
-            # Idefics3 / SmolVLM split an image into crops; the model reads which crops make one image from the
-            # rows and columns its image processor reports when asked (the family's processor writes them as text).
-            image_processor = copy.deepcopy(image_processor)
-            image_processor.return_row_col_info = True
         return cls(image_processor, tokenizer, chat_template=template, image_token=image_token)
 
     @classmethod
@@ -187,6 +195,12 @@ class HiveProcessor(ProcessorMixin):
             f"but got {sum(counts)} images for {samples} samples (per sample: {counts}). Give one image per text, "
             "or train with an image marker (HiveConfig(image_token_id=...)) for several or none."
         )
+
+    @property
+    def unused_input_names(self) -> list[str]:
+        """Gemma 3's image processor counts each image's pan-and-scan crops (`num_crops`) for its processor's text;
+        HIVE writes one marker per image and its model takes no such count."""
+        return [*super().unused_input_names, "num_crops"]
 
     @property
     def model_input_names(self) -> list[str]:

@@ -24,7 +24,11 @@ DEEPSPEED_CONFIGS = Path(__file__).parent.parent / "deepspeed"  # hive_adapter/d
 @dataclass
 class ModelArguments:
     vision_model: str | None = field(
-        default=None, metadata={"help": "HF vision encoder directory (CLIP, SigLIP, SigLIP2, DINOv2, ...)."}
+        default=None,
+        metadata={
+            "help": "HF vision encoder directory (CLIP, SigLIP, SigLIP2, DINOv2, ...), or a saved vision-language "
+            "model's (Qwen2.5-VL, SmolVLM, LLaVA, ...: its own encoder, with its weights)."
+        },
     )
     language_model: str | None = field(default=None, metadata={"help": "HF causal LM directory (Llama, Qwen, ...)."})
     model_name_or_path: str | None = field(

@@ -69,6 +69,20 @@ def starting_point(first: StageSpec, output_dir: Path, model_name_or_path: str |
     )
 
 
+def refuse_a_model_that_is_not_hive(start: Path) -> None:
+    """`--model_name_or_path` is where a HIVE checkpoint goes; a VLM family's own saved model there (Qwen2.5-VL,
+    SmolVLM, ...) is refused by its model type, naming the route that trains HIVE over its encoder."""
+    model_type = json.loads((start / "config.json").read_text()).get("model_type")
+    if model_type == "hive":
+        return
+    raise ValueError(
+        f"--model_name_or_path {start} holds a {model_type} model, not a HIVE checkpoint: hive-train trains a HIVE "
+        f"model composed from a vision encoder and a causal LM. To train HIVE over this model's own encoder, pass "
+        f"--vision_model {start} and --language_model <a causal LM directory> instead; to keep this model's own "
+        "language model, wrap it with hive_adapter.get_hive_model in your training loop (docs/guides/add-to-your-model.md)"
+    )
+
+
 def contradictions(config: HiveConfig, hive_args: HiveArguments, explicit: set[str]) -> list[str]:
     """Every explicitly given HIVE flag whose value differs from `config`'s, as `--flag asked (model: value)`."""
     asked = hive_config_from(hive_args)
@@ -134,6 +148,7 @@ def plan_stages(
     else:
         if not (start / "config.json").is_file():
             raise FileNotFoundError(f"{start}: no config.json, not a HIVE checkpoint directory")
+        refuse_a_model_that_is_not_hive(start)
         check_flags(AutoConfig.from_pretrained(start), hive_args, explicit, where=start)
         if start == output_dir / "stage0":
             check_sources(start, model_args.vision_model, model_args.language_model)
