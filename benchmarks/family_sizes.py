@@ -2,15 +2,16 @@
 
     python -m benchmarks.family_sizes            # writes benchmarks/results/families/real_sizes.{json,md}
 
-For each family: its published config (typed in below; no hub access), the family's transformers class built on
-`meta`, wrapped with `get_hive_model`. Recorded: the wrap, the default vision levels and decoder depths HIVE picks,
-HIVE's parameter count, and the FLOPs of HIVE vs the family's own connector for one typical image.
+For each family: its published config (typed in, benchmarks/family_size_configs.py, which names each value's
+source), the family's transformers class built on `meta`, wrapped with `get_hive_model`. Recorded: the wrap, the
+default vision levels and decoder depths HIVE picks, HIVE's parameter count, and the FLOPs of HIVE vs the family's
+own connector for one typical image.
 
 FLOPs: counted by `benchmarks.flops`'s counter (torch's `FlopCounterMode`, on `meta`), **LLM side, one forward, one
 sample, `TEXT_TOKENS` (77) text tokens**; the vision tower itself is the same for both and left out.
 - family's own connector: its projector (Qwen's merger + Qwen3-VL's DeepStack mergers, LLaVA's MLP, Idefics3's
-  pixel-shuffle connector, ...) over the image's encoder features, then the decoder over 77 + N positions, N the
-  positions the image takes in the sequence;
+  pixel-shuffle connector, Gemma 4's norm + linear over its pooled soft tokens, ...) over the image's encoder
+  features, then the decoder over 77 + N positions, N the positions the image takes in the sequence;
 - HIVE (its defaults: ~25% of the encoder layers, mlp2x_gelu projectors, all patches as keys): one projector per level
   over the image's K encoder patches (every crop of the image), one gated cross-attention block per chosen depth
   (77 queries x K keys), then the decoder over the 77 text positions;
@@ -57,12 +58,19 @@ def _meta(*shape: int) -> torch.Tensor:
 def decoder_flops(base: torch.nn.Module, positions: int, text_tokens: int) -> int:
     """The decoder over `positions` (embeddings given) and the LM head over the text tokens, one sample."""
     decoder = base.get_decoder()
-    width = base.config.get_text_config().hidden_size
+    text_config = base.config.get_text_config()
+    width = text_config.hidden_size
+    extra = {}
+    if getattr(text_config, "hidden_size_per_layer_input", 0):
+        # Gemma 4's per-layer embeddings: a lookup by token id (no FLOPs), given here as the decoder cannot invert
+        # `inputs_embeds` on meta; their projection from the embeddings is counted.
+        per_layer = (text_config.num_hidden_layers, text_config.hidden_size_per_layer_input)
+        extra["per_layer_inputs"] = _meta(1, positions, *per_layer)
 
     def run():
         # A ready 4-D causal mask, as benchmarks.models does on meta: transformers' mask builder reads values.
         mask = torch.ones(1, 1, positions, positions, dtype=torch.bool, device="meta").tril()
-        decoder(inputs_embeds=_meta(1, positions, width), attention_mask=mask, use_cache=False)
+        decoder(inputs_embeds=_meta(1, positions, width), attention_mask=mask, use_cache=False, **extra)
         base.lm_head(_meta(1, text_tokens, width))
 
     return _count(run)
@@ -81,8 +89,10 @@ def family_connector_flops(base: torch.nn.Module, family: FamilySize) -> int:
         return _count(lambda: inner.multi_modal_projector(_meta(side * side, shape[-1]), sizes))
     if kind == "internvl":  # pixel shuffle is a reshape; the MLP reads (tiles, 256, 4 x vision width)
         return _count(lambda: inner.multi_modal_projector(_meta(*shape)))
-    module = inner.connector if kind == "connector" else inner.multi_modal_projector
-    return _count(lambda: module(_meta(*shape)))
+    # "tokens": LLaVA-style projector; "connector": Idefics3's; "embed_vision": Gemma 4's norm + linear over the
+    # pooled soft tokens (the 3x3 pooling is in its vision tower)
+    module = {"connector": "connector", "embed_vision": "embed_vision"}.get(kind, "multi_modal_projector")
+    return _count(lambda: getattr(inner, module)(_meta(*shape)))
 
 
 def hive_module_flops(model, keys: int, text_tokens: int) -> int:
@@ -137,7 +147,7 @@ def measure(family: FamilySize, text_tokens: int = TEXT_TOKENS) -> dict:
         "hive_llm_side_flops": hive_total,
         "text_only_flops": text_decoder,
         "hive_over_family": hive_total / family_total,
-        "verified": family.verified,
+        "source": family.source,
     }
 
 
@@ -166,8 +176,13 @@ def render_markdown(rows: list[dict], skipped: dict[str, str]) -> str:
             f"{row['family_llm_side_flops'] / 1e9:.0f} | {row['hive_llm_side_flops'] / 1e9:.0f} | "
             f"{row['hive_over_family']:.2f} |"
         )
-    lines += ["", "Where the config values come from (no hub access; benchmarks/family_size_configs.py):", ""]
-    lines += [f"- {row['family']}: {row['verified']}" for row in rows]
+    lines += [
+        "",
+        "Where the config values come from (no hub access; stored public material, benchmarks/family_size_configs.py;"
+        " each parameter count also checked against the model card's figure):",
+        "",
+    ]
+    lines += [f"- {row['family']}: {row['source']}" for row in rows]
     for name, reason in skipped.items():
         lines += ["", f"Not measured: {name}: {reason}"]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """The VLM families at their real published sizes, on `meta` (no weights): HIVE wraps each, says its default levels,
 and the committed real-size table (benchmarks/results/families/real_sizes.{json,md}) is what the code gives (issue 37).
 
-The configs are typed in (benchmarks/family_size_configs.py, no hub access); the parameter count of each model built
-from them, against its model card's figure, is the check that the numbers are the published model's.
+The configs are typed in (benchmarks/family_size_configs.py, no hub access), each family naming the stored public
+material its values were checked against; the parameter count of each model built from them, against its model
+card's figure, is the check that the numbers are the published model's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 
 import hive_adapter as hive
 from benchmarks import family_sizes
-from benchmarks.family_size_configs import FAMILIES, NOT_MEASURED
+from benchmarks.family_size_configs import FAMILIES, FROM_MEMORY, NOT_MEASURED
 
 BY_NAME = {family.name: family for family in FAMILIES}
 RESULTS = family_sizes.OUTPUT / "real_sizes.json"
@@ -72,6 +73,26 @@ def test_committed_flops_are_what_the_counter_gives():
     # the family's connector puts 256 image positions into the decoder; HIVE's 7 blocks read them from the side
     assert row["hive_module_flops"] > 0 and row["family_connector_flops"] > 0
     assert row["hive_llm_side_flops"] - row["hive_module_flops"] == row["text_only_flops"]
+
+
+def test_gemma_4_e2b_is_measured_with_its_per_layer_embeddings():
+    """Gemma 4 E2B's decoder takes per-layer embeddings it would recover from `inputs_embeds` by a lookup that
+    cannot run on meta (`nonzero`): the count gives them, as a lookup costs no FLOPs, and the row is what the code
+    gives."""
+    committed = {row["family"]: row for row in json.loads(RESULTS.read_text())["rows"]}
+    row = family_sizes.measure(BY_NAME["Gemma-4-E2B"])
+    assert row == committed["Gemma-4-E2B"]
+    assert row["reader"] == "gemma4-positioned-patches"
+    assert row["vision_layers"] == [3, 7, 11, 15] and row["num_llm_layers"] == 35
+    assert 0 < row["family_connector_flops"] < row["hive_module_flops"]  # its norm + linear over 256 pooled tokens
+    assert NOT_MEASURED == {}  # every family the contracts cover has its real-size row
+
+
+def test_every_family_names_where_its_values_come_from():
+    markdown = (family_sizes.OUTPUT / "real_sizes.md").read_text()
+    for family in FAMILIES:
+        assert family.source != FROM_MEMORY, f"{family.name}: no source named"
+        assert f"- {family.name}: {family.source}" in markdown
 
 
 def test_cli_refuses_an_unknown_family_and_a_file_as_output(tmp_path):
