@@ -230,7 +230,7 @@ def _stages_of(result: dict) -> dict[str, dict]:
     return {"1": {key: result.get(key) for key in keys}}
 
 
-LOSS_THRESHOLD = 1.0  # stage 1's pace: the first logged step (every 10) whose training loss is below it
+LOSS_THRESHOLD = 0.5  # stage 1's pace: the first logged step (every 10) whose training loss is below it
 
 
 def steps_to_loss(results: list[dict], below: float = LOSS_THRESHOLD) -> str:

@@ -86,21 +86,28 @@ def ratio_to_concat(table: dict, limit: int, key: str = "90%") -> dict:
 
 def plot_curves(results: list[dict], path: Path) -> Path:
     """One panel per task: held-out accuracy (own picture solid, swapped dashed) vs step, one line per connector
-    (mean over seeds), default variant only."""
+    (mean over seeds) of the default variant; where no run is of the default variant (a study of starts), one
+    line per variant and connector."""
     from .plots import _save, subplots
 
-    chosen = [r for r in results if r["run"]["variant"] == "default"]
+    chosen = [r for r in results if r["run"]["variant"] == "default"] or results
+    series = sorted(
+        {(r["run"]["variant"], r["run"]["connector"]) for r in chosen}, key=lambda s: (s[0], CONNECTORS.index(s[1]))
+    )
+    named = len({variant for variant, _ in series}) > 1
     tasks = [task for task in TASKS if any(r["run"]["task"] == task for r in chosen)]
     figure, axes = subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for index, connector in enumerate(CONNECTORS):
-            runs = [r for r in chosen if r["run"]["task"] == task and r["run"]["connector"] == connector]
+        for index, (variant, connector) in enumerate(series):
+            runs = [r for r in chosen if (r["run"]["task"], r["run"]["variant"], r["run"]["connector"]) ==
+                    (task, variant, connector)]  # fmt: skip
             if not runs:
                 continue
             steps = [step for step, _ in runs[0]["own"]]
+            label = f"{connector} ({variant})" if named else connector
             for kind, style in (("own", "-"), ("swapped", "--")):
                 mean = [statistics.fmean(r[kind][i][1] for r in runs) for i in range(len(steps))]
-                ax.plot(steps, mean, style, color=f"C{index}", label=connector if kind == "own" else None)
+                ax.plot(steps, mean, style, color=f"C{index}", label=label if kind == "own" else None)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

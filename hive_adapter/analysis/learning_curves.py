@@ -200,8 +200,7 @@ def write_summary(results: list[dict], directory: Path, steps: int) -> dict:
                "ratio_to_concat_95": ratio_to_concat(table, steps, "95%")}  # fmt: skip
     write_file(directory / "curves.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     write_file(directory / "curves.md", lambda tmp: tmp.write_text(markdown(table, steps)))
-    if any(r["run"]["variant"] == "default" for r in results):
-        plot_curves(results, directory / "learning_curves.png")
+    plot_curves(results, directory / "learning_curves.png")
     return summary
 
 
