@@ -101,8 +101,13 @@ docs: setup
 docs-build: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
+# The main world in TEST_WORKERS pytest-xdist processes (2 cores: 2; tests/conftest.py gives each one torch
+# thread). --dist loadscope keeps a file's tests in one process, so a module fixture (a trained toy run) is built
+# once. One file alone: `$(PY) -m pytest -q tests/test_x.py` (serial; `-n 0` where -n is given).
+TEST_WORKERS ?= 2
 test-main: setup
-	$(PY) -m pytest -q tests --ignore=tests/transformers437 --ignore=tests/lmms_eval --ignore=tests/vllm
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests --ignore=tests/transformers437 --ignore=tests/lmms_eval \
+		--ignore=tests/vllm
 
 test-llava: setup-llava
 	$(LLAVA_PY) -m pytest -q tests/transformers437

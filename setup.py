@@ -56,6 +56,8 @@ setup(
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.8,<9.9", "mkdocstrings[python]>=1.0"],
         "dev": [
             "pytest>=7",
+            # `make test-main` runs the suite in 2 processes (`-n 2`)
+            "pytest-xdist>=3.5",
             "hypothesis",
             "ruff",
             "parameterized",

@@ -6,6 +6,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test-main` runs the suite in 2 xdist workers on 2 cores: one torch thread each (and in the processes
+    # they start), else each worker's torch takes every core and the two fight over them. Set before torch loads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -98,7 +98,7 @@ def reporting(self, samples):
     print(f"rank {os.environ['RANK']} images {'pixel_values' in batch}: {[s['source'] for s in samples]}", flush=True)
     return batch
 conversations.HiveConversationCollator.__call__ = reporting
-train.main(sys.argv[1:])
+train.cli()  # as hive-train ends: a launched rank leaves through exit_rank (utils/distributed.py says why)
 """
 
 

@@ -26,6 +26,7 @@ pytest.importorskip("llava")
 
 from llava_helpers import REPO, assert_trained_on_real_labels, rewrite_with_blocks_by_position
 
+from benchmarks.serving import free_port
 from hive_adapter.integrations.llava.toy import write_llava_toy
 
 EXAMPLES = REPO / "examples" / "llava"
@@ -36,7 +37,9 @@ CPU_FLAGS = ["--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--repor
 
 def run_example(script: str, toy: dict, **paths) -> str:
     extra = paths.pop("extra", [])
-    launcher = paths.pop("launcher", "deepspeed --num_nodes 1 --num_accelerators 2")
+    # DeepSpeed's launcher rendezvous on a fixed 29500 unless told: a free port, so that two runs at once (pytest's
+    # two xdist workers, a run beside another checkout's) do not fail with EADDRINUSE
+    launcher = paths.pop("launcher", "deepspeed --num_nodes 1 --num_accelerators 2") + f" --master_port {free_port()}"
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import transformers
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "transformers-tests"
@@ -73,6 +74,16 @@ def ensure_transformers_tests(transformers_version: str | None = None) -> Path:
     package = root / PACKAGE
     if all((package / name).is_file() for name in (*FILES, *STAND_INS)):
         return root
+    # pytest's xdist workers each import tests/test_transformers_common.py, so each may come here at once: one
+    # downloads and extracts, the others wait, then find it complete (a second one would replace the tree the
+    # first is importing from)
+    with FileLock(str(_made(CACHE) / f".{transformers_version}.lock")):
+        if not all((package / name).is_file() for name in (*FILES, *STAND_INS)):
+            _download_and_extract(transformers_version, root)
+    return root
+
+
+def _download_and_extract(transformers_version: str, root: Path) -> None:
     with tempfile.TemporaryDirectory() as download:
         command = [
             sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
@@ -98,7 +109,6 @@ def ensure_transformers_tests(transformers_version: str | None = None) -> Path:
         if root.exists():  # an incomplete earlier extraction of ours: replace it whole
             shutil.rmtree(root)
         staging.rename(root)
-    return root
 
 
 def _made(directory: Path) -> Path:
