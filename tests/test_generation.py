@@ -51,12 +51,19 @@ def left_padded_prompts():
     return ids, mask
 
 
+# Never generate the image marker: fed back into a full forward (the references below), a generated marker would be
+# read as one more image (the random toy picks it as readily as any token).
+NO_MARKER = dict(suppress_tokens=[IMAGE_TOKEN])
+
+
 @torch.no_grad()
 def reference_greedy(model, ids, mask, pixels, steps):
-    """Greedy decoding the slow way: a full forward over the whole sequence at every step."""
+    """Greedy decoding the slow way: a full forward over the whole sequence at every step (the marker suppressed,
+    as `NO_MARKER` does in generate)."""
     for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, **pixels).logits
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        logits = model(input_ids=ids, attention_mask=mask, **pixels).logits[:, -1]
+        logits[:, IMAGE_TOKEN] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return ids
 
@@ -66,15 +73,20 @@ def test_greedy_with_cache_equals_without_and_the_reference(kind):
     model = MODELS[kind]()
     ids, mask = left_padded_prompts()
     pixels = vision_inputs("clip", 2)
-    cached = model.generate(input_ids=ids, attention_mask=mask, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False)
-    uncached = model.generate(
-        input_ids=ids, attention_mask=mask, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False
+    cached = model.generate(
+        input_ids=ids, attention_mask=mask, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False, **NO_MARKER
     )
+    uncached = model.generate(
+        input_ids=ids, attention_mask=mask, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False,
+        **NO_MARKER,
+    )  # fmt: skip
     assert torch.equal(cached, uncached)
     if kind == "full":  # the adapter's base is llava-hf, whose forward needs the HIVE wrapper for images
         assert torch.equal(cached, reference_greedy(model, ids, mask, pixels, NEW_TOKENS))
     # the image matters: without it the continuation differs
-    text_only = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    text_only = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **NO_MARKER
+    )
     assert not torch.equal(cached, text_only)
 
 
@@ -132,6 +144,7 @@ def test_beam_search_scores_match_a_full_forward(kind):
         length_penalty=0.0,
         output_scores=True,
         return_dict_in_generate=True,
+        **NO_MARKER,  # the scores stay log-softmax over the whole vocabulary, the marker's set to -inf
     )
     sequences = out.sequences  # (batch*2, prompt+new)
     assert sequences.shape == (4, 8 + NEW_TOKENS)
@@ -147,7 +160,7 @@ def test_concat_generation_matches_its_reference_loop():
     model = full_model(connector="concat")
     ids = text_ids(1, 7, marker_at=3)
     pixels = vision_inputs("clip", 1)
-    generated = model.generate(input_ids=ids, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False)
+    generated = model.generate(input_ids=ids, **pixels, max_new_tokens=NEW_TOKENS, do_sample=False, **NO_MARKER)
     assert torch.equal(generated, reference_greedy(model, ids, torch.ones_like(ids), pixels, NEW_TOKENS))
 
 

@@ -224,7 +224,14 @@ def test_llava_finetune_with_a_text_only_rank_and_an_image_rank_trains_as_one_pr
     start = torch.load(root / "llava-s1" / "mm_projector.bin", map_location="cpu", weights_only=True)
     assert any((one_rank[key].float() - value.float()).abs().max() > 0 for key, value in start.items())
     assert two_ranks.keys() == one_rank.keys()
+    # float32, gradients reduced in another order; Adam (lr 1e-3) turns that noise, where a gradient is near 0, into
+    # differences on a handful of weights (measured: with HIVE's width-scaled start 4.2e-5 at most, about a dozen of
+    # ~400k weights beyond 1e-5; with the earlier N(0, 0.02) start 3e-6): every weight within 1e-4 (a tenth of one
+    # step), and all but 1 in 10,000 within 1e-5
+    beyond, total = 0, 0
     for key, tensor in one_rank.items():
-        # float32, gradients reduced in another order; Adam (lr 1e-3) turns that noise, where a gradient is near 0,
-        # into differences of a few 1e-6 (measured: 3e-6 at most, on 7 of ~400k weights): 1e-5 is 1% of one step
-        torch.testing.assert_close(two_ranks[key].float(), tensor.float(), rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(two_ranks[key].float(), tensor.float(), rtol=1e-4, atol=1e-4, msg=key)
+        difference = (two_ranks[key].float() - tensor.float()).abs()
+        beyond += int((difference > 1e-5 + 1e-4 * tensor.float().abs()).sum())
+        total += tensor.numel()
+    assert beyond <= total // 10_000, f"{beyond} of {total} weights differ by more than 1e-5 between 2 ranks and 1"
