@@ -48,6 +48,7 @@ from hive_adapter.analysis.image_reading import checkpoint_image_reading
 from hive_adapter.analysis.reproduce_settings import HELD_OUT_SEED_OFFSET
 from hive_adapter.analysis.reproduce_work import prepare_models, seconds_per_step, stage_report
 from hive_adapter.data.synthetic import SyntheticShapes
+from hive_adapter.model.config import HiveConfig
 from hive_adapter.model.loading import load_hive
 from hive_adapter.tools.real_lm import SMOLLM2, cache_root, smollm2_directory
 from hive_adapter.utils.console import quiet_progress_bars
@@ -340,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.stages not in ("1", "1,2"):
         parser.error(f"--stages {args.stages!r}: give 1 or 1,2")
     args.stages = tuple(int(stage) for stage in args.stages.split(","))
+    if args.hive_initializer_range is not None:  # refused here, not after an encoder's pre-training
+        try:
+            HiveConfig(initializer_range=args.hive_initializer_range)
+        except ValueError as error:
+            parser.error(f"--hive_initializer_range: {error}")
     if args.print_commands:
         for seed in seeds:
             for connector in connectors:

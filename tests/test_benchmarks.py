@@ -225,6 +225,10 @@ def test_the_real_lm_init_study_labels_its_rows_and_passes_the_start_to_hive_tra
                   "--hive_initializer_range", "0.02"])  # fmt: skip
     (command,) = capsys.readouterr().out.strip().splitlines()
     assert command.endswith("--hive_initializer_range 0.02") and "/runs/hive-init0.02-seed0 " in command
+    with pytest.raises(SystemExit):  # refused before anything trains, naming the value and the default
+        real_lm.main(["--seeds", "0", "--connectors", "hive", "--hive_initializer_range", "-1"])
+    refusal = capsys.readouterr().err
+    assert "--hive_initializer_range: initializer_range=-1.0" in refusal and "or None (the default" in refusal
     runs = tmp_path / "runs"
     runs.mkdir()
     for label, losses in (("hive", [1.2, 0.9, 0.4]), ("hive (init 0.02)", [2.0, 1.5, 1.1])):

@@ -18,7 +18,7 @@ import hive_adapter as hive
 from hive_adapter.model.adapter_model import ADAPTER_WEIGHTS_NAME
 
 
-def expected_std(name: str, tensor: torch.Tensor) -> float:
+def expected_std(tensor: torch.Tensor) -> float:
     """The default start (`initializer_range=None`): N(0, 1/fan_in) for a linear weight (its input width is the
     last dimension), N(0, 1/width) for the level embeddings."""
     return 1.0 / math.sqrt(tensor.shape[-1])
@@ -50,7 +50,7 @@ def assert_freshly_initialised(model: torch.nn.Module, *, gate_init: float = 0.0
         elif name.endswith(".bias"):
             assert torch.all(tensor == 0), f"{name} is not zero"
         elif name.endswith(".weight") or name.endswith("level_embedding"):
-            weights.append((tensor / (expected_std(name, tensor) if std is None else 1.0)).flatten())
+            weights.append((tensor / (expected_std(tensor) if std is None else 1.0)).flatten())
     values = torch.cat(weights)
     target = 1.0 if std is None else std
     assert abs(values.std().item() - target) < 0.1 * target, f"HIVE weights have std {values.std():.4f}, expected {std}"
@@ -94,7 +94,7 @@ def test_a_checkpoint_missing_hive_keys_loads_them_initialised_and_keeps_the_res
     assert ffn and all(torch.isfinite(t).all() for t in ffn.values())
     assert all(torch.all(t == 0) for name, t in ffn.items() if name.endswith("hive_ffn_gate"))
     linear = {name: t for name, t in ffn.items() if name.endswith(".weight") and "norm" not in name}
-    weights = torch.cat([(t / expected_std(name, t)).flatten() for name, t in linear.items()])
+    weights = torch.cat([(t / expected_std(t)).flatten() for name, t in linear.items()])
     assert abs(weights.std().item() - 1.0) < 0.1  # each ~ N(0, 1/fan_in)
 
 

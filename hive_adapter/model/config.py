@@ -218,6 +218,8 @@ class HiveConfig(PretrainedConfig):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or (low is not None and value <= low):
                 expected = "a finite number" if low is None else f"a finite number above {low}"
+                if name == "initializer_range":
+                    expected += ", or None (the default: each layer's std scaled to its width, 1/sqrt(fan_in))"
                 raise ValueError(f"{name}={value!r}: expected {expected}")
         if self.media_width is not None and self.projector_type != "lean":
             raise ValueError(
